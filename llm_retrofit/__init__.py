@@ -1,0 +1,36 @@
+"""llm-retrofit: rewrite a Hugging Face Llama or Mistral checkpoint into a better one.
+
+    import llm_retrofit
+    ckpt = llm_retrofit.load_checkpoint("path/or/owner-name")      # lazy: headers only
+    llm_retrofit.patch("path", "dtype:to=bfloat16", output="out")  # streamed, tensor by tensor
+    model = llm_retrofit.patch(model, "dtype:to=bfloat16")         # on a loaded PreTrainedModel
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import patch  # noqa: E402
+from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from .convert import convert  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    OutputError,
+    PatchError,
+    PatchSpecError,
+    RetrofitError,
+    UnsupportedArchitectureError,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "OutputError",
+    "PatchError",
+    "PatchSpecError",
+    "RetrofitError",
+    "UnsupportedArchitectureError",
+    "convert",
+    "load_checkpoint",
+    "patch",
+]

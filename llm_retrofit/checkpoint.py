@@ -1,0 +1,349 @@
+"""Lazy, tensor-by-tensor reading of Hugging Face checkpoints.
+
+`load_checkpoint` opens a local directory (one `model.safetensors`, shards with `model.safetensors.index.json`, or
+pickled `.bin` weights read with `weights_only=True`) or downloads a Hub repo id, and returns a `Checkpoint` that
+knows every tensor's dtype and shape from the file headers alone. Tensor data is read only when asked for, one tensor
+at a time, with positioned reads rather than a memory map, so that a pass over a 100 GB checkpoint keeps at most a
+few tensors in memory (pages of a memory map would stay counted against the process until it is closed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architectures import Architecture, architecture_of
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Files that hold weights (in any format). They are never copied blindly into a rewritten checkpoint: the output's
+# own weight files replace them, and a stale copy of the old weights in another format would shadow or confuse.
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.index\.json$")
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Extent:
+    """Where one tensor's bytes lie inside a safetensors file."""
+
+    meta: TensorMeta
+    start: int
+    end: int
+
+
+class SafetensorsFile:
+    """One .safetensors file: a validated header, and positioned reads of single tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.extents: dict[str, _Extent] = {}
+        self._parse_header()
+
+    def _corrupt(self, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path} is not a readable safetensors file: {why}. It is corrupt or truncated (an interrupted "
+            "download or copy?); download or copy it again."
+        )
+
+    def _parse_header(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise self._corrupt(f"only {size} bytes long")
+                header_len = int.from_bytes(prefix, "little")
+                if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                    raise self._corrupt(f"its header claims {header_len} bytes but the file has {size}")
+                header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._corrupt(f"its header is not JSON ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path}: {e.strerror}. Check that it exists and is readable.") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("its header is not a JSON object")
+        data_start = 8 + header_len
+        data_size = size - data_start
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._corrupt(f"the header entry of {name!r} is malformed") from None
+            meta = TensorMeta(dtype, shape)
+            if end > data_size:
+                raise self._corrupt(f"tensor {name!r} ends at byte {end} of a {data_size}-byte data section")
+            if end - begin != meta.nbytes:
+                raise self._corrupt(f"tensor {name!r} has {end - begin} bytes, its shape needs {meta.nbytes}")
+            self.extents[name] = _Extent(meta, data_start + begin, data_start + end)
+
+    def read_bytes(self, name: str) -> bytearray:
+        extent = self.extents[name]
+        buffer = bytearray(extent.end - extent.start)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(extent.start)
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise self._corrupt(f"the file ended inside tensor {name!r}")
+                done += n
+        return buffer
+
+    def read(self, name: str) -> torch.Tensor:
+        meta = self.extents[name].meta
+        if meta.numel == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        raw = torch.frombuffer(self.read_bytes(name), dtype=torch.uint8)
+        return raw.view(meta.dtype).reshape(meta.shape)
+
+
+class _PickledWeights:
+    """One pytorch_model*.bin file, loaded with weights_only=True and memory-mapped (so still lazy)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.tensors: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types here (pickle, zipfile, RuntimeError)
+            raise CheckpointError(
+                f"{path} could not be read as PyTorch weights ({type(e).__name__}: {e}). It is corrupt, truncated, or "
+                "not a plain state dict (weights_only=True refuses arbitrary pickled code); obtain a clean copy."
+            ) from None
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+class Checkpoint:
+    """A Hugging Face causal-LM checkpoint directory, read lazily.
+
+    `config` is the parsed config.json; `tensors` maps each stored tensor name to its dtype and shape, known without
+    reading any data; `read(name)` loads one tensor.
+    """
+
+    def __init__(self, path: Path, source: str | None = None):
+        self.path = path
+        self.source = source or str(path)
+        self.config: dict[str, Any] = _read_config(path)
+        self._opened: dict[str, SafetensorsFile | _PickledWeights] = {}
+        self._files: dict[str, SafetensorsFile | _PickledWeights] = {}
+        self.weight_files: list[str] = []
+        for file_name, names in self._weight_map().items():
+            weights = self._open_weights(file_name)
+            missing = [n for n in names if n not in _names_in(weights)]
+            if missing:
+                raise CheckpointError(
+                    f"{path / file_name} lacks {len(missing)} tensor(s) the index promises, e.g. {missing[0]!r}. "
+                    "The shard is incomplete; download or copy it again."
+                )
+            self.weight_files.append(file_name)
+            for name in names:
+                self._files[name] = weights
+
+    def _weight_map(self) -> dict[str, list[str]]:
+        """Weight file name -> the tensor names it holds, for whichever format the directory uses."""
+        for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
+            if (self.path / single).is_file():
+                return {single: list(_names_in(self._open_weights(single)))}
+            if (self.path / index).is_file():
+                try:
+                    weight_map: dict[str, str] = json.loads((self.path / index).read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CheckpointError(
+                        f"{self.path / index} is not a valid shard index (no JSON 'weight_map'); restore it from the "
+                        "original checkpoint."
+                    ) from None
+                by_file: dict[str, list[str]] = {}
+                for name, file_name in weight_map.items():
+                    by_file.setdefault(file_name, []).append(name)
+                return by_file
+        raise CheckpointError(
+            f"{self.path} has a config.json but no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or "
+            f"{BIN_INDEX}. Copy the weight files next to config.json."
+        )
+
+    def _open_weights(self, file_name: str) -> SafetensorsFile | _PickledWeights:
+        if file_name not in self._opened:
+            file_path = self.path / file_name
+            if not file_path.is_file():
+                raise CheckpointError(
+                    f"shard {file_name} named in the index of {self.path} is missing. The download or copy is "
+                    "incomplete; fetch the missing shard."
+                )
+            self._opened[file_name] = (
+                SafetensorsFile(file_path) if file_name.endswith(".safetensors") else _PickledWeights(file_path)
+            )
+        return self._opened[file_name]
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorMeta]:
+        return {name: _meta_in(weights, name) for name, weights in self._files.items()}
+
+    @cached_property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.config)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return all(name.endswith(".safetensors") for name in self.weight_files)
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            weights = self._files[name]
+        except KeyError:
+            raise CheckpointError(f"{self.source} has no tensor named {name!r}.") from None
+        return weights.read(name)
+
+    def safetensors_file(self, name: str) -> SafetensorsFile | None:
+        """The safetensors file holding `name`, for copying its bytes without decoding them; None for .bin."""
+        weights = self._files[name]
+        return weights if isinstance(weights, SafetensorsFile) else None
+
+    def auxiliary_files(self) -> Iterator[Path]:
+        """Top-level files that are not weights (tokenizer, generation config, chat template, card...)."""
+        for entry in sorted(self.path.iterdir()):
+            if entry.is_file() and not entry.name.startswith(".") and entry.name != "config.json":
+                if not WEIGHT_FILE.match(entry.name):
+                    yield entry
+
+    def missing_tensors(self) -> list[str]:
+        """Tensors the architecture requires that this checkpoint does not store."""
+        return [name for name in self.architecture.expected_tensors(self.config) if name not in self._files]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.config.get("retrofit_history", []))
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source!r}, {len(self._files)} tensors)"
+
+
+def _names_in(weights: SafetensorsFile | _PickledWeights) -> Mapping[str, Any]:
+    return weights.extents if isinstance(weights, SafetensorsFile) else weights.tensors
+
+
+def _meta_in(weights: SafetensorsFile | _PickledWeights, name: str) -> TensorMeta:
+    if isinstance(weights, SafetensorsFile):
+        return weights.extents[name].meta
+    tensor = weights.tensors[name]
+    return TensorMeta(tensor.dtype, tuple(tensor.shape))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        hint = " It holds a GGUF file: run `retrofit convert` on it first." if any(path.glob("*.gguf")) else ""
+        raise CheckpointError(f"{path} has no config.json, so it is not a Hugging Face checkpoint directory.{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object; restore it from the original checkpoint.")
+    return config
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_checkpoint_dir(source: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local directory for `source`: the path itself, or a Hub snapshot downloaded (or found in the cache)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            raise CheckpointError(f"{path} is a GGUF file; run `retrofit convert {path} OUT` to make a checkpoint.")
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
+        return path.resolve()
+    if not _REPO_ID.match(str(source)) or str(source).startswith((".", "/", "~")):
+        raise CheckpointError(f"{source} does not exist. Pass a checkpoint directory or a Hub repo id (owner/name).")
+    return _download(str(source), revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    wanted = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.md", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    except GatedRepoError:
+        fix = "accept its terms on the Hub, then log in (`hf auth login`) or set HF_TOKEN"
+    except RepositoryNotFoundError:
+        fix = "check the spelling; a private repo also needs `hf auth login` or HF_TOKEN"
+    except RevisionNotFoundError:
+        fix = f"revision {revision!r} does not exist; pass an existing branch, tag or commit"
+    except LocalEntryNotFoundError:
+        fix = "it is not in the local cache and the Hub cannot be reached (offline?); download it where there is network"
+    except HfHubHTTPError as e:
+        fix = f"the Hub answered {e}; try again later"
+    raise CheckpointError(f"{repo_id!r} is not a local directory, and fetching it as a Hub repo failed: {fix}.")
+
+
+def load_checkpoint(source: str | os.PathLike[str], revision: str | None = None) -> Checkpoint:
+    """Open a checkpoint directory or Hub repo id lazily; no tensor data is read.
+
+    If an earlier in-place rewrite of this directory was interrupted, it is finished or rolled back first.
+    """
+    from .commit import recover_interrupted_switch
+
+    path = resolve_checkpoint_dir(source, revision)
+    recover_interrupted_switch(path)
+    checkpoint = Checkpoint(path, source=str(source))
+    checkpoint.architecture  # fail early, with the list of supported families
+    return checkpoint

@@ -1,0 +1,158 @@
+"""The `retrofit` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .errors import RetrofitError
+
+
+class _Group(click.Group):
+    """Prints RetrofitError as one line (it already says what to do) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RetrofitError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _dtype(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    from .patchers import DTYPES
+
+    if value is None:
+        return None
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise click.BadParameter(f"{value!r} is not a dtype; choose one of {', '.join(DTYPES)}.") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="llm-retrofit")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Rewrite a Hugging Face Llama or Mistral checkpoint into a better one.
+
+    \b
+    Start here:
+      retrofit convert model.gguf smollm2/       # a GGUF file -> a safetensors checkpoint
+      retrofit inspect smollm2/                  # what it is, and what was done to it
+      retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
+    """
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.argument("source")
+@click.argument("output", type=click.Path())
+@click.option("--dtype", callback=_dtype, help="Cast floating-point weights (float32, bfloat16, float16).")
+@click.option("--max-shard-size", default=None, help="Largest weight file, e.g. 2GB. [default: 5GB]")
+def convert(source: str, output: str, dtype: Any, max_shard_size: str | None) -> None:
+    """Convert SOURCE into a safetensors checkpoint at OUTPUT.
+
+    SOURCE is a GGUF file (dequantized with transformers; config, tokenizer, chat template and generation config
+    are written too) or a checkpoint directory / Hub repo id, rewritten with a new dtype or shard size.
+
+    \b
+    Examples:
+      retrofit convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
+      retrofit convert smollm2/ smollm2-bf16/ --dtype bfloat16 --max-shard-size 100MB
+    """
+    from .convert import convert as run_convert
+
+    path = run_convert(source, output, dtype=dtype, max_shard_size=max_shard_size)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
+def inspect(model: str, as_json: bool, revision: str | None) -> None:
+    """Describe MODEL (a checkpoint directory or Hub repo id) without loading its weights.
+
+    Shows architecture, parameter count, layers, attention and KV heads, head dim, RoPE parameters, context length,
+    dtype, size on disk, and the history of patches llm-retrofit applied to it.
+
+    \b
+    Example:
+      retrofit inspect smollm2/ --json
+    """
+    from rich.console import Console
+
+    from .checkpoint import load_checkpoint
+    from .describe import describe, render
+
+    description = describe(load_checkpoint(model, revision=revision))
+    if as_json:
+        click.echo(json.dumps(description, indent=2))
+    else:
+        Console().print(render(description))
+
+
+def _patch_epilog() -> str:
+    from .patchers import registry
+
+    lines = ["\b", "Patches:"]
+    lines += [f"  {name:<10} {cls.summary()}  e.g. {cls.example}" for name, cls in sorted(registry().items())]
+    return "\n".join(lines)
+
+
+class _PatchCommand(click.Command):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = _patch_epilog()
+        super().format_epilog(ctx, formatter)
+
+
+@main.command(cls=_PatchCommand)
+@click.argument("model")
+@click.option("-p", "--patch", "specs", multiple=True, required=True, metavar="NAME[:KEY=VALUE,...]",
+              help="A patch to apply; repeat for several (applied in order, in one pass).")
+@click.option("-o", "--output", type=click.Path(), help="Write the patched checkpoint to this new directory.")
+@click.option("--in-place", is_flag=True, help="Rewrite MODEL itself, atomically (crash-safe).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (config diff, tensors, bytes) and write nothing.")
+@click.option("--max-shard-size", default=None, help="Largest weight file when weights are rewritten. [default: 5GB]")
+@click.option("--force", is_flag=True, help="Apply a patch even if it is the one applied last.")
+@click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
+def patch(model: str, specs: tuple[str, ...], output: str | None, in_place: bool, dry_run: bool,
+          max_shard_size: str | None, force: bool, revision: str | None) -> None:
+    """Apply one or more patches to MODEL (a checkpoint directory or Hub repo id).
+
+    Weights are streamed one tensor at a time, so memory stays at a few tensors whatever the model size. With
+    --in-place the directory loads as the old or the new model at every instant, even after a crash.
+
+    \b
+    Examples:
+      retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
+      retrofit patch smollm2/ --patch dtype:to=bfloat16 --in-place
+      retrofit patch smollm2/ --patch dtype:to=float16 --dry-run
+    """
+    from .checkpoint import load_checkpoint
+    from .patchers import parse_spec
+    from .plan import ModelView, PlanSummary, apply_to_checkpoint, build_plan
+
+    patchers = [parse_spec(spec) for spec in specs]
+    checkpoint = load_checkpoint(model, revision=revision)
+    if dry_run:
+        source = ModelView(checkpoint.config, checkpoint.tensors)
+        click.echo(PlanSummary.of(build_plan(source, patchers, force), source).render())
+        return
+    if bool(output) == in_place:
+        raise click.UsageError("pass either -o/--output DIR or --in-place.")
+    path = apply_to_checkpoint(
+        checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
+    )
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

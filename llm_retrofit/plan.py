@@ -1,0 +1,311 @@
+"""The one mechanism every patcher uses: a tensor plan, and the two executors that run plans.
+
+A patcher looks at a `ModelView` (config + the dtype and shape of every tensor, no data) and returns a `TensorPlan`:
+the new config, and for each output tensor the input tensors it needs and a function that computes it (or nothing,
+for a tensor passed through unchanged). Plans compose, so `--patch a --patch b` is one plan and one pass over the
+weights.
+
+- `apply_to_checkpoint` streams a plan over a checkpoint on disk, one tensor at a time, into a new directory or in
+  place (atomically, see `commit`). Unchanged tensors are copied byte for byte without decoding; a plan that changes
+  only the config hard-links the weight files instead of rewriting them.
+- `apply_to_model` runs the same plan over a loaded model's state dict and rebuilds the model from the new config.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import Architecture, architecture_of
+from .checkpoint import Checkpoint, SafetensorsFile, TensorMeta
+from .commit import crash_test_point, link_or_copy, staged_directory
+from .errors import OutputError, PatchError
+from .provenance import HISTORY_KEY, fingerprint, make_records, tensor_bytes
+from .writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .patchers import Patcher
+
+log = logging.getLogger(__name__)
+
+Compute = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: computed by `compute(*inputs)`, or, without `compute`, the single input unchanged."""
+
+    meta: TensorMeta
+    inputs: tuple[str, ...]
+    compute: Compute | None = None
+
+    @property
+    def is_copy(self) -> bool:
+        return self.compute is None
+
+    def run(self, read: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
+        tensor = self.compute(*map(read, self.inputs)) if self.compute else read(self.inputs[0])
+        if tensor.dtype != self.meta.dtype or tuple(tensor.shape) != self.meta.shape:
+            raise PatchError(
+                f"internal error: {name} came out {tensor.dtype} {tuple(tensor.shape)} but its plan promised "
+                f"{self.meta.dtype} {self.meta.shape}; please report this."
+            )
+        return tensor
+
+
+@dataclass(frozen=True)
+class _Chained:
+    """`outer` applied to the outputs of earlier tasks, each fed its own slice of the flat input list."""
+
+    outer: Compute
+    earlier: tuple[TensorTask, ...]
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        args, start = [], 0
+        for task in self.earlier:
+            own = tensors[start : start + len(task.inputs)]
+            start += len(task.inputs)
+            args.append(task.compute(*own) if task.compute else own[0])
+        return self.outer(*args)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a patcher may look at: the config and every tensor's dtype and shape (never the data)."""
+
+    config: dict[str, Any]
+    tensors: dict[str, TensorMeta]
+
+    @cached_property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.config)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.config.get(HISTORY_KEY, []))
+
+
+@dataclass
+class TensorPlan:
+    config: dict[str, Any]
+    tensors: dict[str, TensorTask]
+
+    @classmethod
+    def identity(cls, view: ModelView) -> TensorPlan:
+        return cls(dict(view.config), {name: TensorTask(meta, (name,)) for name, meta in view.tensors.items()})
+
+    @property
+    def view(self) -> ModelView:
+        return ModelView(self.config, {name: task.meta for name, task in self.tensors.items()})
+
+    def then(self, later: TensorPlan) -> TensorPlan:
+        """This plan followed by `later` (whose inputs name this plan's outputs), as one plan over our inputs."""
+        tensors = {}
+        for name, task in later.tensors.items():
+            earlier = tuple(self.tensors[i] for i in task.inputs)
+            if task.is_copy:
+                tensors[name] = earlier[0]
+            else:
+                inputs = tuple(i for e in earlier for i in e.inputs)
+                tensors[name] = TensorTask(task.meta, inputs, _Chained(task.compute, earlier))  # type: ignore[arg-type]
+        return TensorPlan(later.config, tensors)
+
+    def rewrites_weights(self, source: Mapping[str, TensorMeta]) -> bool:
+        """False when every tensor passes through under its own name: only the config changes."""
+        return self.tensors.keys() != source.keys() or any(
+            not task.is_copy or task.inputs != (name,) for name, task in self.tensors.items()
+        )
+
+
+def build_plan(source: ModelView, patchers: Sequence[Patcher], force: bool = False) -> TensorPlan:
+    plan = TensorPlan.identity(source)
+    for patcher in patchers:
+        _refuse_repeat(plan.view.history, patcher, force)
+        plan = plan.then(patcher.plan(plan.view))
+    return plan
+
+
+def _refuse_repeat(history: list[dict[str, Any]], patcher: Patcher, force: bool) -> None:
+    if force or not history:
+        return
+    last = history[-1]
+    if last.get("patch") == patcher.name and last.get("params") == patcher.params():
+        raise PatchError(
+            f"{patcher.spec()} was already applied to this model ({last.get('time')}); applying it twice is almost "
+            "certainly a mistake. Pass --force (force=True) to apply it again anyway."
+        )
+
+
+@dataclass
+class PlanSummary:
+    """What a plan would do, for `--dry-run`."""
+
+    config_changes: dict[str, tuple[Any, Any]]
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    bytes_to_write: int
+    rewrites_weights: bool
+
+    @classmethod
+    def of(cls, plan: TensorPlan, source: ModelView) -> PlanSummary:
+        keys = sorted(set(plan.config) | set(source.config))
+        config_changes = {
+            key: (source.config.get(key), plan.config.get(key))
+            for key in keys
+            if key != HISTORY_KEY and source.config.get(key) != plan.config.get(key)
+        }
+        rewrites = plan.rewrites_weights(source.tensors)
+        return cls(
+            config_changes=config_changes,
+            added=[name for name in plan.tensors if name not in source.tensors],
+            changed=[n for n, t in plan.tensors.items() if n in source.tensors and (not t.is_copy or t.inputs != (n,))],
+            removed=[name for name in source.tensors if name not in plan.tensors],
+            bytes_to_write=sum(t.meta.nbytes for t in plan.tensors.values()) if rewrites else 0,
+            rewrites_weights=rewrites,
+        )
+
+    def render(self, limit: int = 8) -> str:
+        lines = ["config changes:" if self.config_changes else "config changes: none"]
+        lines += [f"  {key}: {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in self.config_changes.items()]
+        for label, names in (("added", self.added), ("changed", self.changed), ("removed", self.removed)):
+            lines.append(f"tensors {label}: {len(names)}")
+            lines += [f"  {name}" for name in names[:limit]]
+            if len(names) > limit:
+                lines.append(f"  ... and {len(names) - limit} more")
+        if self.rewrites_weights:
+            lines.append(f"weights to write: {self.bytes_to_write / 1e9:.3f} GB")
+        else:
+            lines.append("weights to write: none (config-only patch; weight files are reused)")
+        return "\n".join(lines)
+
+
+def _record_history(
+    plan: TensorPlan, patches: Sequence[tuple[str, dict[str, Any]]], source: str, source_sha256: str
+) -> None:
+    plan.config[HISTORY_KEY] = plan.config.get(HISTORY_KEY, []) + make_records(patches, source, source_sha256)
+
+
+def _entries(patchers: Sequence[Patcher]) -> list[tuple[str, dict[str, Any]]]:
+    return [(p.name, p.params()) for p in patchers]
+
+
+# ---------------------------------------------------------------------------------------------- executor A: on disk
+
+
+def apply_to_checkpoint(
+    checkpoint: Checkpoint,
+    patchers: Sequence[Patcher],
+    *,
+    output: str | Path | None = None,
+    in_place: bool = False,
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+    record: Sequence[tuple[str, dict[str, Any]]] | None = None,
+) -> Path:
+    """Run the patchers' plan over `checkpoint`, writing to `output` or, with `in_place`, over the checkpoint itself.
+
+    `record` replaces the (name, params) entries written to the history (`convert` records itself).
+    """
+    if (output is None) == (not in_place):
+        raise OutputError("pass exactly one of output=DIR or in_place=True (on the command line: -o DIR or --in-place).")
+    target = checkpoint.path if in_place else Path(output).expanduser()  # type: ignore[arg-type]
+    if not in_place and target.resolve() == checkpoint.path:
+        raise OutputError(f"the output {target} is the source itself; use --in-place to rewrite it.")
+    source = ModelView(checkpoint.config, checkpoint.tensors)
+    plan = build_plan(source, patchers, force)
+    rewrite = plan.rewrites_weights(checkpoint.tensors) or max_shard_size is not None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, staged_directory(target, in_place=in_place) as staging:
+        # hashlib releases the GIL, so the source fingerprint is computed on the second core while we write.
+        source_sha256 = pool.submit(_checkpoint_fingerprint, checkpoint)
+        if rewrite:
+            shard_bytes = parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+            write_weights(plan, checkpoint.read, staging, shard_bytes, raw_source=checkpoint.safetensors_file)
+        else:
+            for file_name in checkpoint.weight_files + _index_files(checkpoint):
+                link_or_copy(checkpoint.path / file_name, staging / file_name)
+        for auxiliary in checkpoint.auxiliary_files():
+            link_or_copy(auxiliary, staging / auxiliary.name)
+        _record_history(plan, _entries(patchers) if record is None else record, checkpoint.source, source_sha256.result())
+        (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def _checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
+    def read_bytes(name: str) -> bytes | memoryview:
+        file = checkpoint.safetensors_file(name)
+        return file.read_bytes(name) if file else tensor_bytes(checkpoint.read(name))
+
+    return fingerprint(checkpoint.tensors, read_bytes)
+
+
+def _index_files(checkpoint: Checkpoint) -> list[str]:
+    return [p.name for p in checkpoint.path.glob("*.index.json")]
+
+
+def write_weights(
+    plan: TensorPlan,
+    read: Callable[[str], torch.Tensor],
+    directory: Path,
+    max_shard_bytes: int,
+    raw_source: Callable[[str], SafetensorsFile | None] = lambda name: None,
+) -> None:
+    """Compute and write every tensor of `plan` into safetensors shards in `directory`, one tensor at a time.
+
+    `raw_source(name)` may give the safetensors file holding an input, so that unchanged tensors are copied as bytes.
+    """
+    metas = {name: task.meta for name, task in plan.tensors.items()}
+    layout = layout_shards(metas, max_shard_bytes)
+    total = sum(meta.nbytes for meta in metas.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=None) as progress:
+        for file_name, names in layout.items():
+            with SafetensorsWriter(directory / file_name, {name: metas[name] for name in names}) as writer:
+                for name in names:
+                    task = plan.tensors[name]
+                    source_file = raw_source(task.inputs[0]) if task.is_copy else None
+                    if source_file is not None:
+                        writer.copy_raw(name, source_file, task.inputs[0])
+                    else:
+                        writer.write(name, task.run(read, name))
+                    progress.update(metas[name].nbytes)
+            crash_test_point("shard-written")
+    write_index(directory, layout, metas)
+
+
+# ------------------------------------------------------------------------------------- executor B: a loaded model
+
+
+def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tensor]]:
+    """The view of a loaded model, and its tensors, named as in its checkpoint (a tied lm_head is not stored)."""
+    state = dict(model.state_dict())
+    config = model.config.to_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    return ModelView(config, {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in state.items()}), state
+
+
+def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force: bool = False) -> PreTrainedModel:
+    """Run the patchers' plan over a loaded model; returns a new model (the input is left as it was)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    view, state = model_view(model)
+    plan = build_plan(view, patchers, force)
+    source = str(getattr(model, "name_or_path", "") or "<model in memory>")
+    _record_history(plan, _entries(patchers), source, fingerprint(view.tensors, lambda name: tensor_bytes(state[name])))
+    new_state = {name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()}
+    config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
+    return new_model.to(model.device).eval() if not model.training else new_model.to(model.device)
