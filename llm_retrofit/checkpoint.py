@@ -297,7 +297,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def resolve_checkpoint_dir(source: str | os.PathLike[str], revision: str | None = None) -> Path:
     """A local directory for `source`: the path itself, or a Hub snapshot downloaded (or found in the cache)."""
+    from .commit import recover_interrupted_switch
+
     path = Path(source).expanduser()
+    recover_interrupted_switch(path)  # an in-place rewrite killed mid-switch may have left the path missing
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             raise CheckpointError(f"{path} is a GGUF file; run `retrofit convert {path} OUT` to make a checkpoint.")
@@ -340,10 +343,7 @@ def load_checkpoint(source: str | os.PathLike[str], revision: str | None = None)
 
     If an earlier in-place rewrite of this directory was interrupted, it is finished or rolled back first.
     """
-    from .commit import recover_interrupted_switch
-
     path = resolve_checkpoint_dir(source, revision)
-    recover_interrupted_switch(path)
     checkpoint = Checkpoint(path, source=str(source))
     checkpoint.architecture  # fail early, with the list of supported families
     return checkpoint

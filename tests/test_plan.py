@@ -1,0 +1,180 @@
+"""The tensor plan and its two executors: the same patch gives the same model however it is applied."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_same_tensors, read_config, snapshot, state_of
+from llm_retrofit import OutputError, PatchError, load_checkpoint, patch
+from llm_retrofit.checkpoint import SafetensorsFile
+from llm_retrofit.patchers.dtype import CastDtype
+from llm_retrofit.plan import ModelView, PlanSummary, build_plan
+
+LAYOUTS = ["tiny_llama", "tiny_mistral", "tiny_sharded", "tiny_bin"]
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = load_checkpoint(path)
+    return {name: checkpoint.read(name) for name in checkpoint.tensors}
+
+
+def without_time(config: dict) -> dict:
+    return {**config, "retrofit_history": [{**r, "time": None} for r in config.get("retrofit_history", [])]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_streamed_patch_equals_patch_of_the_loaded_model(
+    layout: str, dtype: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    source: Path = request.getfixturevalue(layout)
+    streamed = patch(source, f"dtype:to={dtype}", output=tmp_path / "streamed")
+
+    loaded = AutoModelForCausalLM.from_pretrained(source)
+    in_memory = patch(loaded, f"dtype:to={dtype}")
+
+    # Both executors see the checkpoint's tensor names (a tied lm_head is not stored), and must agree exactly.
+    assert_same_tensors(state_of(streamed), {k: v for k, v in in_memory.state_dict().items() if k in state_of(streamed)})
+    assert in_memory.dtype == getattr(torch, dtype)
+    history_streamed = read_config(streamed)["retrofit_history"][-1]
+    history_memory = in_memory.config.retrofit_history[-1]
+    assert history_streamed["source_weights_sha256"] == history_memory["source_weights_sha256"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_patched_checkpoint_loads_in_vanilla_transformers(layout: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    source: Path = request.getfixturevalue(layout)
+    output = patch(source, "dtype:to=bfloat16", output=tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)  # transformers' own cast
+    patched = AutoModelForCausalLM.from_pretrained(output)
+    assert patched.dtype == torch.bfloat16
+    ids = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, original(ids).logits)
+
+
+@pytest.mark.parametrize("layout", ["tiny_llama", "tiny_sharded"])
+def test_in_place_equals_to_directory(layout: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    source: Path = request.getfixturevalue(layout)
+    to_directory = patch(source, "dtype:to=bfloat16", output=tmp_path / "copy")
+    in_place = patch(source, "dtype:to=bfloat16", in_place=True)
+    assert in_place == source.resolve()
+    assert_same_tensors(state_of(in_place), state_of(to_directory))
+    expected = {**without_time(read_config(to_directory))}
+    assert without_time(read_config(in_place)) == expected
+    assert sorted(p.name for p in in_place.iterdir()) == sorted(p.name for p in to_directory.iterdir())
+    leftovers = [p.name for p in source.parent.iterdir() if "retrofit" in p.name]
+    assert leftovers == [], "staging or old directories were left behind"
+
+
+def test_dry_run_writes_nothing_and_describes_the_plan(tiny_llama: Path, tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    checkpoint = load_checkpoint(tiny_llama)
+    view = ModelView(checkpoint.config, checkpoint.tensors)
+    summary = PlanSummary.of(build_plan(view, [CastDtype(to=torch.bfloat16)]), view)
+    assert snapshot(tmp_path) == before
+    assert summary.config_changes == {"dtype": ("float32", "bfloat16")}
+    assert len(summary.changed) == len(checkpoint.tensors) and not summary.added and not summary.removed
+    assert summary.bytes_to_write == sum(m.nbytes for m in checkpoint.tensors.values()) // 2
+    assert "weights to write: " in summary.render()
+
+
+def test_config_only_plan_reuses_the_weight_files(tiny_sharded: Path, tmp_path: Path) -> None:
+    """Casting float32 weights to float32 changes only config.json; shards are hard links, not rewrites."""
+    output = patch(tiny_sharded, "dtype:to=float32", output=tmp_path / "out")
+    for shard in tiny_sharded.glob("model-*.safetensors"):
+        assert os.stat(shard).st_ino == os.stat(output / shard.name).st_ino
+    assert (output / "model.safetensors.index.json").is_file()
+    assert_same_tensors(state_of(output), state_of(tiny_sharded))
+
+
+def test_plans_compose_into_one_pass(tiny_llama: Path, tmp_path: Path) -> None:
+    chained = patch(tiny_llama, "dtype:to=bfloat16", "dtype:to=float16", output=tmp_path / "chained")
+    step = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "step1")
+    step = patch(step, "dtype:to=float16", output=tmp_path / "step2")
+    assert_same_tensors(state_of(chained), state_of(step))
+    assert [r["patch"] for r in read_config(chained)["retrofit_history"]] == ["dtype", "dtype"]
+
+
+def test_provenance_records_the_patch(tiny_llama: Path, tmp_path: Path) -> None:
+    output = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "out")
+    (record,) = read_config(output)["retrofit_history"]
+    assert record["patch"] == "dtype" and record["params"] == {"to": "bfloat16"}
+    assert record["source"] == str(tiny_llama)
+    assert len(record["source_weights_sha256"]) == 64
+    assert {"llm_retrofit", "transformers", "torch"} <= record["versions"].keys()
+
+
+def test_the_same_patch_twice_is_refused_unless_forced(tiny_llama: Path, tmp_path: Path) -> None:
+    once = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "once")
+    with pytest.raises(PatchError, match="already applied.*--force"):
+        patch(once, "dtype:to=bfloat16", output=tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
+    patch(once, "dtype:to=bfloat16", output=tmp_path / "twice", force=True)
+    assert len(read_config(tmp_path / "twice")["retrofit_history"]) == 2
+
+
+def _failing_cast(calls_before_failure: int):
+    calls = {"n": 0}
+    original = CastDtype._cast
+
+    def cast(self: CastDtype, tensor: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > calls_before_failure:
+            raise RuntimeError("simulated failure halfway through the weights")
+        return original(self, tensor)
+
+    return cast
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_failure_halfway_leaves_the_source_untouched_and_no_partial_output(
+    tiny_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
+    before = snapshot(tiny_sharded)
+    monkeypatch.setattr(CastDtype, "_cast", _failing_cast(calls_before_failure=10))
+    output = None if in_place else tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        patch(tiny_sharded, "dtype:to=bfloat16", output=output, in_place=in_place)
+    assert snapshot(tiny_sharded) == before
+    assert output is None or not output.exists()
+    assert [p.name for p in tiny_sharded.parent.iterdir() if "retrofit" in p.name] == []
+
+
+def test_an_existing_output_directory_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists and is not empty"):
+        patch(tiny_llama, "dtype:to=bfloat16", output=occupied)
+    assert (occupied / "keep.txt").read_text() == "mine"
+
+
+def test_output_must_differ_from_the_source(tiny_llama: Path) -> None:
+    with pytest.raises(OutputError, match="use --in-place"):
+        patch(tiny_llama, "dtype:to=bfloat16", output=tiny_llama)
+
+
+def test_auxiliary_files_travel_with_the_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    (tiny_llama / "tokenizer.json").write_text("{}")
+    (tiny_llama / "pytorch_model.bin").write_bytes(b"stale weights in another format")
+    output = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "out")
+    assert (output / "tokenizer.json").read_text() == "{}"
+    assert (output / "generation_config.json").is_file()
+    assert not (output / "pytorch_model.bin").exists()
+
+
+def test_max_shard_size_reshards(tiny_llama: Path, tmp_path: Path) -> None:
+    output = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "out", max_shard_size="20KB")
+    shards = sorted(output.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    for shard in shards:
+        extents = SafetensorsFile(shard).extents
+        data_bytes = sum(e.end - e.start for e in extents.values())
+        assert data_bytes <= 20_000 or len(extents) == 1, "only a tensor larger than the limit may overflow a shard"
+    assert_same_tensors(state_of(output), state_of(patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "one")))
