@@ -3,14 +3,16 @@
 `load_checkpoint` opens a local directory (one `model.safetensors`, shards with `model.safetensors.index.json`, or
 pickled `.bin` weights read with `weights_only=True`) or downloads a Hub repo id, and returns a `Checkpoint` that
 knows every tensor's dtype and shape from the file headers alone. Tensor data is read only when asked for, one tensor
-at a time, with positioned reads rather than a memory map, so that a pass over a 100 GB checkpoint keeps at most a
-few tensors in memory (pages of a memory map would stay counted against the process until it is closed).
+at a time, each through a memory map of its own bytes that is released with the tensor: no copy out of the page cache,
+and a pass over a 100 GB checkpoint keeps only the few tensors in use resident (a map of the whole file, as
+safetensors' `safe_open` makes, keeps every page it touched counted against the process until it is closed).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -125,25 +127,19 @@ class SafetensorsFile:
                 raise self._corrupt(f"tensor {name!r} has {end - begin} bytes, its shape needs {meta.nbytes}")
             self.extents[name] = _Extent(meta, data_start + begin, data_start + end)
 
-    def read_bytes(self, name: str) -> bytearray:
-        extent = self.extents[name]
-        buffer = bytearray(extent.end - extent.start)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(extent.start)
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise self._corrupt(f"the file ended inside tensor {name!r}")
-                done += n
-        return buffer
+    def read_raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a flat uint8 tensor backed by a private memory map of just those bytes.
 
-    def read(self, name: str) -> torch.Tensor:
-        meta = self.extents[name].meta
-        if meta.numel == 0:
-            return torch.empty(meta.shape, dtype=meta.dtype)
-        raw = torch.frombuffer(self.read_bytes(name), dtype=torch.uint8)
-        return raw.view(meta.dtype).reshape(meta.shape)
+        Mapping costs no copy (the pages come straight from the page cache), and the map is released as soon as
+        the tensor is freed. ACCESS_COPY makes the buffer writable for torch without ever writing to the file.
+        """
+        extent = self.extents[name]
+        if extent.end == extent.start:
+            return torch.empty(0, dtype=torch.uint8)
+        map_start = extent.start - extent.start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), extent.end - map_start, offset=map_start, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(mapped, dtype=torch.uint8, offset=extent.start - map_start, count=extent.end - extent.start)
 
 
 class _PickledWeights:
@@ -159,8 +155,8 @@ class _PickledWeights:
                 "not a plain state dict (weights_only=True refuses arbitrary pickled code); obtain a clean copy."
             ) from None
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+    def read_raw(self, name: str) -> torch.Tensor:
+        return raw_bytes(self.tensors[name])
 
 
 class Checkpoint:
@@ -236,12 +232,16 @@ class Checkpoint:
     def is_safetensors(self) -> bool:
         return all(name.endswith(".safetensors") for name in self.weight_files)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read_raw(self, name: str) -> torch.Tensor:
+        """One tensor's bytes, as a flat uint8 tensor (what the fingerprint hashes)."""
         try:
             weights = self._files[name]
         except KeyError:
             raise CheckpointError(f"{self.source} has no tensor named {name!r}.") from None
-        return weights.read(name)
+        return weights.read_raw(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return decode(self.read_raw(name), self.tensors[name])
 
     def safetensors_file(self, name: str) -> SafetensorsFile | None:
         """The safetensors file holding `name`, for copying its bytes without decoding them; None for .bin."""
@@ -265,6 +265,16 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self._files)} tensors)"
+
+
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 tensor on the CPU (no copy when it already is contiguous on the CPU)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def decode(raw: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """The inverse of `raw_bytes`: reinterpret bytes as a tensor of the given dtype and shape."""
+    return raw.view(meta.dtype).reshape(meta.shape)
 
 
 def _names_in(weights: SafetensorsFile | _PickledWeights) -> Mapping[str, Any]:

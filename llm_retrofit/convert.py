@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
+from xxhash import xxh3_128
 
 from .architectures import architecture_of
+from .bundled import bundled_gguf
 from .checkpoint import load_checkpoint
 from .commit import staged_directory
 from .errors import CheckpointError
@@ -31,6 +32,8 @@ def convert(
     from .patchers.dtype import CastDtype
 
     output = Path(output).expanduser()
+    if str(source).startswith("bundled:"):
+        source = bundled_gguf(str(source))
     if Path(source).suffix == ".gguf":
         return import_gguf(Path(source).expanduser(), output, dtype=dtype, max_shard_size=max_shard_size)
     checkpoint = load_checkpoint(source)
@@ -76,7 +79,7 @@ def import_gguf(
         model.config.name_or_path = ""
         model.config.architectures = [architecture_of(model.config.to_dict()).class_name]
         params = {"from": "gguf", "dtype": str(model.dtype).removeprefix("torch."), "max_shard_size": max_shard_size}
-        setattr(model.config, HISTORY_KEY, make_records([("convert", params)], str(gguf), _file_sha256(gguf)))
+        setattr(model.config, HISTORY_KEY, make_records([("convert", params)], str(gguf), _file_hash(gguf)))
         # Our own writer rather than save_pretrained, which refuses models that came from a quantized file.
         view, state = model_view(model)
         write_weights(TensorPlan.identity(view), state.__getitem__, staging, shard_bytes)
@@ -86,8 +89,8 @@ def import_gguf(
     return output
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_hash(path: Path) -> str:
+    digest = xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
             digest.update(chunk)

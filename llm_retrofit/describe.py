@@ -70,10 +70,10 @@ def render(description: dict[str, Any]) -> Any:
         missing = description["missing_tensors"]
         parts.append(f"[red]missing {len(missing)} tensor(s), e.g. {missing[0]}: the checkpoint is incomplete[/red]")
     history = Table(title="patch history", title_justify="left")
-    for column in ("#", "patch", "params", "time", "source weights sha256"):
+    for column in ("#", "patch", "params", "time", "source weights xxh3"):
         history.add_column(column)
     for i, record in enumerate(description["history"], 1):
         params = ", ".join(f"{k}={v}" for k, v in record.get("params", {}).items() if v is not None)
-        history.add_row(str(i), record.get("patch", "?"), params, record.get("time", ""), record.get("source_weights_sha256", "")[:16])
+        history.add_row(str(i), record.get("patch", "?"), params, record.get("time", ""), record.get("source_weights_xxh3", "")[:16])
     parts.append(history if description["history"] else "patch history: none (not rewritten by llm-retrofit)")
     return Group(*parts)

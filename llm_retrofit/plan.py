@@ -13,7 +13,6 @@ weights.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -26,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import Architecture, architecture_of
-from .checkpoint import Checkpoint, SafetensorsFile, TensorMeta
+from .checkpoint import Checkpoint, SafetensorsFile, TensorMeta, decode, raw_bytes
 from .commit import crash_test_point, link_or_copy, staged_directory
 from .errors import OutputError, PatchError
-from .provenance import HISTORY_KEY, fingerprint, make_records, tensor_bytes
+from .provenance import HISTORY_KEY, Fingerprinter, make_records
 from .writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
 
 if TYPE_CHECKING:
@@ -192,9 +191,9 @@ class PlanSummary:
 
 
 def _record_history(
-    plan: TensorPlan, patches: Sequence[tuple[str, dict[str, Any]]], source: str, source_sha256: str
+    plan: TensorPlan, patches: Sequence[tuple[str, dict[str, Any]]], source: str, source_hash: str
 ) -> None:
-    plan.config[HISTORY_KEY] = plan.config.get(HISTORY_KEY, []) + make_records(patches, source, source_sha256)
+    plan.config[HISTORY_KEY] = plan.config.get(HISTORY_KEY, []) + make_records(patches, source, source_hash)
 
 
 def _entries(patchers: Sequence[Patcher]) -> list[tuple[str, dict[str, Any]]]:
@@ -226,28 +225,25 @@ def apply_to_checkpoint(
     source = ModelView(checkpoint.config, checkpoint.tensors)
     plan = build_plan(source, patchers, force)
     rewrite = plan.rewrites_weights(checkpoint.tensors) or max_shard_size is not None
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, staged_directory(target, in_place=in_place) as staging:
-        # hashlib releases the GIL, so the source fingerprint is computed on the second core while we write.
-        source_sha256 = pool.submit(_checkpoint_fingerprint, checkpoint)
+    fingerprinter = Fingerprinter(checkpoint.tensors, checkpoint.read_raw)
+
+    def read(name: str) -> torch.Tensor:
+        raw = checkpoint.read_raw(name)
+        fingerprinter.observe(name, raw)
+        return decode(raw, checkpoint.tensors[name])
+
+    with staged_directory(target, in_place=in_place) as staging:
         if rewrite:
             shard_bytes = parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
-            write_weights(plan, checkpoint.read, staging, shard_bytes, raw_source=checkpoint.safetensors_file)
+            write_weights(plan, read, staging, shard_bytes, raw_source=checkpoint.safetensors_file)
         else:
             for file_name in checkpoint.weight_files + _index_files(checkpoint):
                 link_or_copy(checkpoint.path / file_name, staging / file_name)
         for auxiliary in checkpoint.auxiliary_files():
             link_or_copy(auxiliary, staging / auxiliary.name)
-        _record_history(plan, _entries(patchers) if record is None else record, checkpoint.source, source_sha256.result())
+        _record_history(plan, _entries(patchers) if record is None else record, checkpoint.source, fingerprinter.result())
         (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     return target
-
-
-def _checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
-    def read_bytes(name: str) -> bytes | memoryview:
-        file = checkpoint.safetensors_file(name)
-        return file.read_bytes(name) if file else tensor_bytes(checkpoint.read(name))
-
-    return fingerprint(checkpoint.tensors, read_bytes)
 
 
 def _index_files(checkpoint: Checkpoint) -> list[str]:
@@ -303,7 +299,8 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     view, state = model_view(model)
     plan = build_plan(view, patchers, force)
     source = str(getattr(model, "name_or_path", "") or "<model in memory>")
-    _record_history(plan, _entries(patchers), source, fingerprint(view.tensors, lambda name: tensor_bytes(state[name])))
+    source_hash = Fingerprinter(view.tensors, lambda name: raw_bytes(state[name])).result()
+    _record_history(plan, _entries(patchers), source, source_hash)
     new_state = {name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()}
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]

