@@ -354,6 +354,7 @@ def load_checkpoint(source: str | os.PathLike[str], revision: str | None = None)
     If an earlier in-place rewrite of this directory was interrupted, it is finished or rolled back first.
     """
     path = resolve_checkpoint_dir(source, revision)
-    checkpoint = Checkpoint(path, source=str(source))
+    # Provenance names a local checkpoint by its absolute path and a downloaded one by its repo id.
+    checkpoint = Checkpoint(path, source=str(path) if Path(source).expanduser().exists() else str(source))
     checkpoint.architecture  # fail early, with the list of supported families
     return checkpoint

@@ -305,4 +305,5 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
-    return new_model.to(model.device).eval() if not model.training else new_model.to(model.device)
+    new_model.train(model.training)
+    return new_model.to(model.device)
