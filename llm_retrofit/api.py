@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .patchers import Patcher, parse_spec
@@ -39,3 +39,22 @@ def patch(model, *specs, output=None, in_place=False, max_shard_size=None, force
     return apply_to_checkpoint(
         checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
     )
+
+
+def upcycle_moe(model: Any, num_experts: int = 8, top_k: int = 2, **options: Any) -> Any:
+    """Turn a dense Llama/Mistral (loaded model or checkpoint path) into a Mixtral; see `patchers.moe`.
+
+    Options are the `moe` patch's parameters (router, prompts, noise, drop, split, partition, seed), plus `output`
+    or `in_place` for a checkpoint on disk.
+    """
+    from .patchers.moe import UpcycleMoE
+
+    patch_options = {k: options.pop(k) for k in ("output", "in_place", "max_shard_size", "force") if k in options}
+    return patch(model, UpcycleMoE(num_experts=num_experts, top_k=top_k, **options), **patch_options)
+
+
+def expand_blocks(model: Any, num_new_layers: int | None = None, every: int | None = None, **patch_options: Any) -> Any:
+    """LLaMA-Pro block expansion of a loaded model or checkpoint path; see `patchers.expand`."""
+    from .patchers.expand import ExpandBlocks
+
+    return patch(model, ExpandBlocks(num_new_layers=num_new_layers, every=every), **patch_options)

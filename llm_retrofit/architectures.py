@@ -7,6 +7,7 @@ hold its shape. Patchers build their plans from these templates instead of spell
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,10 @@ class Architecture:
     layer_prefix = "model.layers.{layer}."
 
     def layer_tensor_names(self, layer: int, config: Mapping[str, Any]) -> list[str]:
-        names = list(self.layer_tensors)
+        names = []
+        for template in self.layer_tensors:
+            experts = range(config.get("num_local_experts", 0)) if "{expert}" in template else [None]
+            names += [template.format(expert=e) for e in experts]
         if config.get("attention_bias"):
             names += self.attention_bias_tensors
         if config.get("mlp_bias"):
@@ -66,16 +70,31 @@ def _dense(model_type: str, class_name: str) -> Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _dense("llama", "LlamaForCausalLM"),
     "mistral": _dense("mistral", "MistralForCausalLM"),
-    # Output of MoE upcycling. transformers 5 stores the experts of a layer fused: gate_up_proj is
-    # (experts, 2 * intermediate, hidden) and down_proj is (experts, hidden, intermediate).
+    # Output of MoE upcycling, in the on-disk layout: one w1 (gate), w3 (up), w2 (down) per expert. transformers 5
+    # fuses the experts in memory (mlp.experts.gate_up_proj / down_proj) but saves and loads this layout, as do
+    # transformers 4, vLLM and llama.cpp; and it lets upcycling copy each dense matrix byte for byte.
     "mixtral": Architecture(
         model_type="mixtral",
         class_name="MixtralForCausalLM",
         layer_tensors=tuple(f"{m}.weight" for m in _ATTENTION)
-        + ("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+        + ("block_sparse_moe.gate.weight",)
+        + tuple(f"block_sparse_moe.experts.{{expert}}.{w}.weight" for w in ("w1", "w2", "w3"))
         + _NORMS,
     ),
 }
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def split_layer_name(name: str) -> tuple[int, str] | None:
+    """`model.layers.12.mlp.up_proj.weight` -> (12, "mlp.up_proj.weight"); None for tensors outside the layers."""
+    match = _LAYER_NAME.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def layer_name(layer: int, suffix: str) -> str:
+    return f"model.layers.{layer}.{suffix}"
 
 
 def architecture_of(config: Mapping[str, Any]) -> Architecture:

@@ -140,12 +140,12 @@ def patch(model: str, specs: tuple[str, ...], output: str | None, in_place: bool
     """
     from .checkpoint import load_checkpoint
     from .patchers import parse_spec
-    from .plan import ModelView, PlanSummary, apply_to_checkpoint, build_plan
+    from .plan import PlanSummary, apply_to_checkpoint, build_plan, checkpoint_view
 
     patchers = [parse_spec(spec) for spec in specs]
     checkpoint = load_checkpoint(model, revision=revision)
     if dry_run:
-        source = ModelView(checkpoint.config, checkpoint.tensors)
+        source = checkpoint_view(checkpoint)
         click.echo(PlanSummary.of(build_plan(source, patchers, force), source).render())
         return
     if bool(output) == in_place:

@@ -43,7 +43,7 @@ def convert(
         [CastDtype(to=dtype)] if dtype else [],
         output=output,
         max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-        record=[("convert", params)],
+        record=[("convert", {"params": params})],
     )
 
 
@@ -79,7 +79,7 @@ def import_gguf(
         model.config.name_or_path = ""
         model.config.architectures = [architecture_of(model.config.to_dict()).class_name]
         params = {"from": "gguf", "dtype": str(model.dtype).removeprefix("torch."), "max_shard_size": max_shard_size}
-        setattr(model.config, HISTORY_KEY, make_records([("convert", params)], str(gguf), _file_hash(gguf)))
+        setattr(model.config, HISTORY_KEY, make_records([("convert", {"params": params})], str(gguf), _file_hash(gguf)))
         # Our own writer rather than save_pretrained, which refuses models that came from a quantized file.
         view, state = model_view(model)
         write_weights(TensorPlan.identity(view), state.__getitem__, staging, shard_bytes)

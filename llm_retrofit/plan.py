@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,10 +81,16 @@ class _Chained:
 
 @dataclass(frozen=True)
 class ModelView:
-    """What a patcher may look at: the config and every tensor's dtype and shape (never the data)."""
+    """What a patcher may look at: the config and every tensor's dtype and shape (never the data).
+
+    `calibration`, where available, loads the model as a `PreTrainedModel` (and its tokenizer) for the few patches
+    that need activations, such as a MoE router initialised from hidden states. It is only offered to the first
+    patch of a chain: later patches see a model that exists only as a plan.
+    """
 
     config: dict[str, Any]
     tensors: dict[str, TensorMeta]
+    calibration: Callable[[], tuple[PreTrainedModel, Any]] | None = None
 
     @cached_property
     def architecture(self) -> Architecture:
@@ -99,6 +105,10 @@ class ModelView:
 class TensorPlan:
     config: dict[str, Any]
     tensors: dict[str, TensorTask]
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Facts a patcher wants in its provenance record (e.g. which layers are new), beside its parameters."""
+    applied: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """(patch name, params + notes) of every patch this plan contains, in order: the history records to write."""
 
     @classmethod
     def identity(cls, view: ModelView) -> TensorPlan:
@@ -118,7 +128,7 @@ class TensorPlan:
             else:
                 inputs = tuple(i for e in earlier for i in e.inputs)
                 tensors[name] = TensorTask(task.meta, inputs, _Chained(task.compute, earlier))  # type: ignore[arg-type]
-        return TensorPlan(later.config, tensors)
+        return TensorPlan(later.config, tensors, applied=self.applied + later.applied)
 
     def rewrites_weights(self, source: Mapping[str, TensorMeta]) -> bool:
         """False when every tensor passes through under its own name: only the config changes."""
@@ -130,8 +140,11 @@ class TensorPlan:
 def build_plan(source: ModelView, patchers: Sequence[Patcher], force: bool = False) -> TensorPlan:
     plan = TensorPlan.identity(source)
     for patcher in patchers:
-        _refuse_repeat(plan.view.history, patcher, force)
-        plan = plan.then(patcher.plan(plan.view))
+        view = source if patcher is patchers[0] else plan.view
+        _refuse_repeat(view.history, patcher, force)
+        step = patcher.plan(view)
+        step.applied = [(patcher.name, {"params": patcher.params(), **step.notes})]
+        plan = plan.then(step)
     return plan
 
 
@@ -196,10 +209,6 @@ def _record_history(
     plan.config[HISTORY_KEY] = plan.config.get(HISTORY_KEY, []) + make_records(patches, source, source_hash)
 
 
-def _entries(patchers: Sequence[Patcher]) -> list[tuple[str, dict[str, Any]]]:
-    return [(p.name, p.params()) for p in patchers]
-
-
 # ---------------------------------------------------------------------------------------------- executor A: on disk
 
 
@@ -215,15 +224,14 @@ def apply_to_checkpoint(
 ) -> Path:
     """Run the patchers' plan over `checkpoint`, writing to `output` or, with `in_place`, over the checkpoint itself.
 
-    `record` replaces the (name, params) entries written to the history (`convert` records itself).
+    `record` replaces the (name, {"params": ...}) entries written to the history (`convert` records itself).
     """
     if (output is None) == (not in_place):
         raise OutputError("pass exactly one of output=DIR or in_place=True (on the command line: -o DIR or --in-place).")
     target = checkpoint.path if in_place else Path(output).expanduser()  # type: ignore[arg-type]
     if not in_place and target.resolve() == checkpoint.path:
         raise OutputError(f"the output {target} is the source itself; use --in-place to rewrite it.")
-    source = ModelView(checkpoint.config, checkpoint.tensors)
-    plan = build_plan(source, patchers, force)
+    plan = build_plan(checkpoint_view(checkpoint), patchers, force)
     rewrite = plan.rewrites_weights(checkpoint.tensors) or max_shard_size is not None
     fingerprinter = Fingerprinter(checkpoint.tensors, checkpoint.read_raw)
 
@@ -241,9 +249,19 @@ def apply_to_checkpoint(
                 link_or_copy(checkpoint.path / file_name, staging / file_name)
         for auxiliary in checkpoint.auxiliary_files():
             link_or_copy(auxiliary, staging / auxiliary.name)
-        _record_history(plan, _entries(patchers) if record is None else record, checkpoint.source, fingerprinter.result())
+        _record_history(plan, plan.applied if record is None else record, checkpoint.source, fingerprinter.result())
         (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def checkpoint_view(checkpoint: Checkpoint) -> ModelView:
+    def calibration() -> tuple[PreTrainedModel, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(checkpoint.path)
+
+    return ModelView(checkpoint.config, checkpoint.tensors, calibration)
 
 
 def _index_files(checkpoint: Checkpoint) -> list[str]:
@@ -283,12 +301,27 @@ def write_weights(
 
 
 def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tensor]]:
-    """The view of a loaded model, and its tensors, named as in its checkpoint (a tied lm_head is not stored)."""
+    """The view of a loaded model, and its tensors, named as in its checkpoint.
+
+    transformers 5 keeps some weights in a different layout in memory than on disk (Mixtral's experts are fused);
+    `revert_weight_conversion` gives the on-disk names, so a plan means the same thing to both executors. A tied
+    lm_head is not stored.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
     state = dict(model.state_dict())
     config = model.config.to_dict()
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    return ModelView(config, {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in state.items()}), state
+    state = revert_weight_conversion(model, state)
+
+    def calibration() -> tuple[PreTrainedModel, Any]:
+        from transformers import AutoTokenizer
+
+        return model, AutoTokenizer.from_pretrained(model.name_or_path)
+
+    view = ModelView(config, {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in state.items()}, calibration)
+    return view, state
 
 
 def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force: bool = False) -> PreTrainedModel:
@@ -300,7 +333,7 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     plan = build_plan(view, patchers, force)
     source = str(getattr(model, "name_or_path", "") or "<model in memory>")
     source_hash = Fingerprinter(view.tensors, lambda name: raw_bytes(state[name])).result()
-    _record_history(plan, _entries(patchers), source, source_hash)
+    _record_history(plan, plan.applied, source, source_hash)
     new_state = {name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()}
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]

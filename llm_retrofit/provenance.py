@@ -63,15 +63,16 @@ def _digest(raw: torch.Tensor) -> bytes:
 
 
 def make_records(patches: Iterable[tuple[str, dict[str, Any]]], source: str, source_hash: str) -> list[dict[str, Any]]:
+    """One record per (patch name, {"params": ..., other notes...}) entry."""
     applied_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return [
         {
             "patch": name,
-            "params": params,
+            **entry,
             "source": source,
             "source_weights_xxh3": source_hash,
             "time": applied_at,
             "versions": {"llm_retrofit": __version__, "transformers": version("transformers"), "torch": torch.__version__},
         }
-        for name, params in patches
+        for name, entry in patches
     ]

@@ -62,3 +62,30 @@ def test_convert_to_sharded_bfloat16_loads(smollm2: Path, tmp_path: Path, shard_
     output = convert(smollm2, tmp_path / "sharded", dtype=torch.bfloat16, max_shard_size=shard_size)
     assert len(list(output.glob("model-*.safetensors"))) == 3
     assert "Paris" in greedy(output)
+
+
+def long_document(tokenizer, tokens: int = 2048) -> torch.Tensor:
+    """Real English prose that is always installed: the Python documentation topics shipped with the stdlib."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+
+
+def perplexity_and_answer(directory: Path, ids: torch.Tensor) -> tuple[float, str]:
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        perplexity = torch.exp(model(ids, labels=ids).loss).item()
+    return perplexity, greedy(directory)
+
+
+@pytest.mark.parametrize("spec", ["moe:num_experts=8,top_k=2", "expand:num_new_layers=10"])
+def test_upcycling_and_expansion_keep_the_real_models_perplexity_and_answer(smollm2: Path, tmp_path: Path, spec: str) -> None:
+    ids = long_document(AutoTokenizer.from_pretrained(smollm2))
+    original_ppl, original_text = perplexity_and_answer(smollm2, ids)
+    output = patch(smollm2, spec, output=tmp_path / "patched")
+    ppl, text = perplexity_and_answer(output, ids)
+    config = json.loads((output / "config.json").read_text())
+    assert config["num_hidden_layers"] == (40 if spec.startswith("expand") else 30)
+    assert text == original_text  # same greedy continuation of "The capital of France is"
+    assert ppl == pytest.approx(original_ppl, rel=1e-5)  # fp32 rounding only, over 2048 tokens

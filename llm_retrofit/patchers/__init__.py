@@ -9,6 +9,7 @@ is imported on first use, so adding a patcher is adding one module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import typing
@@ -75,10 +76,11 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+@functools.cache
 def registry() -> dict[str, type[Patcher]]:
-    if not PATCHERS:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
+    """Every patcher: importing each module of this package registers the patchers it defines."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
     return PATCHERS
 
 
