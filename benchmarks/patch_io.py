@@ -14,11 +14,10 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import make_synthetic, measure
 
 # name -> (setup, work): only `work` is timed as work_s; process_s is the whole child process, interpreter and
 # imports included (what a user of the CLI waits for).
@@ -35,91 +34,17 @@ CONTENDERS = {
     ),
 }
 
-# Peak RSS: VmHWM of this process (fresh after exec, unlike ru_maxrss, which Linux carries over from the parent),
-# or of cp, which runs as a child of a small interpreter.
-MEASURE = """
-import resource, sys, time
-setup, work, SOURCE, OUTPUT = sys.argv[1:5]
-exec(setup)
-start = time.perf_counter()
-exec(work)
-elapsed = time.perf_counter() - start
-status = open("/proc/self/status").read()
-own = int(status.split("VmHWM:")[1].split()[0]) * 1024
-child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(elapsed, max(own, child))
-"""
-
-
-def make_checkpoint(path: Path, size_gb: float) -> tuple[int, int]:
-    """A random float32 Llama checkpoint of about `size_gb`, in 1 GB shards; returns (bytes, largest tensor bytes)."""
-    import torch
-    from transformers import LlamaConfig
-
-    from llm_retrofit.checkpoint import TensorMeta
-    from llm_retrofit.writer import SafetensorsWriter, layout_shards, write_index
-
-    hidden, intermediate, vocab = 2048, 5632, 32000
-    per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) * 4
-    layers = max(1, round((size_gb * 1e9 - 2 * vocab * hidden * 4) / per_layer))
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False, dtype="float32",
-    )
-    path.mkdir(parents=True)
-    config.save_pretrained(path)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + f"self_attn.{m}_proj.weight": (hidden, hidden) for m in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden)}
-        shapes |= {p + "mlp.down_proj.weight": (hidden, intermediate)}
-        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    metas = {name: TensorMeta(torch.float32, shape) for name, shape in shapes.items()}
-    layout = layout_shards(metas, 1 << 30)
-    generator = torch.Generator().manual_seed(0)
-    for file_name, names in layout.items():
-        with SafetensorsWriter(path / file_name, {n: metas[n] for n in names}) as writer:
-            for name in names:
-                writer.write(name, torch.randn(metas[name].shape, generator=generator) * 0.02)
-    write_index(path, layout, metas)
-    return sum(m.nbytes for m in metas.values()), max(m.nbytes for m in metas.values())
-
-
-def measure(setup: str, work: str, source: Path, output: Path) -> dict[str, float]:
-    subprocess.run(["sync"], check=True)  # no contender pays for the previous one's dirty pages
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, setup, work, str(source), str(output)], capture_output=True, text=True
-    )
-    process = time.perf_counter() - start
-    if result.returncode:
-        raise RuntimeError(result.stderr)
-    work_s, rss = result.stdout.split()[-2:]
-    return {"work_s": float(work_s), "process_s": process, "peak_rss_gb": int(rss) / 1e9}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.2)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.make:
-        print(*make_checkpoint(args.make, args.size_gb))
-        return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="patch-io-") as tmp:
         root = Path(tmp)
         source = root / "source"
-        # Made in a child process, so that this one stays small (Linux children inherit the parent's peak RSS).
-        made = subprocess.run(
-            [sys.executable, __file__, "--make", str(source), "--size-gb", str(args.size_gb)],
-            check=True, capture_output=True, text=True,
-        )
-        total, largest = map(int, made.stdout.split())
+        total, largest = make_synthetic(source, args.size_gb)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in CONTENDERS}
         for _ in range(args.repeats):
             for name, (setup, work) in CONTENDERS.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import expand_blocks, patch, upcycle_moe  # noqa: E402
+from .api import expand_blocks, extend_context, patch, upcycle_moe  # noqa: E402
 from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
 from .errors import (  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "convert",
     "expand_blocks",
+    "extend_context",
     "load_checkpoint",
     "patch",
     "upcycle_moe",

@@ -58,3 +58,16 @@ def expand_blocks(model: Any, num_new_layers: int | None = None, every: int | No
     from .patchers.expand import ExpandBlocks
 
     return patch(model, ExpandBlocks(num_new_layers=num_new_layers, every=every), **patch_options)
+
+
+def extend_context(
+    model: Any, target_length: int, method: str = "longrope", factors: str | os.PathLike[str] | None = None, **patch_options: Any
+) -> Any:
+    """Extend the context of a loaded model or checkpoint to `target_length` tokens with one of the RoPE methods
+    (linear, ntk, dynamic, yarn, llama3, longrope); `factors` is the JSON of `retrofit search-rope` for longrope."""
+    from .patchers import get_patcher
+
+    options: dict[str, Any] = {"target_length": target_length}
+    if factors is not None:
+        options["factors"] = Path(factors)
+    return patch(model, get_patcher(method)(**options), **patch_options)

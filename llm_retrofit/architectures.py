@@ -33,7 +33,6 @@ class Architecture:
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
     lm_head = "lm_head.weight"
-    layer_prefix = "model.layers.{layer}."
 
     def layer_tensor_names(self, layer: int, config: Mapping[str, Any]) -> list[str]:
         names = []
@@ -44,8 +43,7 @@ class Architecture:
             names += self.attention_bias_tensors
         if config.get("mlp_bias"):
             names += self.mlp_bias_tensors
-        prefix = self.layer_prefix.format(layer=layer)
-        return [prefix + name for name in names]
+        return [layer_name(layer, name) for name in names]
 
     def expected_tensors(self, config: Mapping[str, Any]) -> Iterator[str]:
         """Every tensor a complete checkpoint of this shape stores, in the order transformers saves them."""

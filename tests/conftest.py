@@ -90,12 +90,13 @@ def tiny_bin(tmp_path: Path) -> Path:
 
 
 def state_of(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, read with the safetensors library itself (not our reader)."""
+    """All tensors of a checkpoint directory, read with the safetensors library itself (not our reader), or with
+    torch.load for a .bin checkpoint (a config-only patch of one keeps its .bin files)."""
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
+    for file in sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")):
+        tensors.update(load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True))
     return tensors
 
 

@@ -31,6 +31,13 @@ PATCHES: list[tuple[str, tuple[str, ...]]] = [
     ("moe:num_experts=4,top_k=2,split=true,partition=cluster", ("tiny_llama",)),
     ("expand:num_new_layers=3", ALL_LAYOUTS),
     ("dus:m=1", ("tiny_llama", "tiny_mistral")),
+    # Context extension: config-only plans.
+    ("linear:factor=2", ("tiny_llama", "tiny_sharded")),
+    ("ntk:factor=2", ("tiny_llama",)),
+    ("dynamic:factor=2", ("tiny_mistral",)),
+    ("yarn:target_length=1024", ALL_LAYOUTS),
+    ("llama3:factor=4", ("tiny_llama",)),
+    (f"longrope:factors={Path(__file__).parent / 'data' / 'tiny_longrope_factors.json'}", ("tiny_llama", "tiny_bin")),
 ]
 
 CASES = [pytest.param(spec, layout, id=f"{spec}-{layout}") for spec, layouts in PATCHES for layout in layouts]

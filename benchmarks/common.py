@@ -1,0 +1,91 @@
+"""Shared by the benchmarks: a synthetic checkpoint, and timing a piece of work in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Peak RSS: VmHWM of this process (fresh after exec, unlike ru_maxrss, which Linux carries over from the parent),
+# or of cp, which runs as a child of a small interpreter.
+MEASURE = """
+import resource, sys, time
+setup, work, SOURCE, OUTPUT = sys.argv[1:5]
+exec(setup)
+start = time.perf_counter()
+exec(work)
+elapsed = time.perf_counter() - start
+status = open("/proc/self/status").read()
+own = int(status.split("VmHWM:")[1].split()[0]) * 1024
+child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(elapsed, max(own, child))
+"""
+
+
+def measure(setup: str, work: str, source: Path, output: Path) -> dict[str, float]:
+    """Run `work` (after untimed `setup`) in a fresh interpreter with SOURCE and OUTPUT defined."""
+    subprocess.run(["sync"], check=True)  # no contender pays for the previous one's dirty pages
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, setup, work, str(source), str(output)], capture_output=True, text=True
+    )
+    process = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(result.stderr)
+    work_s, rss = result.stdout.split()[-2:]
+    return {"work_s": float(work_s), "process_s": process, "peak_rss_gb": int(rss) / 1e9}
+
+
+def make_synthetic(path: Path, size_gb: float, dtype: str = "float32") -> tuple[int, int]:
+    """Make a random Llama checkpoint of about `size_gb` in a child process (so this one stays small: Linux
+    children inherit the parent's peak RSS); returns (total bytes, largest tensor bytes)."""
+    made = subprocess.run(
+        [sys.executable, __file__, str(path), str(size_gb), dtype], check=True, capture_output=True, text=True
+    )
+    total, largest = made.stdout.split()
+    return int(total), int(largest)
+
+
+def _make(path: Path, size_gb: float, dtype_name: str) -> tuple[int, int]:
+    """A random Llama checkpoint of about `size_gb` in 1 GB shards; returns (bytes, largest tensor bytes)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from llm_retrofit.checkpoint import TensorMeta
+    from llm_retrofit.writer import SafetensorsWriter, layout_shards, write_index
+
+    dtype = getattr(torch, dtype_name)
+    hidden, intermediate, vocab = 2048, 5632, 32000
+    per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) * dtype.itemsize
+    layers = max(1, round((size_gb * 1e9 - 2 * vocab * hidden * dtype.itemsize) / per_layer))
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False, dtype=dtype_name,
+        architectures=["LlamaForCausalLM"],
+    )
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + f"self_attn.{m}_proj.weight": (hidden, hidden) for m in "qkvo"}
+        shapes |= {p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden)}
+        shapes |= {p + "mlp.down_proj.weight": (hidden, intermediate)}
+        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    metas = {name: TensorMeta(dtype, shape) for name, shape in shapes.items()}
+    layout = layout_shards(metas, 1 << 30)
+    generator = torch.Generator().manual_seed(0)
+    for file_name, names in layout.items():
+        with SafetensorsWriter(path / file_name, {n: metas[n] for n in names}) as writer:
+            for name in names:
+                writer.write(name, (torch.randn(metas[name].shape, generator=generator) * 0.02).to(dtype))
+    write_index(path, layout, metas)
+    return sum(m.nbytes for m in metas.values()), max(m.nbytes for m in metas.values())
+
+
+
+
+if __name__ == "__main__":
+    print(*_make(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]))

@@ -1,0 +1,287 @@
+"""Context extension by rescaling RoPE frequencies: PI, NTK, dynamic NTK, YaRN, Llama 3 and LongRoPE.
+
+RoPE rotates dimension pair i (i = 0 .. d/2-1) at frequency theta_i = base^(-2i/d). Every method here rescales those
+frequencies; written as one factor per pair, theta_i' = theta_i / lambda_i:
+- PI (`linear`, Chen et al. 2023): lambda_i = s for all i (positions divided by s);
+- NTK-aware (`ntk`): a larger base, base' = base * s^(d/(d-2)), i.e. lambda_i = s^(2i/(d-2)): high frequencies
+  (local order) are kept, the lowest is interpolated by s;
+- dynamic NTK (`dynamic`): NTK with s recomputed from the current length, only beyond the original context;
+- YaRN (`yarn`, Peng et al. 2023): interpolate low frequencies, keep high ones, ramp between by wavelength
+  (beta_fast=32, beta_slow=1), and scale attention by 0.1 ln(s) + 1;
+- Llama 3 (`llama3`): the same idea with a ramp between wavelengths L/4 and L;
+- LongRoPE (`longrope`, Ding et al. 2024, arXiv 2402.13753): one searched lambda_i per pair (non-decreasing in i),
+  a `long_factor` used past the original length and a `short_factor` below it, attention scaled by
+  sqrt(1 + ln s / ln L). The factors come from `retrofit search-rope` (`factors=FILE`).
+
+All of these are config-only patches: transformers reads `rope_parameters` (checked against its
+modeling_rope_utils.py), so no weight file is rewritten and the result loads in plain transformers. The NTK patch is
+expressed as a new `rope_theta` with the default rope type, which every RoPE implementation understands.
+
+transformers' dynamic NTK treats `max_position_embeddings` as the original length and extends past it on the fly, so
+`dynamic` leaves it unchanged; the other methods set it to the new length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import PatchError, PatchSpecError
+from ..plan import ModelView, TensorPlan
+from . import Patcher, register
+
+
+@dataclass(frozen=True)
+class RopeShape:
+    """What the RoPE of a model is: rotary dimension, base, and the context length it was trained for."""
+
+    dim: int
+    base: float
+    original_length: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> RopeShape:
+        parameters = config.get("rope_parameters") or {}
+        base = parameters.get("rope_theta", config.get("rope_theta"))
+        if base is None:
+            raise PatchError("this model's config has no RoPE (no rope_parameters.rope_theta); it cannot be extended.")
+        rope_type = parameters.get("rope_type", "default")
+        if rope_type != "default" or config.get("rope_scaling"):
+            raise PatchError(
+                f"this model already uses {rope_type!r} RoPE scaling; apply context extension to the original model."
+            )
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return cls(dim=head_dim, base=float(base), original_length=int(config["max_position_embeddings"]))
+
+    @property
+    def pairs(self) -> int:
+        return self.dim // 2
+
+
+# ----------------------------------------------------------------------------- per-pair factors of each method
+
+
+def pi_factors(shape: RopeShape, scale: float) -> list[float]:
+    return [scale] * shape.pairs
+
+
+def ntk_factors(shape: RopeShape, scale: float) -> list[float]:
+    return [scale ** (2 * i / (shape.dim - 2)) for i in range(shape.pairs)]
+
+
+def yarn_factors(shape: RopeShape, scale: float, beta_fast: float = 32.0, beta_slow: float = 1.0) -> list[float]:
+    """lambda_i of YaRN: s for pairs that rotate fewer than beta_slow times over the original context, 1 for pairs
+    that rotate more than beta_fast times, linear in between (as transformers computes it, truncated bounds)."""
+
+    def pair_for_rotations(rotations: float) -> float:
+        return shape.dim * math.log(shape.original_length / (rotations * 2 * math.pi)) / (2 * math.log(shape.base))
+
+    low = max(math.floor(pair_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(pair_for_rotations(beta_slow)), shape.dim - 1)
+    high = high + 0.001 if high == low else high
+    factors = []
+    for i in range(shape.pairs):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: extrapolate (keep), 1: interpolate by s
+        factors.append(1.0 / ((1 - ramp) + ramp / scale))
+    return factors
+
+
+def longrope_attention_factor(scale: float, original_length: int) -> float:
+    return math.sqrt(1 + math.log(scale) / math.log(original_length)) if scale > 1 else 1.0
+
+
+# ------------------------------------------------------------------------------------------------- patchers
+
+
+@dataclass(frozen=True)
+class _ContextExtension(Patcher):
+    """Shared by the RoPE patchers: the new length as a factor or a target length."""
+
+    factor: float | None = None
+    target_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.factor is None) == (self.target_length is None):
+            raise PatchSpecError(f"{self.name}: give exactly one of factor=S or target_length=N. Example: {self.example}")
+
+    def scale_for(self, shape: RopeShape) -> float:
+        if self.factor is not None:
+            scale = float(self.factor)
+        else:
+            scale = self.target_length / shape.original_length  # type: ignore[operator]
+        if scale <= 1.0:
+            raise PatchError(
+                f"{self.name}: the new context ({round(scale * shape.original_length)} tokens) must be longer than the "
+                f"current {shape.original_length}; pass a factor > 1 or a larger target_length."
+            )
+        return scale
+
+    def extended(self, model: ModelView, rope_parameters: dict[str, Any], length: int | None = None) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        config = {k: v for k, v in model.config.items() if k not in ("rope_scaling", "rope_theta")}
+        config["rope_parameters"] = {"rope_theta": shape.base, **rope_parameters}
+        if length is not None:
+            config["max_position_embeddings"] = length
+        return TensorPlan.identity(ModelView(config, model.tensors))
+
+    def new_length(self, shape: RopeShape) -> int:
+        return round(shape.original_length * self.scale_for(shape))
+
+
+@register
+@dataclass(frozen=True)
+class LinearRope(_ContextExtension):
+    """Position interpolation (PI): every RoPE frequency divided by the factor."""
+
+    name: ClassVar[str] = "linear"
+    example: ClassVar[str] = "linear:factor=2"
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        return self.extended(model, {"rope_type": "linear", "factor": self.scale_for(shape)}, self.new_length(shape))
+
+
+@register
+@dataclass(frozen=True)
+class NtkRope(_ContextExtension):
+    """NTK-aware scaling: a larger RoPE base, so low frequencies stretch and high ones stay."""
+
+    name: ClassVar[str] = "ntk"
+    example: ClassVar[str] = "ntk:factor=2"
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        base = shape.base * self.scale_for(shape) ** (shape.dim / (shape.dim - 2))
+        plan = self.extended(model, {"rope_type": "default"}, self.new_length(shape))
+        plan.config["rope_parameters"]["rope_theta"] = base
+        return plan
+
+
+@register
+@dataclass(frozen=True)
+class DynamicRope(_ContextExtension):
+    """Dynamic NTK: NTK scaling recomputed from the sequence length, only past the original context."""
+
+    name: ClassVar[str] = "dynamic"
+    example: ClassVar[str] = "dynamic:factor=2"
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        # max_position_embeddings stays: transformers' dynamic NTK reads it as the original context length.
+        return self.extended(model, {"rope_type": "dynamic", "factor": self.scale_for(shape)})
+
+
+@register
+@dataclass(frozen=True)
+class YarnRope(_ContextExtension):
+    """YaRN: interpolate low frequencies, keep high ones, ramp between; attention scaled by 0.1 ln(s) + 1."""
+
+    name: ClassVar[str] = "yarn"
+    example: ClassVar[str] = "yarn:factor=2"
+
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        parameters = {
+            "rope_type": "yarn",
+            "factor": self.scale_for(shape),
+            "original_max_position_embeddings": shape.original_length,
+            "beta_fast": self.beta_fast,
+            "beta_slow": self.beta_slow,
+        }
+        return self.extended(model, parameters, self.new_length(shape))
+
+
+@register
+@dataclass(frozen=True)
+class Llama3Rope(_ContextExtension):
+    """Llama 3.1 scaling: frequencies below L/low_freq_factor interpolated, above L/high_freq_factor kept."""
+
+    name: ClassVar[str] = "llama3"
+    example: ClassVar[str] = "llama3:factor=8"
+
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        parameters = {
+            "rope_type": "llama3",
+            "factor": self.scale_for(shape),
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": shape.original_length,
+        }
+        return self.extended(model, parameters, self.new_length(shape))
+
+
+@register
+@dataclass(frozen=True)
+class LongRope(_ContextExtension):
+    """LongRoPE: searched per-frequency factors (factors=FILE from `retrofit search-rope`), long and short."""
+
+    name: ClassVar[str] = "longrope"
+    example: ClassVar[str] = "longrope:factors=factors.json"
+
+    factors: Path | None = None
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.factors is None:
+            raise PatchSpecError(
+                "longrope: needs factors=FILE, the JSON written by `retrofit search-rope` (it holds the target length)."
+            )
+        if self.factor is not None and self.target_length is not None:
+            raise PatchSpecError("longrope: give at most one of factor=S or target_length=N (the factors file has one).")
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        searched = read_factors(self.factors, shape)  # type: ignore[arg-type]
+        length = self.target_length or (round(shape.original_length * self.factor) if self.factor else searched.get("target_length"))
+        if length is None:
+            raise PatchSpecError(f"longrope: {self.factors} names no target_length; pass target_length=N.")
+        scale = length / shape.original_length
+        if scale <= 1.0:
+            raise PatchError(f"longrope: target length {length} must exceed the original {shape.original_length}.")
+        parameters = {
+            "rope_type": "longrope",
+            "factor": scale,
+            "original_max_position_embeddings": shape.original_length,
+            "long_factor": searched["long_factor"],
+            "short_factor": searched.get("short_factor") or [1.0] * shape.pairs,
+            "attention_factor": self.attention_factor or longrope_attention_factor(scale, shape.original_length),
+        }
+        return self.extended(model, parameters, length)
+
+
+def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:
+    """A factors JSON (`long_factor`, optional `short_factor`, `target_length`), checked against the model."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PatchSpecError(f"longrope: cannot read factors file {path}: {e}. Write it with `retrofit search-rope`.") from None
+    if not isinstance(data, dict) or "long_factor" not in data:
+        raise PatchSpecError(f"longrope: {path} has no 'long_factor' list; write it with `retrofit search-rope`.")
+    for key in ("long_factor", "short_factor"):
+        factors = data.get(key)
+        if factors is None:
+            continue
+        if not isinstance(factors, list) or len(factors) != shape.pairs:
+            count = len(factors) if isinstance(factors, list) else "no"
+            raise PatchSpecError(
+                f"longrope: {key} in {path} has {count} values but this model's RoPE has {shape.pairs} frequency pairs "
+                f"(head_dim {shape.dim} / 2); the factors were searched for another model."
+            )
+        if any(not isinstance(f, (int, float)) or f < 1.0 for f in factors):
+            raise PatchSpecError(f"longrope: {key} in {path} must hold numbers >= 1 (1 keeps a frequency as it is).")
+        if key == "long_factor" and any(b < a for a, b in zip(factors, factors[1:])):
+            raise PatchSpecError(
+                f"longrope: long_factor in {path} must be non-decreasing (low frequencies are interpolated at least as "
+                "much as high ones); this file was not written by the search."
+            )
+    return data
