@@ -62,16 +62,26 @@ def expand_config(source: Path, layers: int, every: int, dtype: str) -> str:
 
 
 def same_weights(ours: Path, theirs: Path) -> bool:
-    """Tensor-by-tensor equality, ignoring routers (random in both) and tensors only one side stores."""
+    """Tensor-by-tensor equality, routers aside (random in both). mergekit 0.1.5 writes Mixtral experts fused, as
+    transformers 5 holds them in memory (mlp.experts.gate_up_proj = [w1; w3] per expert, mlp.experts.down_proj =
+    w2); we write the per-expert layout that transformers 4 and 5, vLLM and llama.cpp read. Both are compared fused."""
     import torch
 
     from llm_retrofit import load_checkpoint
 
     a, b = load_checkpoint(ours), load_checkpoint(theirs)
-    shared = [n for n in a.tensors if n in b.tensors and "gate.weight" not in n]
-    if len(shared) < len(a.tensors) - a.config["num_hidden_layers"] - 1:
-        return False  # the layouts differ: not the same patch
-    return all(torch.equal(a.read(n), b.read(n)) for n in shared)
+    ours_tensors = {n: a.read(n) for n in a.tensors}
+    experts = a.config.get("num_local_experts", 0)
+    for layer in range(a.config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        if f"{prefix}mlp.experts.gate_up_proj" in b.tensors:
+            w = lambda e, k: ours_tensors.pop(f"{prefix}block_sparse_moe.experts.{e}.{k}.weight")  # noqa: E731
+            ours_tensors[f"{prefix}mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w(e, "w1"), w(e, "w3")]) for e in range(experts)])
+            ours_tensors[f"{prefix}mlp.experts.down_proj"] = torch.stack([w(e, "w2") for e in range(experts)])
+    routers = {n for n in set(ours_tensors) | set(b.tensors) if n.endswith("gate.weight")}
+    if set(ours_tensors) - routers != set(b.tensors) - routers:
+        return False
+    return all(torch.equal(t, b.read(n)) for n, t in ours_tensors.items() if n not in routers)
 
 
 def compare(root: Path, mergekit: Path, name: str, source: Path, experts: int, every: int, dtype: str) -> dict:
