@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("truncate", "sliding")
-# fp32 logits alive at once: 256 MiB is 1365 positions of a 49k vocabulary, 512 of a 128k one. Big enough that the
-# LM head's matrix products run at full speed, small enough to vanish next to the activations of a long sequence.
+# A chunk's fp32 logits and their log-softmax (cross-entropy makes one) together: 256 MiB is 682 positions of a 49k
+# vocabulary, 256 of a 128k one. Big enough that the LM head's matrix products run at full speed, small enough to
+# vanish next to the activations of a long sequence.
 LOGITS_BUDGET_BYTES = 256 << 20
 # Rotary embeddings whose frequencies depend on the length of the sequence being run (transformers' dynamic NTK
 # variants and LongRoPE's short/long factor switch): a prefix's NLL then depends on what follows it.
@@ -106,7 +107,7 @@ def _decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn
 
 
 def default_chunk_size(model: PreTrainedModel) -> int:
-    return max(1, LOGITS_BUDGET_BYTES // (4 * model.config.get_text_config().vocab_size))
+    return max(1, LOGITS_BUDGET_BYTES // (2 * 4 * model.config.get_text_config().vocab_size))
 
 
 @contextmanager
