@@ -4,6 +4,8 @@
     ckpt = llm_retrofit.load_checkpoint("path/or/owner-name")      # lazy: headers only
     llm_retrofit.patch("path", "dtype:to=bfloat16", output="out")  # streamed, tensor by tensor
     model = llm_retrofit.patch(model, "dtype:to=bfloat16")         # on a loaded PreTrainedModel
+    docs = llm_retrofit.load_documents(["bundled:python-docs"])
+    result = llm_retrofit.evaluate("path", docs, lengths=[2048, 8192])  # perplexity by length; .to_markdown(), .plot()
 """
 
 from __future__ import annotations
@@ -13,27 +15,38 @@ __version__ = "0.1.0"
 from .api import expand_blocks, extend_context, patch, upcycle_moe  # noqa: E402
 from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
+from .documents import Document, load_documents  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
+    DataError,
+    EvaluationError,
     OutputError,
     PatchError,
     PatchSpecError,
     RetrofitError,
     UnsupportedArchitectureError,
 )
+from .eval_report import EvalResult  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "DataError",
+    "Document",
+    "EvalResult",
+    "EvaluationError",
     "OutputError",
     "PatchError",
     "PatchSpecError",
     "RetrofitError",
     "UnsupportedArchitectureError",
     "convert",
+    "evaluate",
     "expand_blocks",
     "extend_context",
     "load_checkpoint",
+    "load_documents",
     "patch",
     "upcycle_moe",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,6 +45,7 @@ def main(verbose: int) -> None:
       retrofit convert bundled:smollm2 smollm2/  # a GGUF file -> a safetensors checkpoint
       retrofit inspect smollm2/                  # what it is, and what was done to it
       retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
+      retrofit eval smollm2/ --data bundled:python-docs --lengths 2k,8k --plot ppl.png
     """
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
@@ -154,6 +156,109 @@ def patch(model: str, specs: tuple[str, ...], output: str | None, in_place: bool
         checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
     )
     click.echo(f"wrote {path}")
+
+
+def _int_list(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    """'2048,8k,16k' -> [2048, 8192, 16384] (k = 1024)."""
+    try:
+        return [int(v[:-1]) * 1024 if v.lower().endswith("k") else int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of token counts, e.g. 2048,8k,16k.") from None
+
+
+def _float_list(_ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0,0.5,1.") from None
+
+
+@main.command(name="eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("-d", "--data", multiple=True, required=True, metavar="PATH",
+              help="Text file, directory of text files, .jsonl with a text field, bundled:python-docs, or a "
+                   "`datasets` name NAME[:CONFIG][@SPLIT] (needs datasets installed). Repeat for several.")
+@click.option("-l", "--lengths", default="2048,4096,8192", show_default=True, callback=_int_list,
+              help="Context lengths in tokens (k = 1024).")
+@click.option("--protocol", type=click.Choice(["truncate", "sliding"]), default=None,
+              help="truncate: each document cut to the length, one pass. sliding: windows of the length every "
+                   "--stride tokens over the whole document. [default: truncate; sliding if --stride is given]")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Sliding-window stride in tokens. [default with --protocol sliding: half the length]")
+@click.option("--max-docs", type=click.IntRange(min=1), default=None, help="Read at most this many documents.")
+@click.option("--passkey", is_flag=True, help="Also measure passkey retrieval at each length.")
+@click.option("--passkey-depths", default="0,0.25,0.5,0.75,1", show_default=True, callback=_float_list,
+              help="Where the key is hidden: fractions of the filler before it.")
+@click.option("--passkey-trials", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Prompts (each with its own key) per length and depth.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every number and the settings here.")
+@click.option("--markdown", type=click.Path(dir_okay=False), help="Write Markdown tables (for a model card) here.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of perplexity vs length here.")
+@click.option("--passkey-plot", type=click.Path(dir_okay=False),
+              help="Write the passkey heatmap PNG here. [default with --plot and --passkey: PLOT-passkey.png]")
+@click.option("--dtype", callback=_dtype, help="Load the weights in this dtype. [default: the checkpoint's]")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: cuda if available, else cpu]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Windows of equal length run together in one forward pass.")
+def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], protocol: str | None,
+          stride: int | None, max_docs: int | None, passkey: bool, passkey_depths: list[float], passkey_trials: int,
+          json_path: str | None, markdown: str | None, plot: str | None, passkey_plot: str | None, dtype: Any,
+          device: str | None, batch_size: int) -> None:
+    """Perplexity vs context length (and passkey retrieval) of one or more MODELS, side by side.
+
+    Each MODEL is a checkpoint directory or Hub repo id. Documents shorter than a length are skipped at that length
+    and counted. The loss is computed from the hidden states through the LM head in chunks, so full-vocabulary
+    logits of a long sequence never exist; with the truncate protocol each document is run once, at its largest
+    length, and shorter lengths are read off the same pass.
+
+    \b
+    Examples:
+      retrofit eval smollm2/ --data bundled:python-docs --lengths 2k,4k,8k,16k
+      retrofit eval smollm2/ smollm2-longrope/ --data docs/ --lengths 8k,16k --plot ppl.png --markdown ppl.md
+      retrofit eval smollm2/ --data books.jsonl --stride 1024 --lengths 4k --max-docs 20 --json ppl.json
+      retrofit eval smollm2/ --data bundled:python-docs --lengths 1k,2k --passkey --plot ppl.png
+    """
+    import gc
+
+    import torch
+    from rich.console import Console
+
+    from .documents import load_documents
+    from .eval_report import EvalResult
+    from .evaluate import evaluate
+
+    if stride is not None and protocol == "truncate":
+        raise click.UsageError("--stride is for the sliding protocol; drop it or pass --protocol sliding.")
+    protocol = protocol or ("sliding" if stride is not None else "truncate")
+    documents = load_documents(data, max_docs=max_docs)
+    results = []
+    for model in models:
+        results.append(evaluate(
+            model, documents, lengths=lengths, protocol=protocol, stride=stride, max_docs=max_docs,
+            batch_size=batch_size, dtype=dtype, device=device, passkey=passkey, passkey_depths=passkey_depths,
+            passkey_trials=passkey_trials,
+        ))
+        gc.collect()  # the model is no longer referenced: free it before loading the next one
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result = EvalResult.merge(results)
+    result.settings["data"] = list(data)
+    Console().print(result.table())
+    if passkey and plot and not passkey_plot:
+        passkey_plot = str(Path(plot).with_name(Path(plot).stem + "-passkey.png"))
+    written = []
+    if json_path:
+        result.to_json(json_path)
+        written.append(json_path)
+    if markdown:
+        Path(markdown).write_text(result.to_markdown())
+        written.append(markdown)
+    if plot:
+        written.append(str(result.plot(plot)))
+    if passkey_plot:
+        written.append(str(result.plot_passkey(passkey_plot)))
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

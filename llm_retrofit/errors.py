@@ -25,3 +25,11 @@ class PatchError(RetrofitError):
 
 class OutputError(RetrofitError):
     """The output location cannot be used (exists, not writable, same as the source...)."""
+
+
+class DataError(RetrofitError):
+    """Evaluation documents cannot be read (missing path, not UTF-8, bad JSONL, no `text` field, no documents)."""
+
+
+class EvaluationError(RetrofitError):
+    """An evaluation cannot run as asked (bad lengths or stride, a model whose LM head it cannot reproduce...)."""

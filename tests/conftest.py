@@ -129,3 +129,26 @@ def smollm2(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from llm_retrofit import convert
 
     return convert(smollm2_gguf, tmp_path_factory.mktemp("real") / "smollm2")
+
+
+def char_tokenizer(bos: bool = False):
+    """A tokenizer with one token per ASCII character (id = code point), so ids fit the tiny models' 128-token
+    vocabulary and every position in a text is a position in its ids. With `bos`, it adds <s> (id 1) as Llama 2's does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 10} | {chr(i): i for i in range(32, 127)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_llama_chars(tmp_path: Path) -> Path:
+    """A tiny Llama checkpoint with a character tokenizer: `retrofit eval` runs on it in a second."""
+    path = save_tiny(tmp_path / "tiny-chars", max_position_embeddings=512)
+    char_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,523 @@
+"""Long-document perplexity: llm-retrofit's one negative log-likelihood (NLL) implementation.
+
+`retrofit eval` and the LongRoPE factor search (whose fitness is long-document perplexity) both use it:
+`token_nll` for one forward pass, `document_nll` / `iter_document_nll` for one document at one length (the search
+scores its first document alone and rejects a bad candidate before reading the rest), `perplexity` for many documents
+at many lengths, and `evaluate` for everything `retrofit eval` reports.
+
+Memory. A causal LM's forward returns logits for every position: at 16k tokens and SmolLM2's 49k vocabulary that is
+3.2 GB in fp32, more than all the activations of the 135M model, and transformers' `labels=` loss then takes a
+log-softmax of the same size. Here the decoder runs alone (`model.get_decoder()`), and only the hidden states of the
+positions that are scored go through the LM head, `chunk_size` positions at a time: each chunk's logits are computed
+in the model's dtype (as transformers does), cast to fp32, turned into per-token NLL with cross-entropy and freed.
+
+Protocols. "truncate": each document is cut to its first L tokens and scored in one forward pass (what LongRoPE and
+YaRN report). "sliding": windows of L tokens every S tokens over the whole document, each scoring only the tokens the
+previous window did not (Press et al., 2021; the Hugging Face perplexity guide, whose window loop is used as is, so a
+document's last window may be shorter than L). A document shorter than L is skipped at L, in both, and counted.
+
+BOS convention. Documents are tokenized as the model's tokenizer does by default (`add_special_tokens=True`). A
+tokenizer that adds a BOS token (Llama 2, Mistral) makes it every document's first token: it conditions the first
+prediction and is itself never scored. One that adds none (SmolLM2) starts with the text's first token, which is not
+scored either (nothing predicts it). Lengths count every token, BOS included, so truncating to L scores L - 1 tokens,
+exactly as `model(ids, labels=ids)` does. Later sliding windows are plain slices of the same token stream (no BOS
+re-inserted), as in the Hugging Face guide.
+
+Shared prefixes. With "truncate", the first L tokens of a document are a prefix of its first L' > L tokens, and a
+causal model's predictions for a prefix do not depend on what follows. So each document is run once, at the largest
+length it is long enough for, and every smaller length is read off the same per-token NLL. This is exact only if
+positions are encoded the same way whatever the sequence length: dynamic NTK and LongRoPE (whose factors switch at
+the original context length) are not, and models using them are run once per length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .documents import Document
+from .errors import EvaluationError
+from .eval_report import DocumentNLL, EvalResult, LengthResult, ModelResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("truncate", "sliding")
+# A chunk's fp32 logits and their log-softmax (cross-entropy makes one) together: 256 MiB is 682 positions of a 49k
+# vocabulary, 256 of a 128k one. Big enough that the LM head's matrix products run at full speed, small enough to
+# vanish next to the activations of a long sequence.
+LOGITS_BUDGET_BYTES = 256 << 20
+# Rotary embeddings whose frequencies depend on the length of the sequence being run (transformers' dynamic NTK
+# variants and LongRoPE's short/long factor switch): a prefix's NLL then depends on what follows it.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+BOS_CONVENTION = "the tokenizer's default special tokens; a BOS token, if added, is context and never scored"
+
+
+@dataclass(frozen=True)
+class NLL:
+    """A summed negative log-likelihood: `total` nats over `tokens` predicted tokens."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    def __add__(self, other: NLL) -> NLL:
+        return NLL(self.total + other.total, self.tokens + other.tokens)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass over document tokens [start, end) that scores tokens [scored_from, end)."""
+
+    start: int
+    end: int
+    scored_from: int
+
+
+# -- one forward pass ------------------------------------------------------------------------------------------------
+
+
+def _decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is model or head is None:
+        raise EvaluationError(
+            f"{type(model).__name__} has no separate decoder and LM head; evaluate a *ForCausalLM model "
+            "(AutoModelForCausalLM.from_pretrained)."
+        )
+    return decoder, head
+
+
+def default_chunk_size(model: PreTrainedModel) -> int:
+    return max(1, LOGITS_BUDGET_BYTES // (2 * 4 * model.config.get_text_config().vocab_size))
+
+
+@contextmanager
+def _inference(model: PreTrainedModel) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _nll_rows(
+    model: PreTrainedModel, input_ids: torch.Tensor, scored_from: Sequence[int], chunk_size: int | None
+) -> list[torch.Tensor]:
+    """For each row b: fp32 NLL of input_ids[b, t] for t in [scored_from[b], T), from one forward of the decoder."""
+    decoder, head = _decoder_and_head(model)
+    chunk = chunk_size or default_chunk_size(model)
+    input_ids = input_ids.to(model.device)
+    with _inference(model):
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        rows = []
+        for row, first in enumerate(scored_from):
+            if not 1 <= first <= input_ids.shape[1]:
+                raise EvaluationError(f"scored_from={first} must be in [1, {input_ids.shape[1]}]: token 0 has no context.")
+            states, targets = hidden[row, first - 1 : -1], input_ids[row, first:]
+            losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+            for start in range(0, len(targets), chunk):
+                logits = head(states[start : start + chunk]).float()
+                losses[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+            rows.append(losses)
+    return rows
+
+
+def token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, *, scored_from: int = 1, chunk_size: int | None = None
+) -> torch.Tensor:
+    """-log p(x_t | x_<t) in fp32 for t in [scored_from, T), for each row of `input_ids` (B, T) or (T,).
+
+    Returns (B, T - scored_from), or (T - scored_from,) for a 1-D input. Full-vocabulary logits exist for at most
+    `chunk_size` positions at a time (default: LOGITS_BUDGET_BYTES worth).
+    """
+    batch = input_ids if input_ids.dim() == 2 else input_ids[None]
+    rows = torch.stack(_nll_rows(model, batch, [scored_from] * batch.shape[0], chunk_size))
+    return rows if input_ids.dim() == 2 else rows[0]
+
+
+def sequence_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], *, scored_from: int = 1, chunk_size: int | None = None
+) -> NLL:
+    """The summed NLL of one token sequence (one forward pass), scoring tokens from `scored_from` on."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    losses = token_nll(model, ids, scored_from=scored_from, chunk_size=chunk_size)
+    return NLL(losses.double().sum().item(), losses.numel())
+
+
+# -- protocols -------------------------------------------------------------------------------------------------------
+
+
+def check_protocol(lengths: Sequence[int], protocol: str, stride: int | None) -> None:
+    """Raise EvaluationError, saying what to pass instead, unless (lengths, protocol, stride) make sense."""
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
+    if not lengths or any(int(n) < 2 for n in lengths):
+        raise EvaluationError(f"lengths {list(lengths)} must be one or more integers >= 2, e.g. 2048,8192,16384.")
+    if protocol == "truncate" and stride is not None:
+        raise EvaluationError("a stride is only used by the sliding protocol; pass protocol='sliding' or no stride.")
+    if protocol == "sliding" and stride is not None and not 1 <= stride <= min(lengths):
+        raise EvaluationError(
+            f"stride {stride} must be between 1 and the smallest length ({min(lengths)}); a window moves by at most "
+            "its own length, or tokens would go unscored."
+        )
+
+
+def windows(n_tokens: int, length: int, protocol: str = "truncate", stride: int | None = None) -> list[Window]:
+    """The forward passes one document of `n_tokens` needs at `length`; [] if it is shorter than `length` (skipped).
+
+    The sliding stride defaults to half the length.
+    """
+    check_protocol([length], protocol, stride)
+    if n_tokens < length:
+        return []
+    if protocol == "truncate":
+        return [Window(0, length, 1)]
+    step = stride or max(1, length // 2)
+    result, previous_end = [], 0
+    for begin in range(0, n_tokens, step):  # the Hugging Face perplexity guide's loop
+        end = min(begin + length, n_tokens)
+        result.append(Window(begin, end, max(previous_end, begin + 1)))
+        previous_end = end
+        if end == n_tokens:
+            break
+    return result
+
+
+def document_nll(
+    model: PreTrainedModel,
+    token_ids: torch.Tensor | Sequence[int],
+    length: int,
+    *,
+    protocol: str = "truncate",
+    stride: int | None = None,
+    chunk_size: int | None = None,
+) -> NLL | None:
+    """The NLL of one tokenized document at `length`, or None if it is shorter than `length`."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    found = [
+        sequence_nll(model, ids[w.start : w.end], scored_from=w.scored_from - w.start, chunk_size=chunk_size)
+        for w in windows(len(ids), length, protocol, stride)
+    ]
+    return sum(found, NLL()) if found else None
+
+
+def iter_document_nll(
+    model: PreTrainedModel,
+    documents: Iterable[torch.Tensor | Sequence[int]],
+    length: int,
+    *,
+    protocol: str = "truncate",
+    stride: int | None = None,
+    chunk_size: int | None = None,
+) -> Iterator[NLL | None]:
+    """`document_nll` of each document in turn, lazily: a caller may stop after any document (early rejection)."""
+    for ids in documents:
+        yield document_nll(model, ids, length, protocol=protocol, stride=stride, chunk_size=chunk_size)
+
+
+# -- many documents, many lengths ------------------------------------------------------------------------------------
+
+
+def shares_prefixes(model: PreTrainedModel) -> bool:
+    """Whether a prefix's NLL is the same whatever follows it (no length-dependent RoPE anywhere in the model)."""
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        kinds = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        if any(isinstance(k, str) and any(tag in k for tag in LENGTH_DEPENDENT_ROPE) for k in kinds):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A window of one document, and which lengths its scored tokens count for: (length, scored tokens end here)."""
+
+    document: int
+    window: Window
+    credits: tuple[tuple[int, int], ...]
+
+
+def _plan(
+    sizes: Sequence[int], lengths: Sequence[int], protocol: str, stride: int | None, share: bool
+) -> list[_Job]:
+    jobs = []
+    for doc, size in enumerate(sizes):
+        fitting = [n for n in lengths if size >= n]
+        if protocol == "truncate" and share and fitting:
+            jobs.append(_Job(doc, Window(0, max(fitting), 1), tuple((n, n) for n in fitting)))
+            continue
+        for n in fitting:
+            jobs += [_Job(doc, w, ((n, w.end),)) for w in windows(size, n, protocol, stride)]
+    # Longest windows first (peak memory shows at once), equal lengths together (so that they can share a batch).
+    return sorted(jobs, key=lambda job: (-(job.window.end - job.window.start), job.document, job.window.start))
+
+
+@dataclass
+class PerplexityRun:
+    """`perplexity`'s answer: one LengthResult per length, and what it cost."""
+
+    lengths: list[LengthResult]
+    seconds: float
+    tokens_forwarded: int
+    tokens_scored: int
+
+
+def perplexity(
+    model: PreTrainedModel,
+    documents: Sequence[torch.Tensor | Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    protocol: str = "truncate",
+    stride: int | None = None,
+    batch_size: int = 1,
+    chunk_size: int | None = None,
+    names: Sequence[str] | None = None,
+    progress: bool = False,
+    description: str = "perplexity",
+) -> PerplexityRun:
+    """Perplexity of tokenized `documents` at each length: NLL summed over all their scored tokens, then exp(mean).
+
+    Windows of equal length are run `batch_size` at a time. With "truncate", each document is run once (see
+    "Shared prefixes" above) unless the model's RoPE depends on the sequence length.
+    """
+    from tqdm.auto import tqdm
+
+    lengths = sorted({int(n) for n in lengths})
+    check_protocol(lengths, protocol, stride)
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size {batch_size} must be at least 1.")
+    docs = [torch.as_tensor(d, dtype=torch.long) for d in documents]
+    names = list(names) if names is not None else [f"document {i}" for i in range(len(docs))]
+    share = shares_prefixes(model)
+    if protocol == "truncate" and not share:
+        log.info("the model's RoPE depends on the sequence length: each length gets its own forward pass")
+    jobs = _plan([len(d) for d in docs], lengths, protocol, stride, share)
+    totals: dict[int, dict[int, NLL]] = {n: {} for n in lengths}
+    forwarded = 0
+    bar = tqdm(total=sum(j.window.end - j.window.start for j in jobs), unit="tok", unit_scale=True, desc=description,
+               disable=not progress)
+    start = time.perf_counter()
+    try:
+        for batch in _batches(jobs, batch_size):
+            ids = torch.stack([docs[j.document][j.window.start : j.window.end] for j in batch])
+            rows = _nll_rows(model, ids, [j.window.scored_from - j.window.start for j in batch], chunk_size)
+            for job, losses in zip(batch, rows):
+                for length, end in job.credits:
+                    count = end - job.window.scored_from
+                    found = NLL(losses[:count].double().sum().item(), count)
+                    totals[length][job.document] = totals[length].get(job.document, NLL()) + found
+            forwarded += ids.numel()
+            bar.update(ids.numel())
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    results = []
+    for length in lengths:
+        per_doc = totals[length]
+        total = sum(per_doc.values(), NLL())
+        results.append(LengthResult(
+            length, total.total, total.tokens, skipped=len(docs) - len(per_doc),
+            documents=[DocumentNLL(names[d], per_doc[d].total, per_doc[d].tokens) for d in sorted(per_doc)],
+        ))
+    return PerplexityRun(results, seconds, forwarded, sum(r.tokens for r in results))
+
+
+def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
+    batch: list[_Job] = []
+    for job in jobs:
+        if batch and (len(batch) == batch_size or _size(batch[0]) != _size(job)):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+def _size(job: _Job) -> int:
+    return job.window.end - job.window.start
+
+
+# -- the whole evaluation --------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    source: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """A checkpoint directory or Hub repo id -> (model in eval mode on `device`, its tokenizer or None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import resolve_checkpoint_dir
+
+    path = resolve_checkpoint_dir(source, revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    model.to(device or default_device()).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no tokenizer files: fine if the caller passes token ids
+        log.info("%s has no usable tokenizer (%s)", path, e)
+        tokenizer = None
+    return model, tokenizer
+
+
+def check_head(model: PreTrainedModel, tokens: int = 32) -> None:
+    """Raise EvaluationError unless the chunked NLL reproduces the model's own `labels=` loss on a short input.
+
+    Guards against LM heads that do more than a linear layer (logit soft-capping, logit scaling), whose NLL the
+    decoder + head split would silently get wrong.
+    """
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ours = token_nll(model, ids).mean().item()
+    with _inference(model):
+        theirs = model(input_ids=ids.to(model.device), labels=ids.to(model.device), use_cache=False).loss.item()
+    if not math.isclose(ours, theirs, rel_tol=1e-3):
+        raise EvaluationError(
+            f"the NLL computed from {type(model).__name__}'s decoder and LM head ({ours:.5f}) differs from its own "
+            f"loss ({theirs:.5f}): its head does more than a linear layer, which llm-retrofit does not support."
+        )
+
+
+def tokenize(tokenizer: Any, documents: Sequence[str | Document | Sequence[int] | torch.Tensor]) -> tuple[list[torch.Tensor], list[str]]:
+    """Token ids and names of documents given as texts, `Document`s or token ids (the BOS convention above)."""
+    ids, names = [], []
+    for index, document in enumerate(documents):
+        if isinstance(document, (str, Document)):
+            if tokenizer is None:
+                raise EvaluationError("documents given as text need a tokenizer; pass tokenizer= or token ids.")
+            text = document.text if isinstance(document, Document) else document
+            ids.append(torch.tensor(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"], dtype=torch.long))
+            names.append(document.name if isinstance(document, Document) else f"document {index}")
+        else:
+            ids.append(torch.as_tensor(document, dtype=torch.long))
+            names.append(f"document {index}")
+    return ids, names
+
+
+def fingerprint(documents: Sequence[str | Document | Sequence[int] | torch.Tensor]) -> str:
+    """XXH3-128 of the documents' texts (or token ids), in order: two runs compare only if they read the same text."""
+    from xxhash import xxh3_128
+
+    digest = xxh3_128()
+    for document in documents:
+        if isinstance(document, (str, Document)):
+            digest.update((document.text if isinstance(document, Document) else document).encode())
+        else:
+            digest.update(torch.as_tensor(document, dtype=torch.long).numpy().tobytes())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _bos(tokenizer: Any) -> str:
+    if tokenizer is None:
+        return "token ids given; used as they are"
+    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
+    if tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id]:
+        return f"added by the tokenizer ({tokenizer.bos_token!r}, id {tokenizer.bos_token_id}); context, never scored"
+    return "none (the tokenizer adds no BOS); the first token is context, never scored"
+
+
+def evaluate(
+    model_or_path: str | os.PathLike[str] | PreTrainedModel,
+    documents: Sequence[str | Document | Sequence[int] | torch.Tensor],
+    *,
+    lengths: Sequence[int] = (2048, 4096, 8192),
+    protocol: str = "truncate",
+    stride: int | None = None,
+    tokenizer: Any = None,
+    max_docs: int | None = None,
+    batch_size: int = 1,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    passkey: bool = False,
+    passkey_depths: Sequence[float] | None = None,
+    passkey_trials: int = 1,
+    name: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity at each length (and, with `passkey=True`, passkey retrieval accuracy) of one model.
+
+    `model_or_path` is a checkpoint directory, a Hub repo id, or a loaded causal LM (then pass `tokenizer` for text
+    documents; `dtype` and `device` apply to paths only). `documents` are texts, `Document`s (`load_documents`) or
+    token ids. Results of several models are put side by side with `EvalResult.merge`.
+    """
+    from . import __version__
+    from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
+
+    lengths = sorted({int(n) for n in lengths})
+    check_protocol(lengths, protocol, stride)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model, loaded_tokenizer = load_model(model_or_path, dtype=dtype, device=device)
+        tokenizer = tokenizer or loaded_tokenizer
+        name = name or str(model_or_path)
+    else:
+        model = model_or_path
+        name = name or getattr(model, "name_or_path", "") or type(model).__name__
+    check_head(model)
+    documents = list(documents)[:max_docs]
+    ids, names = tokenize(tokenizer, documents)
+    run = perplexity(model, ids, lengths, protocol=protocol, stride=stride, batch_size=batch_size, names=names,
+                     progress=progress, description=os.path.basename(str(name).rstrip("/")) or str(name))
+    depths = list(passkey_depths if passkey_depths is not None else DEFAULT_DEPTHS)
+    trials = []
+    if passkey:
+        if tokenizer is None:
+            raise EvaluationError("passkey retrieval needs the model's tokenizer; pass tokenizer=.")
+        trials = run_passkey(model, tokenizer, lengths, depths, passkey_trials, progress=progress)
+    config = model.config.get_text_config()
+    settings = {
+        "lengths": lengths,
+        "protocol": protocol,
+        "stride": stride,
+        "documents": len(ids),
+        "documents_xxh3": fingerprint(documents),
+        "max_docs": max_docs,
+        "batch_size": batch_size,
+        "bos": BOS_CONVENTION,
+        "passkey": {"depths": depths, "trials": passkey_trials} if passkey else None,
+        "versions": {"llm_retrofit": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
+    }
+    info = {
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "context_length": getattr(config, "max_position_embeddings", None),
+        "rope_parameters": getattr(config, "rope_parameters", None),
+        "bos": _bos(tokenizer),
+        "chunk_size": default_chunk_size(model),
+        "shared_prefixes": protocol == "truncate" and shares_prefixes(model),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,
+                                             run.tokens_scored, info)])
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
