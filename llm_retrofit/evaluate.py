@@ -135,13 +135,20 @@ def _nll_rows(
         for row, first in enumerate(scored_from):
             if not 1 <= first <= input_ids.shape[1]:
                 raise EvaluationError(f"scored_from={first} must be in [1, {input_ids.shape[1]}]: token 0 has no context.")
-            states, targets = hidden[row, first - 1 : -1], input_ids[row, first:]
-            losses = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-            for start in range(0, len(targets), chunk):
-                logits = head(states[start : start + chunk]).float()
-                losses[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-            rows.append(losses)
+            rows.append(head_nll(head, hidden[row, first - 1 : -1], input_ids[row, first:], chunk))
     return rows
+
+
+def head_nll(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fp32 -log p(targets[t] | states[t]) through the LM head, `chunk` positions at a time (the logits budget).
+
+    The one place llm-retrofit turns hidden states into NLL: `retrofit eval` and the LongRoPE search's fitness.
+    """
+    losses = torch.empty(len(targets), dtype=torch.float32, device=states.device)
+    for start in range(0, len(targets), chunk):
+        logits = head(states[start : start + chunk]).float()
+        losses[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+    return losses
 
 
 def token_nll(

@@ -152,3 +152,17 @@ def tiny_llama_chars(tmp_path: Path) -> Path:
     path = save_tiny(tmp_path / "tiny-chars", max_position_embeddings=512)
     char_tokenizer().save_pretrained(path)
     return path
+
+
+CHARACTERS = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "[UNK]": 27}
+
+
+def save_char_tokenizer(path: Path) -> Path:
+    """A one-token-per-letter tokenizer for the tiny models, for patches that run the model on text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(CHARACTERS, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    return path

@@ -229,19 +229,24 @@ class LongRope(_ContextExtension):
     example: ClassVar[str] = "longrope:factors=factors.json"
 
     factors: Path | None = None
+    data: str | None = None
+    max_docs: int = 1
     attention_factor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.factors is None:
+        if (self.factors is None) == (self.data is None):
             raise PatchSpecError(
-                "longrope: needs factors=FILE, the JSON written by `retrofit search-rope` (it holds the target length)."
+                "longrope: needs factors=FILE (the JSON written by `retrofit search-rope`) or data=DOCS with "
+                "target_length=N to run the search now (slow: see `retrofit search-rope --help`)."
             )
         if self.factor is not None and self.target_length is not None:
             raise PatchSpecError("longrope: give at most one of factor=S or target_length=N (the factors file has one).")
+        if self.data is not None and self.factor is None and self.target_length is None:
+            raise PatchSpecError("longrope: data=DOCS searches factors for a length; add target_length=N.")
 
     def plan(self, model: ModelView) -> TensorPlan:
         shape = RopeShape.of(model.config)
-        searched = read_factors(self.factors, shape)  # type: ignore[arg-type]
+        searched = read_factors(self.factors, shape) if self.factors else self._search(model, shape)
         length = self.target_length or (round(shape.original_length * self.factor) if self.factor else searched.get("target_length"))
         if length is None:
             raise PatchSpecError(f"longrope: {self.factors} names no target_length; pass target_length=N.")
@@ -257,6 +262,22 @@ class LongRope(_ContextExtension):
             "attention_factor": self.attention_factor or longrope_attention_factor(scale, shape.original_length),
         }
         return self.extended(model, parameters, length)
+
+
+    def _search(self, model: ModelView, shape: RopeShape) -> dict[str, Any]:
+        """Run the factor search with its default settings on the first `max_docs` documents of `data`."""
+        from ..documents import load_documents
+        from ..evaluate import tokenize
+        from ..rope_search import FactorEvaluator, SearchSettings, search
+
+        if model.calibration is None:
+            raise PatchError("longrope: searching needs the model itself; make it the first patch of the chain.")
+        network, tokenizer = model.calibration()
+        length = self.new_length(shape)
+        ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
+        evaluator = FactorEvaluator(network, ids, shape, length)
+        best = search(evaluator, SearchSettings(target_length=length)).population[0]
+        return {"target_length": length, "long_factor": best.factors}
 
 
 def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:
