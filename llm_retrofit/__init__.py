@@ -4,6 +4,7 @@
     ckpt = llm_retrofit.load_checkpoint("path/or/owner-name")      # lazy: headers only
     llm_retrofit.patch("path", "dtype:to=bfloat16", output="out")  # streamed, tensor by tensor
     model = llm_retrofit.patch(model, "dtype:to=bfloat16")         # on a loaded PreTrainedModel
+    llm_retrofit.render_card("out", eval_results="results.json")   # README.md model card
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import patch  # noqa: E402
+from .card import render_card  # noqa: E402
 from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
 from .errors import (  # noqa: E402
@@ -18,6 +20,7 @@ from .errors import (  # noqa: E402
     OutputError,
     PatchError,
     PatchSpecError,
+    PublishError,
     RetrofitError,
     UnsupportedArchitectureError,
 )
@@ -28,9 +31,11 @@ __all__ = [
     "OutputError",
     "PatchError",
     "PatchSpecError",
+    "PublishError",
     "RetrofitError",
     "UnsupportedArchitectureError",
     "convert",
     "load_checkpoint",
     "patch",
+    "render_card",
 ]

@@ -156,5 +156,35 @@ def patch(model: str, specs: tuple[str, ...], output: str | None, in_place: bool
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--eval", "eval_results", type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation results JSON (perplexity and/or passkey by context length) for the tables.")
+@click.option("--plot", type=click.Path(exists=True, dir_okay=False),
+              help="A PNG plot: copied beside the card and embedded in it.")
+@click.option("--base-model", default=None, metavar="REPO_ID",
+              help="The Hub id of the model this one was made from, when the history only names a local path.")
+@click.option("--repo-id", default=None, help="Where the model is (or will be) on the Hub, for the loading snippet.")
+def card(directory: str, eval_results: str | None, plot: str | None, base_model: str | None,
+         repo_id: str | None) -> None:
+    """Write or refresh DIRECTORY/README.md, the model card of a checkpoint or peft adapter.
+
+    The card says what was done (each patch with its parameters, a one-line explanation and the paper), the recipe
+    (retrofit_recipe.yaml, if present), the evaluation tables and plot, how to load the model, its limitations and
+    the versions used; its metadata carries base_model, base_model_relation, tags, license and model-index. Options
+    not given are kept from the previous card, the evaluation only while the model is unchanged.
+
+    \b
+    Examples:
+      retrofit card smollm2-bf16/
+      retrofit card smollm2-long/ --eval results.json --plot perplexity.png
+      retrofit card smollm2-bf16/ --base-model HuggingFaceTB/SmolLM2-135M-Instruct
+    """
+    from .card import render_card
+
+    path = render_card(directory, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -25,3 +25,7 @@ class PatchError(RetrofitError):
 
 class OutputError(RetrofitError):
     """The output location cannot be used (exists, not writable, same as the source...)."""
+
+
+class PublishError(RetrofitError):
+    """A model card cannot be written, or an upload to the Hugging Face Hub is refused or fails."""
