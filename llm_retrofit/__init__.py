@@ -5,6 +5,7 @@
     llm_retrofit.patch("path", "dtype:to=bfloat16", output="out")  # streamed, tensor by tensor
     model = llm_retrofit.patch(model, "dtype:to=bfloat16")         # on a loaded PreTrainedModel
     llm_retrofit.render_card("out", eval_results="results.json")   # README.md model card
+    llm_retrofit.push("out", "owner/name")                         # to the Hugging Face Hub, card included
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import (  # noqa: E402
     RetrofitError,
     UnsupportedArchitectureError,
 )
+from .hub import push  # noqa: E402
 
 __all__ = [
     "Checkpoint",
@@ -37,5 +39,6 @@ __all__ = [
     "convert",
     "load_checkpoint",
     "patch",
+    "push",
     "render_card",
 ]
