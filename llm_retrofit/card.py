@@ -49,7 +49,7 @@ from . import __version__
 from .checkpoint import Checkpoint, SafetensorsFile, load_checkpoint
 from .errors import CheckpointError, PublishError
 from .lineage import CARD_FILE, REPO_ID, card_metadata, describe_source, license_of
-from .patch_notes import base_model_relation, patch_info
+from .patch_notes import base_model_relation, limitation, patch_info
 from .provenance import HISTORY_KEY
 
 log = logging.getLogger(__name__)
@@ -423,10 +423,8 @@ def _model_facts(model: ModelDirectory) -> dict[str, Any]:
 
 
 def _limitations(patches: list[dict[str, Any]]) -> list[str]:
-    lines = [p["info"].limitation for p in patches if p["info"].limitation]
-    if any(p["name"] == "convert" and p["params"].get("from") == "gguf" for p in patches):
-        lines.append("The weights were dequantized from a quantized GGUF file and carry its quantization error.")
-    return list(dict.fromkeys(lines))
+    lines = [limitation(p["name"], p["params"]) for p in patches]
+    return list(dict.fromkeys(line for line in lines if line))
 
 
 def _versions(model: ModelDirectory, history: list[dict[str, Any]]) -> list[str]:

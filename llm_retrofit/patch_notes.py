@@ -8,6 +8,7 @@ version has that patcher, else by a generic line. A new patcher adds its row her
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class PatchInfo:
 
     title: str
     explanation: str
-    paper: str | None = None
+    reference: str | None = None  # the paper (or, for a file format, its specification)
     url: str | None = None
     limitation: str | None = None
 
@@ -31,7 +32,8 @@ PATCHES: dict[str, PatchInfo] = {
         "Precision cast", "Floating-point weights re-encoded in another dtype; bfloat16 keeps float32's exponent "
         "range with a 7-bit mantissa.",
         "A Study of BFLOAT16 for Deep Learning Training (Kalamkar et al., 2019)", "https://arxiv.org/abs/1905.12322",
-        "A cast to a 16-bit type rounds every weight; compare the evaluation with the source before relying on it.",
+        "Casting to a narrower type rounds every weight; compare the evaluation with the source before relying on "
+        "it.",
     ),
     "linear": PatchInfo(
         "Position Interpolation", "RoPE positions are divided by the scaling factor, so the longer context maps "
@@ -124,6 +126,8 @@ PATCHES: dict[str, PatchInfo] = {
 # is `finetune`; an unknown patch gets it too, as the most general claim. `merge` means several parent models
 # combined, which no patch does.
 REPRESENTATION_ONLY = {"dtype", "convert"}
+NARROW_DTYPES = {"bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"}
+GGUF_LIMITATION = "The weights were dequantized from a quantized GGUF file and carry its quantization error."
 
 
 def patch_info(name: str) -> PatchInfo:
@@ -136,6 +140,15 @@ def patch_info(name: str) -> PatchInfo:
     if patcher is not None:
         return PatchInfo(name, patcher.summary())
     return PatchInfo(name, f"Applied by llm-retrofit; this version of it has no description of the `{name}` patch.")
+
+
+def limitation(name: str, params: dict[str, Any]) -> str | None:
+    """The limitation a patch with these parameters brings, if any (some hold only for some parameters)."""
+    if name == "dtype" and params.get("to") not in NARROW_DTYPES:
+        return None  # casting up (or to the same width) loses nothing
+    if name == "convert":
+        return GGUF_LIMITATION if params.get("from") == "gguf" else None
+    return patch_info(name).limitation
 
 
 def base_model_relation(patch_names: set[str], is_adapter: bool) -> str:

@@ -282,6 +282,9 @@ class HubHandler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = e.code
             headers.update(getattr(e, "extra_headers", {}))
             self._send(e.status, {"error": e.message}, headers)
+        except Exception as e:  # a bug here, or a request it cannot parse: answer, so the client reports it
+            status = 500
+            self._send(500, {"error": f"test Hub error: {type(e).__name__}: {e}"})
         finally:
             with self.state.lock:
                 self.state.log.append((method, url.path, status))
@@ -475,6 +478,8 @@ class HubHandler(BaseHTTPRequestHandler):
         header = lines[0]["value"]
         with self.state.lock:
             base = self._commit(hosted, rev)
+            if rev not in hosted.refs:  # a commit id, not a branch: the Hub commits to branches only
+                raise HubError(404, f"Invalid rev id: {rev} is not a branch", "RevisionNotFound")
             if header.get("parentCommit") and not base.oid.startswith(header["parentCommit"]):
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             files = dict(base.files)
@@ -502,7 +507,7 @@ class HubHandler(BaseHTTPRequestHandler):
                 hosted.refs[f"refs/pr/{hosted.pull_requests}"] = commit.oid
                 pr_url = f"{self.base_url}/{repo}/discussions/{hosted.pull_requests}"
             else:
-                hosted.refs[rev if rev in hosted.refs else "main"] = commit.oid
+                hosted.refs[rev] = commit.oid
         return self._send(200, {"commitUrl": f"{self.base_url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid,
                                 "pullRequestUrl": pr_url, "success": True})
 

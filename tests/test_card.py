@@ -93,6 +93,24 @@ def test_every_known_patch_is_explained_with_its_paper_and_unknown_ones_generica
     assert "original_max_position_embeddings" in text, "LongRoPE's factor switch and the KV cache are a limitation"
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [
+        ("dtype", {"to": "bfloat16"}, "Casting to a narrower type rounds every weight"),
+        ("dtype", {"to": "float32"}, None),  # an upcast loses nothing
+        ("convert", {"from": "gguf"}, "dequantized from a quantized GGUF file"),
+        ("convert", {"dtype": "bfloat16"}, None),  # a re-shard of a checkpoint
+        ("gqa", {}, "Pooling KV heads without uptraining loses some quality"),
+    ],
+)
+def test_limitations_depend_on_the_parameters(tiny_llama: Path, name: str, params: dict, expected: str | None) -> None:
+    set_history(tiny_llama, (name, params, "alice/base"))
+    limitations = card_of(Path(render_card(tiny_llama)).parent).text.split("## Limitations")[1].split("##")[0]
+    items = [line for line in limitations.splitlines() if line.startswith("- ")]
+    assert len(items) == (3 if expected else 2), "plus: not evaluated, inherits the base's limitations"
+    assert expected is None or expected in items[0]
+
+
 def test_a_registered_patcher_without_a_row_is_described_by_its_docstring(tiny_llama: Path) -> None:
     from llm_retrofit.patchers import PATCHERS, registry
     from llm_retrofit.patchers.dtype import CastDtype

@@ -350,3 +350,9 @@ def test_push_help_teaches_with_examples() -> None:
     output = CliRunner().invoke(main, ["push", "--help"]).output
     assert "retrofit push smollm2-bf16/ my-org/smollm2 --revision bf16" in output and "--create-pr" in output
     assert "retrofit push" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_offline_mode_is_named_as_the_reason(tiny_llama: Path) -> None:
+    # conftest sets HF_HUB_OFFLINE=1 for this process, so huggingface_hub refuses the first request itself.
+    with pytest.raises(PublishError, match="HF_HUB_OFFLINE is set, so huggingface_hub makes no requests; unset it"):
+        push(tiny_llama, "alice/offline", token=TOKEN)
