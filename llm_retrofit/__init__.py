@@ -6,6 +6,8 @@
     model = llm_retrofit.patch(model, "dtype:to=bfloat16")         # on a loaded PreTrainedModel
     docs = llm_retrofit.load_documents(["bundled:python-docs"])
     result = llm_retrofit.evaluate("path", docs, lengths=[2048, 8192])  # perplexity by length; .to_markdown(), .plot()
+    llm_retrofit.render_card("out", eval_results="results.json")   # README.md model card
+    llm_retrofit.push("out", "owner/name")                         # to the Hugging Face Hub, card included
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import expand_blocks, extend_context, patch, upcycle_moe  # noqa: E402
+from .card import render_card  # noqa: E402
 from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
 from .documents import Document, load_documents  # noqa: E402
@@ -23,11 +26,13 @@ from .errors import (  # noqa: E402
     OutputError,
     PatchError,
     PatchSpecError,
+    PublishError,
     RetrofitError,
     UnsupportedArchitectureError,
 )
 from .eval_report import EvalResult  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
+from .hub import push  # noqa: E402
 
 __all__ = [
     "Checkpoint",
@@ -39,6 +44,7 @@ __all__ = [
     "OutputError",
     "PatchError",
     "PatchSpecError",
+    "PublishError",
     "RetrofitError",
     "UnsupportedArchitectureError",
     "convert",
@@ -49,4 +55,6 @@ __all__ = [
     "load_documents",
     "patch",
     "upcycle_moe",
+    "push",
+    "render_card",
 ]

@@ -46,6 +46,7 @@ def main(verbose: int) -> None:
       retrofit inspect smollm2/                  # what it is, and what was done to it
       retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
       retrofit eval smollm2/ --data bundled:python-docs --lengths 2k,8k --plot ppl.png
+      retrofit push smollm2-bf16/ my-name/smollm2-bf16  # model card + upload to the Hub
     """
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
@@ -315,6 +316,69 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
         written.append(str(result.plot_passkey(passkey_plot)))
     for path in written:
         click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--eval", "eval_results", type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation results JSON (perplexity and/or passkey by context length) for the tables.")
+@click.option("--plot", type=click.Path(exists=True, dir_okay=False),
+              help="A PNG plot: copied beside the card and embedded in it.")
+@click.option("--base-model", default=None, metavar="REPO_ID",
+              help="The Hub id of the model this one was made from, when the history only names a local path.")
+@click.option("--repo-id", default=None, help="Where the model is (or will be) on the Hub, for the loading snippet.")
+def card(directory: str, eval_results: str | None, plot: str | None, base_model: str | None,
+         repo_id: str | None) -> None:
+    """Write or refresh DIRECTORY/README.md, the model card of a checkpoint or peft adapter.
+
+    The card says what was done (each patch with its parameters, a one-line explanation and the paper), the recipe
+    (retrofit_recipe.yaml, if present), the evaluation tables and plot, how to load the model, its limitations and
+    the versions used; its metadata carries base_model, base_model_relation, tags, license and model-index. Options
+    not given are kept from the previous card, the evaluation only while the model is unchanged.
+
+    \b
+    Examples:
+      retrofit card smollm2-bf16/
+      retrofit card smollm2-long/ --eval results.json --plot perplexity.png
+      retrofit card smollm2-bf16/ --base-model HuggingFaceTB/SmolLM2-135M-Instruct
+    """
+    from .card import render_card
+
+    path = render_card(directory, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, default=None,
+              help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Commit to this branch (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--commit-message", default=None, help="The commit title. [default: names the patches]")
+@click.option("--token", default=None,
+              help="A Hugging Face token with write access. [default: HF_TOKEN, else the `hf auth login` token]")
+def push(directory: str, repo_id: str, private: bool | None, revision: str | None, create_pr: bool,
+         commit_message: str | None, token: str | None) -> None:
+    """Upload DIRECTORY (a complete checkpoint or peft adapter) to the Hub repo REPO_ID, in one commit.
+
+    The repo is created if needed. Before the first request, README.md is (re)written for REPO_ID if it is missing
+    or out of date; a README.md llm-retrofit did not write is refused. Weight files the repo has and DIRECTORY lacks
+    are deleted in the same commit. A failed upload changes nothing locally, and running the command again continues
+    it. Prefer HF_TOKEN or `hf auth login` to --token, which other users of the machine can see in the process list.
+
+    \b
+    Examples:
+      retrofit push smollm2-bf16/ my-name/smollm2-bf16
+      retrofit push smollm2-bf16/ my-org/smollm2-bf16 --private
+      retrofit push smollm2-bf16/ my-org/smollm2 --revision bf16
+      retrofit push smollm2-bf16/ HuggingFaceTB/SmolLM2-135M-Instruct --create-pr
+    """
+    from .hub import push as run_push
+
+    info = run_push(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
+                    commit_message=commit_message, token=token)
+    click.echo(f"opened {info.pr_url}" if info.pr_url else f"committed {info}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -186,7 +186,12 @@ def staged_directory(target: Path, *, in_place: bool) -> Iterator[Path]:
 
 
 def link_or_copy(source: Path, destination: Path) -> None:
-    """Hard-link an unchanged file (free on the same file system), else copy it."""
+    """Hard-link an unchanged file (free on the same file system), else copy it.
+
+    A symlink is followed first: a Hub snapshot's files are relative links into the cache's blobs, and a link to
+    the link itself would dangle in the new directory.
+    """
+    source = source.resolve()
     try:
         os.link(source, destination)
     except OSError:

@@ -33,3 +33,5 @@ class DataError(RetrofitError):
 
 class EvaluationError(RetrofitError):
     """An evaluation cannot run as asked (bad lengths or stride, a model whose LM head it cannot reproduce...)."""
+class PublishError(RetrofitError):
+    """A model card cannot be written, or an upload to the Hugging Face Hub is refused or fails."""

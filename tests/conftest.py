@@ -154,15 +154,30 @@ def tiny_llama_chars(tmp_path: Path) -> Path:
     return path
 
 
-CHARACTERS = {chr(ord("a") + i): i for i in range(26)} | {" ": 26, "[UNK]": 27}
+def png_bytes() -> bytes:
+    """A valid 1x1 grey PNG, for plots."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\x80")  # one row: filter byte, one grey pixel
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
-def save_char_tokenizer(path: Path) -> Path:
-    """A one-token-per-letter tokenizer for the tiny models, for patches that run the model on text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def save_adapter(base: Path, path: Path, seed: int = 1) -> Path:
+    """A LoRA adapter directory for the checkpoint at `base`, with nonzero B matrices so that it changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    backend = Tokenizer(models.WordLevel(CHARACTERS, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path)
     return path

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from conftest import CHARACTERS, read_config, save_char_tokenizer, state_of
+from conftest import char_tokenizer, read_config, state_of
 from llm_retrofit import PatchError, PatchSpecError, patch, upcycle_moe
 from llm_retrofit.patchers import parse_spec
 from llm_retrofit.patchers.moe import _balanced_kmeans
@@ -117,7 +117,7 @@ def test_balanced_kmeans_gives_equal_clusters_of_similar_rows() -> None:
 
 
 def test_hidden_router_sends_each_experts_prompts_to_it(tiny_llama: Path, tmp_path: Path) -> None:
-    save_char_tokenizer(tiny_llama)
+    char_tokenizer().save_pretrained(tiny_llama)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["abcabcabc", ["xyzzy", "zyxzyx"], "mnopqmnop"]))
 
@@ -130,7 +130,7 @@ def test_hidden_router_sends_each_experts_prompts_to_it(tiny_llama: Path, tmp_pa
     dense.model.layers[1].mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0][0].mean(0)))
     with torch.no_grad():
         for text in ("abcabcabc", "mnopqmnop"):
-            dense(torch.tensor([[CHARACTERS[c] for c in text]]))
+            dense(torch.tensor([[ord(c) for c in text]]))
     assert (router @ captured[0]).argmax() == 0 and (router @ captured[1]).argmax() == 2
 
 

@@ -127,6 +127,18 @@ def test_auxiliary_files_travel_with_the_weights(tiny_llama: Path, tmp_path: Pat
     assert not (output / "pytorch_model.bin").exists()
 
 
+def test_files_of_a_hub_snapshot_arrive_as_files_not_dangling_links(tiny_llama: Path, tmp_path: Path) -> None:
+    """A Hub snapshot holds relative symlinks into the cache's blobs; they must be followed, not linked."""
+    blobs = tiny_llama.parent / "blobs"
+    blobs.mkdir()
+    for name in ("model.safetensors", "generation_config.json"):
+        (tiny_llama / name).rename(blobs / name)
+        (tiny_llama / name).symlink_to(Path("..") / "blobs" / name)
+    output = patch(tiny_llama, "dtype:to=float32", output=tmp_path / "out")  # config-only: weights are linked
+    for name in ("model.safetensors", "generation_config.json"):
+        assert not (output / name).is_symlink() and (output / name).read_bytes() == (blobs / name).read_bytes()
+
+
 def test_max_shard_size_reshards(tiny_llama: Path, tmp_path: Path) -> None:
     output = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "out", max_shard_size="20KB")
     shards = sorted(output.glob("model-*.safetensors"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import read_config, save_char_tokenizer
+from conftest import char_tokenizer, read_config
 from llm_retrofit import patch
 from llm_retrofit.evaluate import token_nll
 from llm_retrofit.patchers.rope import RopeShape
@@ -107,7 +107,7 @@ def test_documents_shorter_than_the_target_are_refused(tiny_llama: Path) -> None
 
 
 def test_longrope_can_search_while_patching(tiny_llama: Path, tmp_path: Path) -> None:
-    save_char_tokenizer(tiny_llama)
+    char_tokenizer().save_pretrained(tiny_llama)
     text = tmp_path / "doc.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 20))  # ~880 characters = tokens
     output = patch(tiny_llama, f"longrope:target_length={TARGET},data={text}", output=tmp_path / "long")
