@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--crossovers", type=int, default=3)
     parser.add_argument("--parents", type=int, default=3)
     parser.add_argument("--segments", type=int, default=4)
+    parser.add_argument("--attention-factor", type=float, default=None,
+                        help="LongRoPE attention factor (default: the paper's; 1.0 leaves short contexts unchanged)")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     args = parser.parse_args()
 
@@ -76,9 +78,11 @@ def main() -> None:
         settings = SearchSettings(
             target_length=target, population=args.population, iterations=args.iterations, mutations=args.mutations,
             crossovers=args.crossovers, parents=args.parents, segments=args.segments,
+            attention_factor=args.attention_factor,
         )
         model, _ = load_model(source, dtype=dtype, device=args.device)
-        evaluator = FactorEvaluator(model, search_docs, RopeShape.of(model.config.to_dict()), target, settings.segments)
+        shape = RopeShape.of(model.config.to_dict())
+        evaluator = FactorEvaluator(model, search_docs, shape, target, settings.segments, args.attention_factor)
         started = time.perf_counter()
         state = search(evaluator, settings, state_path=root / "state.json")
         search_seconds = time.perf_counter() - started
@@ -114,7 +118,12 @@ def main() -> None:
         ),
         "target_length": target,
         "perplexity": table,
-        "search": {**found["search"], "wall_seconds": round(search_seconds, 1), "long_factor": found["long_factor"]},
+        "search": {
+            **found["search"],
+            "wall_seconds": round(search_seconds, 1),
+            "long_factor": found["long_factor"],
+            "attention_factor": found["attention_factor"],
+        },
         "ratios": {
             f"longrope_vs_yarn_at_{longest}": table["longrope"][longest] / table["yarn"][longest],
             "longrope_vs_original_at_2048": table["longrope"][2048] / table["original"][2048],

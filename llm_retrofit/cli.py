@@ -191,11 +191,14 @@ def _float_list(_ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", "resume_path", type=click.Path(dir_okay=False), default=None,
               help="Continue the search saved in this state file. [state is saved to OUTPUT.state.json]")
+@click.option("--attention-factor", type=click.FloatRange(min=1.0), default=None,
+              help="Attention scaling (transformers applies it at every length; 1.0 keeps short contexts exactly as "
+              "they were). [default: the paper's sqrt(1 + ln s / ln L)]")
 @click.option("--dtype", callback=_dtype, help="Load the weights in this dtype (bfloat16 is ~1.6x faster on CPU).")
 @click.option("--device", default=None, help="cpu, cuda... [default: cuda if available, else cpu]")
 def search_rope(model: str, target_length: int, data: tuple[str, ...], output: str, population: int, iterations: int,
                 mutations: int, crossovers: int, parents: int, segments: int, max_docs: int | None, seed: int,
-                resume_path: str | None, dtype: Any, device: str | None) -> None:
+                resume_path: str | None, attention_factor: float | None, dtype: Any, device: str | None) -> None:
     """Search LongRoPE factors for MODEL at --target-length; writes the JSON that `longrope:factors=FILE` reads.
 
     An evolutionary search (LongRoPE, arXiv 2402.13753) over one factor per RoPE frequency, seeded with PI, NTK
@@ -217,10 +220,12 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
     settings = SearchSettings(
         target_length=target_length, population=population, iterations=iterations, mutations=mutations,
         crossovers=crossovers, parents=min(parents, population), segments=segments, seed=seed,
+        attention_factor=attention_factor,
     )
     network, tokenizer = load_model(model, dtype=dtype, device=device)
     ids, _ = tokenize(tokenizer, load_documents(data, max_docs=max_docs))
-    evaluator = FactorEvaluator(network, ids, RopeShape.of(network.config.to_dict()), target_length, segments)
+    shape = RopeShape.of(network.config.to_dict())
+    evaluator = FactorEvaluator(network, ids, shape, target_length, segments, attention_factor)
     state_path = Path(resume_path or f"{output}.state.json")
     state = search(evaluator, settings, state_path=state_path, resume=resume_path is not None)
     found = write_factors(Path(output), state, evaluator, model)

@@ -70,6 +70,9 @@ class SearchSettings:
     segments: int = 4
     reject_margin: float = 0.002
     seed: int = 0
+    attention_factor: float | None = None
+    """None: the paper's sqrt(1 + ln s / ln L). transformers applies it at every length, short ones included, so
+    1.0 keeps short contexts exactly as they were (the long factors are then searched without the scaling)."""
 
     def __post_init__(self) -> None:
         if self.population < 2 or self.parents < 1 or self.parents > self.population or self.segments < 1:
@@ -138,12 +141,19 @@ class FactorEvaluator:
     """Runs a loaded model with candidate long factors and scores documents at the target length, in segments."""
 
     def __init__(
-        self, model: Any, documents: Sequence[torch.Tensor], shape: RopeShape, target_length: int, segments: int = 4
+        self,
+        model: Any,
+        documents: Sequence[torch.Tensor],
+        shape: RopeShape,
+        target_length: int,
+        segments: int = 4,
+        attention_factor: float | None = None,
     ):
         self.model = model
         self.shape = shape
         self.segments = segments
         self.scale = target_length / shape.original_length
+        self.attention_factor = attention_factor or longrope_attention_factor(self.scale, shape.original_length)
         self.documents = [ids[:target_length] for ids in documents if len(ids) >= target_length]
         if not self.documents:
             raise SearchError(
@@ -165,7 +175,7 @@ class FactorEvaluator:
             return
         divisor = torch.tensor(factors, dtype=self.original_inv_freq.dtype, device=self.original_inv_freq.device)
         self.rotary.inv_freq.copy_(self.original_inv_freq / divisor)
-        self.rotary.attention_scaling = longrope_attention_factor(self.scale, self.shape.original_length)
+        self.rotary.attention_scaling = self.attention_factor
 
     def score(self, factors: Sequence[float], reject: Callable[[int, float], bool] | None = None) -> Candidate:
         """Cumulative NLL after each segment; stops as soon as `reject(step, nll_so_far)` says it cannot win."""
@@ -338,7 +348,7 @@ def write_factors(path: Path, state: SearchState, evaluator: FactorEvaluator, so
         "long_factor": best.factors,
         "short_factor": [1.0] * shape.pairs,
         "short_factor_rule": SHORT_FACTOR_RULE,
-        "attention_factor": longrope_attention_factor(evaluator.scale, shape.original_length),
+        "attention_factor": evaluator.attention_factor,
         "perplexity_at_target": math.exp(best.nll),  # type: ignore[arg-type]
         "origin": best.origin,
         "search": {

@@ -259,7 +259,9 @@ class LongRope(_ContextExtension):
             "original_max_position_embeddings": shape.original_length,
             "long_factor": searched["long_factor"],
             "short_factor": searched.get("short_factor") or [1.0] * shape.pairs,
-            "attention_factor": self.attention_factor or longrope_attention_factor(scale, shape.original_length),
+            "attention_factor": self.attention_factor
+            or searched.get("attention_factor")
+            or longrope_attention_factor(scale, shape.original_length),
         }
         return self.extended(model, parameters, length)
 
