@@ -96,6 +96,8 @@ def load_evaluation(source: str | os.PathLike[str] | Mapping[str, Any]) -> Evalu
             raise PublishError(f"{where} is not JSON ({e}); pass the file `retrofit eval` wrote.") from None
     if not isinstance(source, Mapping):
         raise PublishError(f"{where} must hold a JSON object with 'perplexity' and/or 'passkey'.")
+    if "models" in source and "settings" in source:  # the file `retrofit eval --json` writes
+        source = _from_eval_result(source)
     tables = {key: _table(source.get(key), key, where) for key in ("perplexity", "passkey")}
     if not any(tables.values()):
         raise PublishError(f"{where} has no results: expected 'perplexity' and/or 'passkey', each mapping a model "
@@ -114,6 +116,26 @@ def load_evaluation(source: str | os.PathLike[str] | Mapping[str, Any]) -> Evalu
         dataset_name=str(dataset.get("name", "long documents")),
         dataset_type=str(dataset.get("type", "long-documents")),
     )
+
+
+def _from_eval_result(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`retrofit eval --json` output -> the tables above (passkey: accuracy per length, averaged over depths)."""
+    from .eval_report import EvalResult
+
+    result = EvalResult.from_dict(dict(data))
+    passkey: dict[str, dict[int, float]] = {}
+    for model in result.models:
+        by_length: dict[int, list[float]] = {}
+        for (length, _depth), accuracy in model.passkey_accuracy().items():
+            by_length.setdefault(length, []).append(accuracy)
+        if by_length:
+            passkey[model.name] = {length: sum(a) / len(a) for length, a in by_length.items()}
+    return {
+        "model": result.models[-1].name,
+        "dataset": {"name": ", ".join(map(str, result.settings.get("data", []))) or "long documents", "type": "long-documents"},
+        "perplexity": {m.name: {r.length: r.perplexity for r in m.perplexity} for m in result.models},
+        "passkey": passkey,
+    }
 
 
 def _table(raw: Any, key: str, where: str) -> dict[str, dict[int, float]]:

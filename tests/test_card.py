@@ -294,3 +294,14 @@ def test_card_command(tiny_bf16: Path, tmp_path: Path) -> None:
     assert card_of(tiny_bf16).data.eval_results and (tiny_bf16 / "plot.png").is_file()
     result = CliRunner().invoke(main, ["card", "--help"])
     assert "retrofit card smollm2-long/ --eval results.json --plot perplexity.png" in result.output
+
+
+def test_the_json_of_retrofit_eval_feeds_the_card(tiny_llama_chars: Path, tmp_path: Path) -> None:
+    from llm_retrofit import evaluate
+    from llm_retrofit.card import load_evaluation
+
+    results = tmp_path / "results.json"
+    evaluate(tiny_llama_chars, ["a long enough document " * 30], lengths=[64, 128]).to_json(results)
+    evaluation = load_evaluation(results)
+    assert evaluation.model in evaluation.perplexity
+    assert sorted(evaluation.perplexity[evaluation.model]) == [64, 128]
