@@ -3,7 +3,7 @@
     python benchmarks/eval_speed.py [--model DIR] [--dtype float32] [--quick]
 
 The model is SmolLM2-135M-Instruct (converted from the bundled GGUF into a temporary directory unless --model is
-given); the documents are `bundled:python-docs` (the Python documentation topics, ~19k tokens each). For each case,
+given); the documents are `bundled:python-docs` (the Python documentation topics, 20k-33k tokens each). For each case,
 each contender runs in a fresh process (peak RSS is that process's VmHWM: Linux carries ru_maxrss over from the
 parent), loads the model, tokenizes, and then only the evaluation is timed:
 

@@ -248,7 +248,9 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Sliding-window stride in tokens. [default with --protocol sliding: half the length]")
 @click.option("--max-docs", type=click.IntRange(min=1), default=None, help="Read at most this many documents.")
-@click.option("--passkey", is_flag=True, help="Also measure passkey retrieval at each length.")
+@click.option("--passkey", is_flag=True, help="Also measure passkey retrieval (at --passkey-lengths x --passkey-depths).")
+@click.option("--passkey-lengths", default=None, callback=lambda c, p, v: _int_list(c, p, v) if v else None,
+              help="Prompt lengths for passkey retrieval. [default: --lengths]")
 @click.option("--passkey-depths", default="0,0.25,0.5,0.75,1", show_default=True, callback=_float_list,
               help="Where the key is hidden: fractions of the filler before it.")
 @click.option("--passkey-trials", type=click.IntRange(min=1), default=1, show_default=True,
@@ -263,7 +265,8 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Windows of equal length run together in one forward pass.")
 def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], protocol: str | None,
-          stride: int | None, max_docs: int | None, passkey: bool, passkey_depths: list[float], passkey_trials: int,
+          stride: int | None, max_docs: int | None, passkey: bool, passkey_lengths: list[int] | None,
+          passkey_depths: list[float], passkey_trials: int,
           json_path: str | None, markdown: str | None, plot: str | None, passkey_plot: str | None, dtype: Any,
           device: str | None, batch_size: int) -> None:
     """Perplexity vs context length (and passkey retrieval) of one or more MODELS, side by side.
@@ -279,6 +282,7 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
       retrofit eval smollm2/ smollm2-longrope/ --data docs/ --lengths 8k,16k --plot ppl.png --markdown ppl.md
       retrofit eval smollm2/ --data books.jsonl --stride 1024 --lengths 4k --max-docs 20 --json ppl.json
       retrofit eval smollm2/ --data bundled:python-docs --lengths 1k,2k --passkey --plot ppl.png
+      retrofit eval smollm2/ --data bundled:python-docs --lengths 2k --passkey --passkey-lengths 1k,4k,8k
     """
     import gc
 
@@ -297,7 +301,8 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
     for model in models:
         results.append(evaluate(
             model, documents, lengths=lengths, protocol=protocol, stride=stride, max_docs=max_docs,
-            batch_size=batch_size, dtype=dtype, device=device, passkey=passkey, passkey_depths=passkey_depths,
+            batch_size=batch_size, dtype=dtype, device=device, passkey=passkey, passkey_lengths=passkey_lengths,
+            passkey_depths=passkey_depths,
             passkey_trials=passkey_trials,
         ))
         gc.collect()  # the model is no longer referenced: free it before loading the next one
@@ -313,7 +318,7 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
         result.to_json(json_path)
         written.append(json_path)
     if markdown:
-        Path(markdown).write_text(result.to_markdown())
+        result.to_markdown(markdown)
         written.append(markdown)
     if plot:
         written.append(str(result.plot(plot)))

@@ -24,7 +24,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_FIELD = "text"
 # Long documents that are always installed: the Python standard library's own documentation topics (`pydoc_data`),
 # about 465k characters of English technical prose, joined in a fixed order into documents of at least this many
-# characters (about 19k SmolLM2 tokens each), so that lengths up to 16k have real text to read.
+# characters (20k to 33k SmolLM2 tokens each), so that lengths up to 16k have real text to read.
 BUNDLED_MIN_CHARS = 80_000
 BUNDLED = {"bundled:python-docs": "the Python standard library's documentation topics (pydoc_data), in ~80k-character documents"}
 

@@ -106,7 +106,7 @@ class EvalResult:
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            _write(path, text)
         return text
 
     @classmethod
@@ -155,7 +155,7 @@ class EvalResult:
         )
         return f"{s['protocol']} ({how}); {s['documents']} documents; BOS: {s['bos']}"
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, path: str | os.PathLike[str] | None = None) -> str:
         """Markdown tables for a model card: perplexity by length, documents skipped, and passkey accuracy."""
         lengths = self.lengths
         lines = [
@@ -185,7 +185,10 @@ class EvalResult:
                     )
             trials = self.settings.get("passkey", {}).get("trials")
             lines += ["", f"Passkey retrieval accuracy (greedy decoding, {trials} trial(s) per cell)."]
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            _write(path, text)
+        return text
 
     def table(self) -> Any:
         """A rich renderable: perplexity by model and length, throughput, and passkey accuracy if measured."""
@@ -293,6 +296,11 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
     figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
     return figure, FigureCanvasAgg(figure)
+
+
+def _write(path: str | os.PathLike[str], text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
 
 
 def _save(figure: Any, canvas: Any, path: str | os.PathLike[str]) -> Path:

@@ -463,6 +463,7 @@ def evaluate(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     passkey: bool = False,
+    passkey_lengths: Sequence[int] | None = None,
     passkey_depths: Sequence[float] | None = None,
     passkey_trials: int = 1,
     name: str | None = None,
@@ -472,7 +473,8 @@ def evaluate(
 
     `model_or_path` is a checkpoint directory, a Hub repo id, or a loaded causal LM (then pass `tokenizer` for text
     documents; `dtype` and `device` apply to paths only). `documents` are texts, `Document`s (`load_documents`) or
-    token ids. Results of several models are put side by side with `EvalResult.merge`.
+    token ids. Passkey prompts are made at `passkey_lengths` (default: `lengths`) and `passkey_depths`. Results of
+    several models are put side by side with `EvalResult.merge`.
     """
     from . import __version__
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
@@ -492,11 +494,12 @@ def evaluate(
     run = perplexity(model, ids, lengths, protocol=protocol, stride=stride, batch_size=batch_size, names=names,
                      progress=progress, description=os.path.basename(str(name).rstrip("/")) or str(name))
     depths = list(passkey_depths if passkey_depths is not None else DEFAULT_DEPTHS)
+    key_lengths = sorted({int(n) for n in passkey_lengths}) if passkey_lengths else lengths
     trials = []
     if passkey:
         if tokenizer is None:
             raise EvaluationError("passkey retrieval needs the model's tokenizer; pass tokenizer=.")
-        trials = run_passkey(model, tokenizer, lengths, depths, passkey_trials, progress=progress)
+        trials = run_passkey(model, tokenizer, key_lengths, depths, passkey_trials, progress=progress)
     config = model.config.get_text_config()
     settings = {
         "lengths": lengths,
@@ -507,7 +510,7 @@ def evaluate(
         "max_docs": max_docs,
         "batch_size": batch_size,
         "bos": BOS_CONVENTION,
-        "passkey": {"depths": depths, "trials": passkey_trials} if passkey else None,
+        "passkey": {"lengths": key_lengths, "depths": depths, "trials": passkey_trials} if passkey else None,
         "versions": {"llm_retrofit": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
     }
     info = {
