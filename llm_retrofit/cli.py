@@ -230,6 +230,52 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
     )
 
 
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Write the finetuned model or adapter here.")
+@click.option("-d", "--data", multiple=True, default=("bundled:python-docs",), show_default=True, metavar="PATH",
+              help="Training text: files, directories, JSONL, bundled:python-docs, a `datasets` name. Repeatable.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (or give --tokens).")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Token budget, instead of --steps.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences per process per micro-step.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--train", "train", multiple=True, default=("all",), show_default=True,
+              help="What trains: all, new_layers, router, experts, embed_tokens, norm, lm_head, or a regex. Repeatable.")
+@click.option("--lora", default=None, metavar="SPEC", help="Train a LoRA adapter instead, e.g. lora:r=16,merge=false.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Held-out loss every N steps (0: never).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, tokens: int | None, seq_len: int,
+             batch_size: int, grad_accum: int, lr: float, train: tuple[str, ...], lora: str | None,
+             gradient_checkpointing: bool, eval_every: int, seed: int) -> None:
+    """A short finetune of MODEL (a checkpoint directory) after a patch; writes OUTPUT.
+
+    Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP via `accelerate config`).
+    A recipe's `finetune` step takes the same settings and a few more (lr schedule, lr groups, bf16).
+
+    \b
+    Examples:
+      retrofit finetune smollm2-pro/ --train new_layers --steps 200 --seq-len 1024 -o smollm2-pro-ft/
+      retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 8192 --steps 50 -o out/
+      accelerate launch --num_processes 2 -m llm_retrofit finetune smollm2/ --steps 100 -o out/
+    """
+    from .finetune import FinetuneSettings
+    from .finetune import finetune as run_finetune
+
+    settings = FinetuneSettings(data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                                grad_accum=grad_accum, lr=lr, train=train, lora=lora,
+                                gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, seed=seed)
+    result = run_finetune(model, output, settings)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        click.echo(f"wrote {result.path}: {result.steps} steps, {result.tokens} tokens, "
+                   f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {result.tokens_per_second:.0f} tokens/s")
+
+
 @main.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option("-d", "--data", multiple=True, required=True, metavar="PATH",

@@ -94,7 +94,12 @@ def get_patcher(name: str) -> type[Patcher]:
 def parse_spec(spec: str) -> Patcher:
     """`"dtype:to=bfloat16"` -> `CastDtype(to=torch.bfloat16)`, with errors that list what is valid."""
     name, _, arguments = spec.strip().partition(":")
-    cls = get_patcher(name.strip())
+    return parse_fields(get_patcher(name.strip()), spec, arguments)  # type: ignore[return-value]
+
+
+def parse_fields(cls: type, spec: str, arguments: str) -> Any:
+    """`cls(**values)` from the `key=value,...` part of a spec, typed by `cls`'s field annotations (a patcher, or
+    another spec dataclass with `name` and `example`, such as `lora`)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
