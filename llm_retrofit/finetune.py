@@ -292,7 +292,9 @@ def finetune(
     else:
         apply_freeze_spec(network, settings.train, history)
     if settings.gradient_checkpointing:
-        network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.x renamed it (the old name warns); both take the same arguments.
+        enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         network.enable_input_require_grads()
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     data = pack(tokenizer, settings.data, settings.seq_len, settings.max_docs)
