@@ -16,6 +16,7 @@ from llm_retrofit.recipes import RecipeError, apply_overrides, builtin_names, dr
 from llm_retrofit.recipes import runner
 from llm_retrofit.recipes.runner import evaluate_expression
 from test_finetune import chars_model, corpus
+from test_hub import hub  # noqa: F401 - the test Hub fixture
 
 GOOD = """\
 name: mine
@@ -176,3 +177,23 @@ def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path:
     card = json.loads((tmp_path / "run" / "03-eval" / "card-eval.json").read_text())
     assert set(card["perplexity"]) == {"before", "after"} and set(card["passkey"]["after"]) == {"512", "1024"}
     assert "Passkey" in (done.model / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from test_hub import client_env
+
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("name: bf16\ndescription: cast\nsteps:\n  - patch: dtype\n    with: {to: bfloat16}\n  - card: {}\n")
+    base = chars_model(tmp_path / "base")
+    done = subprocess.run([sys.executable, "-m", "llm_retrofit", "patch", str(base), "--recipe", str(recipe), "-o",
+                           str(tmp_path / "run"), "--push-to-hub", "alice/tiny-bf16"],
+                          env=client_env(hub.url, tmp_path / "home"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = hub.files("alice/tiny-bf16")
+    assert {"config.json", "model.safetensors", "README.md", "retrofit_recipe.yaml"} <= set(files)
+    assert files["retrofit_recipe.yaml"] == recipe.read_bytes()
+    assert b"alice/tiny-bf16" in files["README.md"]  # the card was written for the repo it was pushed to
+    assert json.loads(files["config.json"])["retrofit_history"][-1]["patch"] == "dtype"

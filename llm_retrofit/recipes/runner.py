@@ -137,6 +137,8 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
     are read as YAML (`200` is a number, `[a, b]` a list). The result is checked like a recipe file.
     """
     pairs = _override_pairs(overrides)
+    if not pairs:
+        return recipe  # the text as written, comments and all, is what is kept beside the model
     data = yaml.safe_load(recipe.text)
     for dotted, value in pairs:
         head, _, rest = dotted.partition(".")
@@ -162,7 +164,8 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
             if not isinstance(target, dict):
                 raise RecipeError(f"--set {dotted}: {key} is not a mapping.")
         target[keys[-1]] = value
-    text = yaml.safe_dump(data, sort_keys=False)
+    header = f"# {recipe.source} with " + " ".join(f"--set {k}={json.dumps(v)}" for k, v in pairs) + "\n"
+    text = header + yaml.safe_dump(data, sort_keys=False)
     try:
         return parse_recipe(text, f"{recipe.source} with --set")
     except RecipeError as e:
