@@ -19,6 +19,7 @@ end, see `commit`). The result is recorded in the checkpoint's history like a pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -86,11 +87,18 @@ class FinetuneSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         if (self.steps is None) == (self.tokens is None):
             raise FinetuneError("finetune: give exactly one budget, steps=N or tokens=N (e.g. steps: 200).")
-        for key in ("seq_len", "batch_size", "grad_accum"):
+        for key in ("seq_len", "batch_size", "grad_accum", "steps", "tokens"):
+            if getattr(self, key) is None:
+                continue
             if getattr(self, key) < 1:
                 raise FinetuneError(f"finetune: {key}={getattr(self, key)} must be at least 1.")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise FinetuneError(f"finetune: lr_schedule={self.lr_schedule!r}; choose cosine, linear or constant.")
+        if self.bf16 not in ("auto", True, False):
+            raise FinetuneError(f"finetune: bf16={self.bf16!r}; choose auto, true or false.")
         if isinstance(self.data, str):
             object.__setattr__(self, "data", (self.data,))
         if isinstance(self.train, str):
@@ -101,6 +109,27 @@ class FinetuneSettings:
             object.__setattr__(self, "lora", parse_lora(self.lora))
             if tuple(self.train) != ("all",):
                 raise FinetuneError("finetune: with lora, what trains is the adapter (and lora's `trainable`); drop `train`.")
+
+    def _coerce_numbers(self) -> None:
+        """YAML reads `1e-4` (no dot) as a string and `--set` values may be text: numbers are converted, or named."""
+        def number(key: str, value: Any, kind: type) -> Any:
+            error = FinetuneError(f"finetune: {key}={value!r} is not a number ({kind.__name__}).")
+            if isinstance(value, bool):
+                raise error
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise error from None
+
+        for key in ("seq_len", "batch_size", "grad_accum", "warmup_steps", "eval_every", "eval_sequences", "seed"):
+            object.__setattr__(self, key, number(key, getattr(self, key), int))
+        for key in ("steps", "tokens", "max_docs"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, number(key, getattr(self, key), int))
+        for key in ("lr", "weight_decay", "max_grad_norm"):
+            object.__setattr__(self, key, number(key, getattr(self, key), float))
+        groups = {str(k): number(f"lr_groups.{k}", v, float) for k, v in (self.lr_groups or {}).items()}
+        object.__setattr__(self, "lr_groups", groups)
 
     def tokens_per_step(self, processes: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * processes
@@ -248,9 +277,14 @@ def _batch_rows(total_rows: int, step: int, micro: int, settings: FinetuneSettin
     rows = []
     for position in range(start, start + settings.batch_size):
         epoch, index = divmod(position, total_rows)
-        order = torch.randperm(total_rows, generator=torch.Generator().manual_seed(settings.seed + epoch))
-        rows.append(int(order[index]))
+        rows.append(int(_epoch_order(total_rows, settings.seed + epoch)[index]))
     return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
+    """The order of the rows in one epoch: the same in every process, so together they read each row once."""
+    return torch.randperm(total_rows, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------------- loop

@@ -197,3 +197,19 @@ def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_p
     assert files["retrofit_recipe.yaml"] == recipe.read_bytes()
     assert b"alice/tiny-bf16" in files["README.md"]  # the card was written for the repo it was pushed to
     assert json.loads(files["config.json"])["retrofit_history"][-1]["patch"] == "dtype"
+
+
+def test_dry_run_of_a_searching_patch_says_what_is_known_only_when_run(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    plan = dry_run(base, "long-context", overrides={"inputs.data": str(corpus(tmp_path))})
+    assert "target_length: 1024" in plan  # base.max_position_embeddings * inputs.factor, resolved
+    assert "plan known only when run: this patch loads the model" in plan
+    assert "values known only when run: ${model.max_position_embeddings} depends on step longrope" in plan
+
+
+def test_lora_as_a_patch_points_to_the_finetune() -> None:
+    from llm_retrofit.errors import PatchSpecError
+    from llm_retrofit.patchers import parse_spec
+
+    with pytest.raises(PatchSpecError, match="lora is trained, not computed from the weights: use `retrofit finetune"):
+        parse_spec("lora:r=8")

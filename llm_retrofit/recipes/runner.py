@@ -278,7 +278,7 @@ def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: P
     results = []
     if compare_base:
         results.append(evaluate(state.base, documents, name="before", **options))
-    model, tokenizer = _loadable(state.model)
+    model, tokenizer = _loadable(state.model, options["dtype"])
     results.append(evaluate(model, documents, tokenizer=tokenizer, name="after" if compare_base else "model", **options))
     result = EvalResult.merge(results)
     result.to_json(directory / "eval.json")
@@ -290,17 +290,17 @@ def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: P
                        plot=plot_path)
 
 
-def _loadable(path: str) -> tuple[Any, Any]:
+def _loadable(path: str, dtype: Any = None) -> tuple[Any, Any]:
     """A model directory, or an adapter directory (merged onto its base in memory), with its tokenizer."""
-    from ..evaluate import load_model
+    from ..evaluate import default_device, load_model
 
     if (Path(path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload().eval()
-        return model, AutoTokenizer.from_pretrained(path)
-    return load_model(path)
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").merge_and_unload()
+        return model.to(default_device()).eval(), AutoTokenizer.from_pretrained(path)
+    return load_model(path, dtype=dtype)
 
 
 def card_evaluation(result: Any, data: Any) -> dict[str, Any]:
