@@ -326,9 +326,9 @@ def finetune(
     else:
         apply_freeze_spec(network, settings.train, history)
     if settings.gradient_checkpointing:
-        # transformers >= 5.x renamed it (the old name warns); both take the same arguments.
+        # transformers 5 renamed it (the old name warns); both take the checkpoint() kwargs first, under other names.
         enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable({"use_reentrant": False})
         network.enable_input_require_grads()
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     data = pack(tokenizer, settings.data, settings.seq_len, settings.max_docs)
