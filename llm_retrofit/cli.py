@@ -45,6 +45,7 @@ def main(verbose: int) -> None:
       retrofit convert bundled:smollm2 smollm2/  # a GGUF file -> a safetensors checkpoint
       retrofit inspect smollm2/                  # what it is, and what was done to it
       retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
+      retrofit patch smollm2/ --recipe llama-pro -o smollm2-pro/ --dry-run  # patch -> finetune -> eval -> card
       retrofit eval smollm2/ --data bundled:python-docs --lengths 2k,8k --plot ppl.png
       retrofit push smollm2-bf16/ my-name/smollm2-bf16  # model card + upload to the Hub
     """

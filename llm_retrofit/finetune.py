@@ -426,7 +426,10 @@ def _save(
     source_hash = Fingerprinter(checkpoint.tensors, checkpoint.read_raw).result()
     lora = settings.lora
     record_name = "lora" if lora is not None else "finetune"
-    params = lora.params() if lora is not None else {}
+    params = lora.params() if lora is not None else {
+        "train": list(settings.train), "data": list(settings.data), "steps": facts["steps"], "seq_len": settings.seq_len,
+        "lr": settings.lr,
+    }
     finetune_facts = {k: v for k, v in settings.to_json().items() if k != "lora"} | facts
     record = make_records([(record_name, {"params": params, "finetune": finetune_facts})], checkpoint.source, source_hash)
     with staged_directory(target, in_place=False) as staging:
