@@ -24,7 +24,7 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def chars_model(path: Path, **overrides) -> Path:
-    save_tiny(path, max_position_embeddings=512, **overrides)
+    save_tiny(path, **{"max_position_embeddings": 512, **overrides})
     char_tokenizer().save_pretrained(path)
     return path
 
