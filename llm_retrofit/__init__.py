@@ -8,6 +8,8 @@
     result = llm_retrofit.evaluate("path", docs, lengths=[2048, 8192])  # perplexity by length; .to_markdown(), .plot()
     llm_retrofit.render_card("out", eval_results="results.json")   # README.md model card
     llm_retrofit.push("out", "owner/name")                         # to the Hugging Face Hub, card included
+    llm_retrofit.finetune("out", "out-ft", steps=200, train=["new_layers"])  # short finetune on accelerate
+    llm_retrofit.run_recipe("path", "llama-pro", output="run", overrides={"finetune.steps": 200})
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from .errors import (  # noqa: E402
 )
 from .eval_report import EvalResult  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
+from .finetune import FinetuneError, finetune  # noqa: E402
 from .hub import push  # noqa: E402
+from .recipes import RecipeError, run_recipe  # noqa: E402
 
 __all__ = [
     "Checkpoint",
@@ -41,20 +45,24 @@ __all__ = [
     "Document",
     "EvalResult",
     "EvaluationError",
+    "FinetuneError",
     "OutputError",
     "PatchError",
     "PatchSpecError",
     "PublishError",
+    "RecipeError",
     "RetrofitError",
     "UnsupportedArchitectureError",
     "convert",
     "evaluate",
     "expand_blocks",
     "extend_context",
+    "finetune",
     "load_checkpoint",
     "load_documents",
     "patch",
     "upcycle_moe",
     "push",
     "render_card",
+    "run_recipe",
 ]

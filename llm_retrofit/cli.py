@@ -45,6 +45,7 @@ def main(verbose: int) -> None:
       retrofit convert bundled:smollm2 smollm2/  # a GGUF file -> a safetensors checkpoint
       retrofit inspect smollm2/                  # what it is, and what was done to it
       retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
+      retrofit patch smollm2/ --recipe llama-pro -o smollm2-pro/ --dry-run  # patch -> finetune -> eval -> card
       retrofit eval smollm2/ --data bundled:python-docs --lengths 2k,8k --plot ppl.png
       retrofit push smollm2-bf16/ my-name/smollm2-bf16  # model card + upload to the Hub
     """
@@ -120,27 +121,47 @@ class _PatchCommand(click.Command):
 
 @main.command(cls=_PatchCommand)
 @click.argument("model")
-@click.option("-p", "--patch", "specs", multiple=True, required=True, metavar="NAME[:KEY=VALUE,...]",
+@click.option("-p", "--patch", "specs", multiple=True, metavar="NAME[:KEY=VALUE,...]",
               help="A patch to apply; repeat for several (applied in order, in one pass).")
+@click.option("-r", "--recipe", default=None, metavar="NAME|FILE",
+              help="Run a recipe (patch -> finetune -> eval -> card -> push) instead; see `retrofit recipes list`.")
+@click.option("--set", "overrides", multiple=True, metavar="STEP.KEY=VALUE",
+              help="With --recipe: change a value, e.g. --set finetune.steps=200 or --set inputs.data=docs/.")
+@click.option("--push-to-hub", default=None, metavar="REPO_ID", help="With --recipe: upload the result at the end.")
+@click.option("--resume", is_flag=True, help="With --recipe: continue the run in OUTPUT, skipping finished steps.")
 @click.option("-o", "--output", type=click.Path(), help="Write the patched checkpoint to this new directory.")
 @click.option("--in-place", is_flag=True, help="Rewrite MODEL itself, atomically (crash-safe).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (config diff, tensors, bytes) and write nothing.")
 @click.option("--max-shard-size", default=None, help="Largest weight file when weights are rewritten. [default: 5GB]")
 @click.option("--force", is_flag=True, help="Apply a patch even if it is the one applied last.")
 @click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
-def patch(model: str, specs: tuple[str, ...], output: str | None, in_place: bool, dry_run: bool,
-          max_shard_size: str | None, force: bool, revision: str | None) -> None:
-    """Apply one or more patches to MODEL (a checkpoint directory or Hub repo id).
+def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tuple[str, ...], push_to_hub: str | None,
+          resume: bool, output: str | None, in_place: bool, dry_run: bool, max_shard_size: str | None, force: bool,
+          revision: str | None) -> None:
+    """Apply one or more patches, or a recipe, to MODEL (a checkpoint directory or Hub repo id).
 
     Weights are streamed one tensor at a time, so memory stays at a few tensors whatever the model size. With
     --in-place the directory loads as the old or the new model at every instant, even after a crash.
+
+    With --recipe, every step's output is kept under OUTPUT (with manifest.json; OUTPUT/model is the result), so
+    --resume after a crash or Ctrl-C continues at the first unfinished step. --dry-run prints the resolved steps with
+    the estimated tokens, steps and bytes written.
 
     \b
     Examples:
       retrofit patch smollm2/ --patch dtype:to=bfloat16 -o smollm2-bf16/
       retrofit patch smollm2/ --patch dtype:to=bfloat16 --in-place
       retrofit patch smollm2/ --patch dtype:to=float16 --dry-run
+      retrofit patch smollm2/ --recipe llama-pro -o smollm2-pro/ --set finetune.steps=200
+      retrofit patch smollm2/ --recipe long-context -o smollm2-16k/ --resume --push-to-hub me/smollm2-16k
     """
+    if recipe is not None:
+        _run_recipe(model, recipe, overrides, push_to_hub, resume, output, in_place, dry_run, specs)
+        return
+    if overrides or push_to_hub or resume:
+        raise click.UsageError("--set, --push-to-hub and --resume go with --recipe.")
+    if not specs:
+        raise click.UsageError("pass --patch NAME[:KEY=VALUE,...] (repeatable) or --recipe NAME.")
     from .checkpoint import load_checkpoint
     from .patchers import parse_spec
     from .plan import PlanSummary, apply_to_checkpoint, build_plan, checkpoint_view
@@ -157,6 +178,55 @@ def patch(model: str, specs: tuple[str, ...], output: str | None, in_place: bool
         checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
     )
     click.echo(f"wrote {path}")
+
+
+def _run_recipe(model: str, recipe: str, overrides: tuple[str, ...], push_to_hub: str | None, resume: bool,
+                output: str | None, in_place: bool, dry_run: bool, specs: tuple[str, ...]) -> None:
+    from .recipes import dry_run as plan_recipe
+    from .recipes import run_recipe
+
+    if specs or in_place:
+        raise click.UsageError("--recipe runs its own patches into -o OUTPUT; drop --patch / --in-place.")
+    if dry_run:
+        click.echo(plan_recipe(model, recipe, overrides=list(overrides), push_to_hub=push_to_hub))
+        return
+    if not output:
+        raise click.UsageError("--recipe needs -o/--output DIR (every step's output is kept there).")
+    run = run_recipe(model, recipe, output=output, overrides=list(overrides), push_to_hub=push_to_hub, resume=resume)
+    if run.skipped:
+        click.echo(f"resumed: {', '.join(run.skipped)} already done")
+    click.echo(f"wrote {run.output} (model: {run.model})")
+
+
+@main.group()
+def recipes() -> None:
+    """Built-in recipes: list them, print one to copy and edit.
+
+    \b
+    Examples:
+      retrofit recipes list
+      retrofit recipes show long-context > my-long-context.yaml
+      retrofit patch smollm2/ --recipe my-long-context.yaml -o out/
+    """
+
+
+@recipes.command(name="list")
+def recipes_list() -> None:
+    """The built-in recipes and what each does."""
+    from .recipes import builtin_names, load_recipe
+    from .recipes.runner import recipe_summary
+
+    for name in builtin_names():
+        click.echo(f"{name:<14} {recipe_summary(load_recipe(name))}")
+
+
+@recipes.command(name="show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    """Print the YAML of recipe NAME (built-in) so it can be copied and edited."""
+    from .recipes import recipe_text
+
+    click.echo(recipe_text(name)[1], nl=False)
 
 
 def _int_list(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -233,6 +303,52 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
         f"wrote {output}: perplexity {found['perplexity_at_target']:.4f} at {target_length} tokens after "
         f"{state.evaluations} evaluations ({state.rejected_early} stopped early) in {state.seconds:.0f} s"
     )
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Write the finetuned model or adapter here.")
+@click.option("-d", "--data", multiple=True, default=("bundled:python-docs",), show_default=True, metavar="PATH",
+              help="Training text: files, directories, JSONL, bundled:python-docs, a `datasets` name. Repeatable.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (or give --tokens).")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Token budget, instead of --steps.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences per process per micro-step.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--train", "train", multiple=True, default=("all",), show_default=True,
+              help="What trains: all, new_layers, router, experts, embed_tokens, norm, lm_head, or a regex. Repeatable.")
+@click.option("--lora", default=None, metavar="SPEC", help="Train a LoRA adapter instead, e.g. lora:r=16,merge=false.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Held-out loss every N steps (0: never).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, tokens: int | None, seq_len: int,
+             batch_size: int, grad_accum: int, lr: float, train: tuple[str, ...], lora: str | None,
+             gradient_checkpointing: bool, eval_every: int, seed: int) -> None:
+    """A short finetune of MODEL (a checkpoint directory) after a patch; writes OUTPUT.
+
+    Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP via `accelerate config`).
+    A recipe's `finetune` step takes the same settings and a few more (lr schedule, lr groups, bf16).
+
+    \b
+    Examples:
+      retrofit finetune smollm2-pro/ --train new_layers --steps 200 --seq-len 1024 -o smollm2-pro-ft/
+      retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 8192 --steps 50 -o out/
+      accelerate launch --num_processes 2 -m llm_retrofit finetune smollm2/ --steps 100 -o out/
+    """
+    from .finetune import FinetuneSettings
+    from .finetune import finetune as run_finetune
+
+    settings = FinetuneSettings(data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                                grad_accum=grad_accum, lr=lr, train=train, lora=lora,
+                                gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, seed=seed)
+    result = run_finetune(model, output, settings)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        click.echo(f"wrote {result.path}: {result.steps} steps, {result.tokens} tokens, "
+                   f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {result.tokens_per_second:.0f} tokens/s")
 
 
 @main.command(name="eval")

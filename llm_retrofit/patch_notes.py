@@ -111,6 +111,11 @@ PATCHES: dict[str, PatchInfo] = {
         "LoRA", "Low-rank update matrices trained beside the frozen weights (kept as an adapter, or merged).",
         "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021)", "https://arxiv.org/abs/2106.09685",
     ),
+    "finetune": PatchInfo(
+        "Short finetune", "Trained for a few steps after the patches before it (what trained and on what data is in "
+        "the parameters), so the new capacity is used.",
+        limitation="A short finetune on a narrow corpus can shift the model toward that corpus.",
+    ),
     "infini": PatchInfo(
         "Infini-attention", "A compressive memory added to attention, for unbounded context in bounded memory.",
         "Leave No Context Behind: Efficient Infinite Context Transformers with Infini-attention "

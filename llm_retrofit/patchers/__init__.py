@@ -88,13 +88,23 @@ def get_patcher(name: str) -> type[Patcher]:
     try:
         return registry()[name]
     except KeyError:
+        if name == "lora":  # patchers/lora.py: an adapter is trained, not computed from the weights
+            raise PatchSpecError(
+                "lora is trained, not computed from the weights: use `retrofit finetune MODEL --lora lora:r=16,...` "
+                "or a recipe's finetune step with `lora: {r: 16, ...}`."
+            ) from None
         raise PatchSpecError(f"unknown patch {name!r}; the patches are: {', '.join(sorted(registry()))}.") from None
 
 
 def parse_spec(spec: str) -> Patcher:
     """`"dtype:to=bfloat16"` -> `CastDtype(to=torch.bfloat16)`, with errors that list what is valid."""
     name, _, arguments = spec.strip().partition(":")
-    cls = get_patcher(name.strip())
+    return parse_fields(get_patcher(name.strip()), spec, arguments)  # type: ignore[return-value]
+
+
+def parse_fields(cls: type, spec: str, arguments: str) -> Any:
+    """`cls(**values)` from the `key=value,...` part of a spec, typed by `cls`'s field annotations (a patcher, or
+    another spec dataclass with `name` and `example`, such as `lora`)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}

@@ -1,0 +1,460 @@
+"""Short finetunes after a patch, on accelerate: one process by default, `accelerate launch` for several, unchanged.
+
+A patch that adds capacity (new blocks, experts, a longer context) needs a few hundred steps of training to use it.
+This module is that loop and nothing more: documents (`load_documents`) are tokenized, joined with EOS and packed
+into sequences of `seq_len` tokens; a `steps` or `tokens` budget is trained with AdamW, a warmup + cosine/linear/
+constant schedule, gradient accumulation, optional gradient checkpointing and bf16 autocast where the device has it.
+
+What trains is a *freeze spec* (`train`): `all`, or a list of aliases and regexes over parameter names, where
+`new_layers` means the layers the `expand`/`dus` history of the checkpoint says are new (LLaMA-Pro trains only
+those), `router` the MoE routers and `experts` the experts. Everything else keeps `requires_grad=False` and is saved
+bit-identical. `lr_groups` gives parameters matching an alias or regex their own learning rate. Or a `lora` spec
+(patchers/lora.py) trains a peft adapter, merged into the weights or saved as an adapter directory.
+
+Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP when configured
+with `accelerate config`); only the main process writes the output, atomically (a staging directory renamed at the
+end, see `commit`). The result is recorded in the checkpoint's history like a patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DataError, RetrofitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .patchers.lora import LoraSpec
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneError(RetrofitError):
+    """A finetune cannot run as configured (no budget, a freeze spec that matches nothing, too little data...)."""
+
+
+# Aliases a freeze spec or lr group may use; anything else is a regular expression searched in parameter names.
+ALIASES = {
+    "router": r"\.mlp\.gate\.weight$",
+    "experts": r"\.mlp\.experts\.",
+    "embed_tokens": r"(^|\.)embed_tokens\.",
+    "norm": r"norm\.weight$",
+    "lm_head": r"^lm_head\.",
+    "attention": r"\.self_attn\.",
+    "mlp": r"\.mlp\.",
+}
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything a finetune needs besides the model; the keys of a recipe's `finetune` step."""
+
+    data: tuple[str, ...] = ("bundled:python-docs",)
+    max_docs: int | None = None
+    seq_len: int = 1024
+    steps: int | None = None
+    tokens: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_groups: dict[str, float] = field(default_factory=dict)
+    train: tuple[str, ...] = ("all",)
+    lora: Any = None
+    """A LoraSpec, a lora spec string or dict; None for a full (or frozen-spec) finetune."""
+    gradient_checkpointing: bool = False
+    bf16: Literal["auto", True, False] = "auto"
+    eval_every: int = 0
+    eval_sequences: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._coerce_numbers()
+        if (self.steps is None) == (self.tokens is None):
+            raise FinetuneError("finetune: give exactly one budget, steps=N or tokens=N (e.g. steps: 200).")
+        for key in ("seq_len", "batch_size", "grad_accum", "steps", "tokens"):
+            if getattr(self, key) is None:
+                continue
+            if getattr(self, key) < 1:
+                raise FinetuneError(f"finetune: {key}={getattr(self, key)} must be at least 1.")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise FinetuneError(f"finetune: lr_schedule={self.lr_schedule!r}; choose cosine, linear or constant.")
+        if self.bf16 not in ("auto", True, False):
+            raise FinetuneError(f"finetune: bf16={self.bf16!r}; choose auto, true or false.")
+        if isinstance(self.data, str):
+            object.__setattr__(self, "data", (self.data,))
+        if isinstance(self.train, str):
+            object.__setattr__(self, "train", (self.train,))
+        if self.lora is not None:
+            from .patchers.lora import parse_lora
+
+            object.__setattr__(self, "lora", parse_lora(self.lora))
+            if tuple(self.train) != ("all",):
+                raise FinetuneError("finetune: with lora, what trains is the adapter (and lora's `trainable`); drop `train`.")
+
+    def _coerce_numbers(self) -> None:
+        """YAML reads `1e-4` (no dot) as a string and `--set` values may be text: numbers are converted, or named."""
+        def number(key: str, value: Any, kind: type) -> Any:
+            error = FinetuneError(f"finetune: {key}={value!r} is not a number ({kind.__name__}).")
+            if isinstance(value, bool):
+                raise error
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise error from None
+
+        for key in ("seq_len", "batch_size", "grad_accum", "warmup_steps", "eval_every", "eval_sequences", "seed"):
+            object.__setattr__(self, key, number(key, getattr(self, key), int))
+        for key in ("steps", "tokens", "max_docs"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, number(key, getattr(self, key), int))
+        for key in ("lr", "weight_decay", "max_grad_norm"):
+            object.__setattr__(self, key, number(key, getattr(self, key), float))
+        groups = {str(k): number(f"lr_groups.{k}", v, float) for k, v in (self.lr_groups or {}).items()}
+        object.__setattr__(self, "lr_groups", groups)
+
+    def tokens_per_step(self, processes: int = 1) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * processes
+
+    def total_steps(self, processes: int = 1) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.tokens / self.tokens_per_step(processes)))  # type: ignore[operator]
+
+    def to_json(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["data"], values["train"] = list(self.data), list(self.train)
+        values["lora"] = self.lora.params() if self.lora is not None else None
+        return values
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    adapter: bool
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
+    eval_losses: list[tuple[int, float]]
+    trainable_parameters: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "adapter": self.adapter, "steps": self.steps, "tokens": self.tokens,
+            "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
+            "first_loss": self.losses[0] if self.losses else None, "final_loss": self.losses[-1] if self.losses else None,
+            "eval_losses": self.eval_losses, "trainable_parameters": self.trainable_parameters,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ freeze specs
+
+
+def new_layers_of(history: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices of the layers that expansions added, in the numbering of the model after its whole history.
+
+    Each `expand` record lists the layers it inserted (in its output's numbering); earlier new layers move to the
+    position of their layer among the others. A `dus` record lists the old layer each new layer copies
+    (`layer_sources`); a copy of a new layer is new.
+    """
+    new: set[int] = set()
+    for record in history:
+        if record.get("patch") == "expand" and "new_layers" in record:
+            inserted = set(record["new_layers"])
+            kept = [i for i in range(max(inserted | new | {0}) + len(inserted) + len(new) + 1) if i not in inserted]
+            new = {kept[i] for i in new} | inserted
+        elif record.get("patch") == "dus" and "layer_sources" in record:
+            new = {j for j, source in enumerate(record["layer_sources"]) if source in new}
+    return sorted(new)
+
+
+def parameter_pattern(item: str, history: Sequence[dict[str, Any]]) -> re.Pattern[str]:
+    """An alias (`router`, `new_layers`...) or a regular expression -> a pattern searched in parameter names."""
+    if item == "new_layers":
+        layers = new_layers_of(history)
+        if not layers:
+            raise FinetuneError(
+                "finetune: train: new_layers, but this checkpoint's history records no expansion (patch `expand`); "
+                "expand the model first or list what to train."
+            )
+        return re.compile(r"(^|\.)layers\.(" + "|".join(map(str, layers)) + r")\.")
+    try:
+        return re.compile(ALIASES.get(item, item))
+    except re.error as e:
+        raise FinetuneError(
+            f"finetune: {item!r} is neither an alias ({', '.join(['new_layers', *ALIASES])}) nor a valid regex: {e}."
+        ) from None
+
+
+def apply_freeze_spec(model: torch.nn.Module, train: Sequence[str], history: Sequence[dict[str, Any]]) -> list[str]:
+    """Set requires_grad from a freeze spec; returns the names of the trainable parameters."""
+    names = [name for name, _ in model.named_parameters()]
+    if list(train) == ["all"]:
+        return names
+    trainable: set[str] = set()
+    for item in train:
+        pattern = parameter_pattern(item, history)
+        matched = {name for name in names if pattern.search(name)}
+        if not matched:
+            raise FinetuneError(
+                f"finetune: train item {item!r} matches no parameter; aliases are {', '.join(['new_layers', *ALIASES])}, "
+                f"anything else is a regex over names such as {names[len(names) // 2]!r}."
+            )
+        trainable |= matched
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    return [name for name in names if name in trainable]
+
+
+def parameter_groups(
+    model: torch.nn.Module, settings: FinetuneSettings, history: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """AdamW groups: each `lr_groups` entry's parameters at its lr (first match wins), the rest at `lr`."""
+    patterns = [(parameter_pattern(key, history), float(lr)) for key, lr in settings.lr_groups.items()]
+    groups: list[dict[str, Any]] = [{"params": [], "lr": lr} for _, lr in patterns] + [{"params": [], "lr": settings.lr}]
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        index = next((i for i, (p, _) in enumerate(patterns) if p.search(name)), len(patterns))
+        groups[index]["params"].append(parameter)
+    for (pattern, _), group in zip(patterns, groups):
+        if not group["params"]:
+            raise FinetuneError(f"finetune: lr_groups key {pattern.pattern!r} matches no trainable parameter.")
+    return [g | {"weight_decay": settings.weight_decay} for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def pack(tokenizer: Any, sources: Sequence[str], seq_len: int, max_docs: int | None = None) -> torch.Tensor:
+    """Documents tokenized, each followed by EOS, concatenated and cut into rows of `seq_len` (the tail dropped)."""
+    from .documents import load_documents
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for document in load_documents(sources, max_docs=max_docs):
+        ids += tokenizer(document.text, add_special_tokens=True, verbose=False)["input_ids"] + eos
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise DataError(
+            f"finetune: {', '.join(sources)} holds {len(ids)} tokens, fewer than one sequence of seq_len={seq_len}; "
+            "add data or lower seq_len."
+        )
+    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def _batch_rows(total_rows: int, step: int, micro: int, settings: FinetuneSettings, rank: int, world: int) -> list[int]:
+    """The row indices this process trains on at (step, micro-step): a fresh permutation of the data every epoch."""
+    per_micro = settings.batch_size * world
+    start = ((step * settings.grad_accum + micro) * per_micro) + rank * settings.batch_size
+    rows = []
+    for position in range(start, start + settings.batch_size):
+        epoch, index = divmod(position, total_rows)
+        rows.append(int(_epoch_order(total_rows, settings.seed + epoch)[index]))
+    return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
+    """The order of the rows in one epoch: the same in every process, so together they read each row once."""
+    return torch.randperm(total_rows, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+
+
+def finetune(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: FinetuneSettings | None = None,
+    **options: Any,
+) -> FinetuneResult:
+    """Finetune the checkpoint at `model` and write the result to `output` (a new directory).
+
+    `settings` or keyword options are the `FinetuneSettings` fields (e.g. `steps=200, train=["new_layers"]`). Under
+    `accelerate launch` every process calls this; only the main one writes.
+    """
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    from .checkpoint import load_checkpoint
+
+    settings = settings or FinetuneSettings(**options)
+    checkpoint = load_checkpoint(model)
+    history = checkpoint.history
+    precision = _mixed_precision(settings.bf16)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # An MoE batch may route no token to some expert: DDP must not wait for gradients that never come.
+    unused = DistributedDataParallelKwargs(find_unused_parameters="num_local_experts" in checkpoint.config)
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
+                              kwargs_handlers=[unused])
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32)
+    saved_dtype = _checkpoint_dtype(checkpoint)
+    network.config.use_cache = False
+    if settings.lora is not None:
+        network = settings.lora.attach(network)
+    else:
+        apply_freeze_spec(network, settings.train, history)
+    if settings.gradient_checkpointing:
+        # transformers 5 renamed it (the old name warns); both take the checkpoint() kwargs first, under other names.
+        enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        network.enable_input_require_grads()
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    data = pack(tokenizer, settings.data, settings.seq_len, settings.max_docs)
+    held_out = settings.eval_sequences if settings.eval_every and data.shape[0] > settings.eval_sequences else 0
+    train_rows, eval_rows = data[: data.shape[0] - held_out], data[data.shape[0] - held_out :]
+    if settings.eval_every and not held_out:
+        log.warning("finetune: %d sequences are too few to hold %d out for eval; no eval loss", data.shape[0],
+                    settings.eval_sequences)
+
+    optimizer = torch.optim.AdamW(parameter_groups(network, settings, history))
+    network, optimizer = accelerator.prepare(network, optimizer)
+    total = settings.total_steps(accelerator.num_processes)
+    scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total)
+    log.info("finetune: %d steps of %d tokens, %d trainable parameters, %d sequences of %d, %s", total,
+             settings.tokens_per_step(accelerator.num_processes), trainable, train_rows.shape[0], settings.seq_len,
+             precision)
+
+    losses: list[float] = []
+    eval_losses: list[tuple[int, float]] = []
+    started = time.perf_counter()
+    network.train()
+    progress = tqdm(range(total), desc="finetune", unit="step", disable=None if accelerator.is_main_process else True)
+    for step in progress:
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(settings.grad_accum):
+            rows = _batch_rows(train_rows.shape[0], step, micro, settings, accelerator.process_index,
+                               accelerator.num_processes)
+            batch = train_rows[rows].to(accelerator.device)
+            with accelerator.accumulate(network):
+                loss = network(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(network.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            step_loss += loss.detach() / settings.grad_accum
+        scheduler.step()
+        losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+        elapsed = time.perf_counter() - started
+        progress.set_postfix(loss=f"{losses[-1]:.4f}",
+                             tok_s=f"{(step + 1) * settings.tokens_per_step(accelerator.num_processes) / elapsed:.0f}")
+        if held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
+            eval_losses.append((step + 1, _eval_loss(network, eval_rows, accelerator)))
+            log.info("finetune: step %d eval loss %.4f", step + 1, eval_losses[-1][1])
+    seconds = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    target = Path(output).expanduser()
+    if accelerator.is_main_process:
+        _save(accelerator.unwrap_model(network), tokenizer, checkpoint, target, settings, saved_dtype,
+              {"steps": total, "tokens": total * settings.tokens_per_step(accelerator.num_processes),
+               "final_loss": round(losses[-1], 5)})
+    accelerator.wait_for_everyone()
+    return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, total,
+                          total * settings.tokens_per_step(accelerator.num_processes), seconds, losses, eval_losses,
+                          trainable)
+
+
+def _mixed_precision(bf16: Any) -> str:
+    """bf16 autocast when asked, or with `auto` on a CUDA device that has it (CPU autocast is slower there)."""
+    if bf16 == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if bf16 else "no"
+
+
+def _checkpoint_dtype(checkpoint: Any) -> torch.dtype:
+    """The dtype most floating-point tensors are stored in: the finetuned model is saved in it again."""
+    counts: dict[torch.dtype, int] = {}
+    for meta in checkpoint.tensors.values():
+        if meta.dtype.is_floating_point:
+            counts[meta.dtype] = counts.get(meta.dtype, 0) + math.prod(meta.shape)
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+@torch.no_grad()
+def _eval_loss(network: Any, rows: torch.Tensor, accelerator: Any) -> float:
+    network.eval()
+    mine = rows[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
+    total = torch.zeros(2, device=accelerator.device)
+    for row in mine:
+        total += torch.stack([network(input_ids=row[None], labels=row[None]).loss.float(), torch.ones((), device=total.device)])
+    network.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _save(
+    network: Any, tokenizer: Any, checkpoint: Any, target: Path, settings: FinetuneSettings, dtype: torch.dtype,
+    facts: dict[str, Any],
+) -> None:
+    """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record."""
+    from .commit import link_or_copy, staged_directory
+    from .provenance import HISTORY_KEY, Fingerprinter, make_records
+
+    source_hash = Fingerprinter(checkpoint.tensors, checkpoint.read_raw).result()
+    lora = settings.lora
+    record_name = "lora" if lora is not None else "finetune"
+    params = lora.params() if lora is not None else {
+        "train": list(settings.train), "data": list(settings.data), "steps": facts["steps"], "seq_len": settings.seq_len,
+        "lr": settings.lr,
+    }
+    finetune_facts = {k: v for k, v in settings.to_json().items() if k != "lora"} | facts
+    record = make_records([(record_name, {"params": params, "finetune": finetune_facts})], checkpoint.source, source_hash)
+    with staged_directory(target, in_place=False) as staging:
+        if lora is not None and not lora.merge:
+            network.peft_config["default"].base_model_name_or_path = _base_reference(checkpoint)
+            network.save_pretrained(staging)
+            (staging / "README.md").unlink(missing_ok=True)  # peft's template card; `retrofit card` writes ours
+            (staging / "retrofit_finetune.json").write_text(json.dumps(record[0], indent=2, sort_keys=True) + "\n")
+        else:
+            if lora is not None:
+                network = network.merge_and_unload()
+            network.config.use_cache = True
+            history = list(checkpoint.history) + record
+            setattr(network.config, HISTORY_KEY, history)
+            network.to(dtype).save_pretrained(staging)
+            for auxiliary in checkpoint.auxiliary_files():
+                if not (staging / auxiliary.name).exists() and auxiliary.name != "README.md":
+                    link_or_copy(auxiliary, staging / auxiliary.name)
+        tokenizer.save_pretrained(staging)
+    log.info("finetune: wrote %s", target)
+
+
+def _base_reference(checkpoint: Any) -> str:
+    """What the adapter config names as its base: the Hub repo id the checkpoint came from, else its local path."""
+    source = str(checkpoint.source)
+    if not Path(source).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return source
+    return str(checkpoint.path)

@@ -1,0 +1,132 @@
+"""LoRA adapters through peft: attach a train-ready adapter, then merge it or save it as an adapter directory.
+
+A LoRA adapter is not a per-tensor rewrite of the base: at initialisation it changes nothing (B = 0), and what it
+becomes is decided by training. So `lora` is not a `TensorPlan` patcher (a plan of it would be the identity); it is a
+typed spec, parsed like every patch spec (`lora:r=16,alpha=32,merge=false`), that the finetune step uses:
+
+1. `attach(model)` wraps a loaded model with peft (`get_peft_model`) and makes the extra trainables trainable;
+2. the finetune trains it;
+3. `finish(model, ...)` either merges (`merge_and_unload`: a full checkpoint, recorded as a `lora` patch in the
+   history) or saves a peft adapter directory whose `base_model_name_or_path` is the patched base it was trained on,
+   so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)` loads it with vanilla peft.
+
+Extra trainables (LongLoRA, arXiv 2309.12307, trains the embeddings and norms beside the adapter to extend context)
+are peft `modules_to_save`: full copies trained and saved with the adapter. With tied embeddings, a trained copy of
+`embed_tokens` would silently untie it from `lm_head`; `ensure_weight_tying=True` makes peft keep the two tied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import PatchSpecError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+DEFAULT_TARGETS = "q_proj+k_proj+v_proj+o_proj"
+EXTRA_TRAINABLES = {
+    "embed_tokens": ["embed_tokens"],
+    "norm": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "lm_head": ["lm_head"],
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA through peft: a low-rank adapter on `target_modules`, merged into the weights or saved as an adapter."""
+
+    name: ClassVar[str] = "lora"
+    example: ClassVar[str] = "lora:r=16,alpha=32,target_modules=q_proj+v_proj,trainable=embed_tokens+norm,merge=true"
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str = DEFAULT_TARGETS
+    """`+`-separated module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or `all-linear`."""
+    trainable: str = ""
+    """Extra fully trained modules, `+`-separated: embed_tokens, norm, lm_head (LongLoRA trains embed_tokens+norm)."""
+    use_dora: bool = False
+    use_rslora: bool = False
+    merge: bool = True
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise PatchSpecError(f"lora: r={self.r} must be a positive rank, e.g. r=16.")
+        if not 0 <= self.dropout < 1:
+            raise PatchSpecError(f"lora: dropout={self.dropout} must be in [0, 1).")
+        unknown = [t for t in self.extra_trainables if t not in EXTRA_TRAINABLES]
+        if unknown:
+            raise PatchSpecError(
+                f"lora: trainable={self.trainable!r} names {', '.join(unknown)}; choose from {', '.join(EXTRA_TRAINABLES)}."
+            )
+
+    @property
+    def extra_trainables(self) -> list[str]:
+        return [t for t in self.trainable.split("+") if t]
+
+    @property
+    def targets(self) -> list[str] | str:
+        return "all-linear" if self.target_modules == "all-linear" else [t for t in self.target_modules.split("+") if t]
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def peft_config(self, model: PreTrainedModel) -> Any:
+        from peft import LoraConfig
+
+        modules_to_save = [m for t in self.extra_trainables for m in EXTRA_TRAINABLES[t]]
+        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+        if tied and "lm_head" in self.extra_trainables:
+            raise PatchSpecError("lora: trainable=lm_head on a model with tied embeddings; train embed_tokens instead.")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.targets,
+            modules_to_save=modules_to_save or None,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            ensure_weight_tying=tied and "embed_tokens" in self.extra_trainables,
+            task_type="CAUSAL_LM",
+        )
+
+    def attach(self, model: PreTrainedModel) -> Any:
+        """The model wrapped in a train-ready peft adapter (only the adapter and extra trainables require grad)."""
+        from peft import get_peft_model
+
+        try:
+            return get_peft_model(model, self.peft_config(model))
+        except ValueError as e:  # peft: target modules not found in the base model, and similar
+            raise PatchSpecError(f"lora: peft refused {self.spec()}: {e}") from None
+
+    def spec(self) -> str:
+        return "lora:" + ",".join(f"{k}={v}" for k, v in self.params().items())
+
+
+def parse_lora(spec: str | dict[str, Any] | LoraSpec) -> LoraSpec:
+    """`"lora:r=8,merge=false"`, `{"r": 8, "merge": False}` or a LoraSpec -> a LoraSpec, rejecting unknown keys."""
+    if isinstance(spec, LoraSpec):
+        return spec
+    from . import parse_fields
+
+    if isinstance(spec, dict):
+        return LoraSpec(**_typed(spec))
+    name, _, arguments = spec.strip().partition(":")
+    if name.strip() != "lora":
+        raise PatchSpecError(f"{spec!r} is not a lora spec. Example: {LoraSpec.example}")
+    return parse_fields(LoraSpec, spec, arguments)  # type: ignore[return-value]
+
+
+def _typed(values: dict[str, Any]) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(LoraSpec)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise PatchSpecError(f"lora has no parameter {', '.join(map(repr, unknown))}; its parameters are {', '.join(fields)}.")
+    out = dict(values)
+    for key in ("target_modules", "trainable"):
+        if isinstance(out.get(key), list):
+            out[key] = "+".join(map(str, out[key]))
+    return out

@@ -1,0 +1,112 @@
+"""The finetune engine: freeze specs keep frozen tensors bit-identical, budgets, new-layer bookkeeping, 2 processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_retrofit import patch
+from llm_retrofit.finetune import FinetuneError, FinetuneSettings, finetune, new_layers_of
+from conftest import char_tokenizer, read_config, save_tiny, state_of
+
+TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. " * 40
+
+
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def chars_model(path: Path, **overrides) -> Path:
+    save_tiny(path, **{"max_position_embeddings": 512, **overrides})
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_training_only_new_layers_leaves_every_other_tensor_bit_identical(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    expanded = patch(base, "expand:every=3", output=tmp_path / "expanded")  # 3 layers -> 4, layer 3 is new
+    out = finetune(expanded, tmp_path / "out", data=[str(corpus(tmp_path))], steps=3, seq_len=32, lr=1e-2,
+                   train=["new_layers"])
+    before, after = state_of(expanded), state_of(out.path)
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # Exact equality: frozen tensors are never touched by the optimizer and go back to disk in their own dtype.
+    assert changed and all(name.startswith("model.layers.3.") for name in changed), sorted(changed)
+    record = read_config(out.path)["retrofit_history"][-1]
+    assert record["patch"] == "finetune" and record["finetune"]["steps"] == 3
+
+
+def test_router_only_finetune_of_an_upcycled_moe_changes_only_routers(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    moe = patch(base, "moe:num_experts=2,top_k=1", output=tmp_path / "moe")
+    out = finetune(moe, tmp_path / "out", data=[str(corpus(tmp_path))], steps=2, seq_len=32, lr=1e-2, train=["router"])
+    before, after = state_of(moe), state_of(out.path)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if name.endswith("block_sparse_moe.gate.weight") or
+                       name.endswith("mlp.gate.weight")}, sorted(changed)
+
+
+def test_new_layers_follow_a_second_expansion() -> None:
+    # 2 layers, expand every=1 -> [0, new, 1, new]; expand every=2 on those 4 inserts after positions 1 and 3:
+    # [0, n1, +, 1, n3, +] so the first expansion's layers 1 and 3 move to 1 and 4, and 2 and 5 are added.
+    history = [{"patch": "expand", "new_layers": [1, 3]}, {"patch": "expand", "new_layers": [2, 5]}]
+    assert new_layers_of(history) == [1, 2, 4, 5]
+    # SOLAR's dus copies layers: a copy of a new layer is new.
+    assert new_layers_of([{"patch": "expand", "new_layers": [1]}, {"patch": "dus", "layer_sources": [0, 1, 1, 2]}]) == [1, 2]
+
+
+def test_a_freeze_spec_that_matches_nothing_names_the_aliases(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    with pytest.raises(FinetuneError, match="new_layers.*records no expansion"):
+        finetune(base, tmp_path / "out", data=[str(corpus(tmp_path))], steps=1, seq_len=32, train=["new_layers"])
+    with pytest.raises(FinetuneError, match="matches no parameter; aliases are new_layers, router"):
+        finetune(base, tmp_path / "out", data=[str(corpus(tmp_path))], steps=1, seq_len=32, train=["router"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_is_steps_or_tokens_never_both() -> None:
+    with pytest.raises(FinetuneError, match="exactly one budget"):
+        FinetuneSettings(steps=10, tokens=1000)
+    with pytest.raises(FinetuneError, match="steps=0 must be at least 1"):
+        FinetuneSettings(steps=0)
+    # YAML reads 1e-4 (no dot) as text: it is still a learning rate; a word is not.
+    assert FinetuneSettings(steps=1, lr="1e-4", lr_groups={"router": "1e-3"}).lr_groups == {"router": 1e-3}
+    with pytest.raises(FinetuneError, match="lr='fast' is not a number"):
+        FinetuneSettings(steps=1, lr="fast")
+    # 1000 tokens at 32 x 2 x 2 per step on 2 processes: ceil(1000 / 256) = 4 steps.
+    assert FinetuneSettings(tokens=1000, seq_len=32, batch_size=2, grad_accum=2).total_steps(processes=2) == 4
+
+
+def test_lr_groups_and_eval_loss_are_applied(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    # lr 0 for everything but the norms: only norms may change, which shows the group lr reached the optimizer.
+    result = finetune(base, tmp_path / "out", data=[str(corpus(tmp_path))], steps=2, seq_len=32, lr=0.0,
+                      lr_groups={"norm": 1e-2}, eval_every=1, eval_sequences=2, lr_schedule="constant")
+    before, after = state_of(base), state_of(result.path)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("norm" in name for name in changed), sorted(changed)
+    assert [step for step, _ in result.eval_losses] == [1, 2]
+
+
+def test_two_process_accelerate_launch_on_cpu_trains_and_saves(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")  # --multi_gpu launches torchrun; on CPU that is gloo
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm_retrofit",
+               "finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2", "--seq-len", "32"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote") == 1  # only the main process writes and reports
+    # Two processes each read their own sequences: 2 steps x 32 tokens x 2 processes.
+    assert "2 steps, 128 tokens" in done.stdout
+    before, after = state_of(base), state_of(out)
+    assert before.keys() == after.keys() and any(not torch.equal(before[n], after[n]) for n in before)

@@ -1,0 +1,217 @@
+"""Recipes: the format's errors name the line, overrides apply, a re-run resumes, every built-in recipe runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import read_config, state_of
+from llm_retrofit import run_recipe
+from llm_retrofit.cli import main
+from llm_retrofit.recipes import RecipeError, apply_overrides, builtin_names, dry_run, load_recipe, parse_recipe
+from llm_retrofit.recipes import runner
+from llm_retrofit.recipes.runner import evaluate_expression
+from test_finetune import chars_model, corpus
+from test_hub import hub  # noqa: F401 - the test Hub fixture
+
+GOOD = """\
+name: mine
+description: test
+inputs:
+  data: bundled:python-docs
+steps:
+  - patch: expand
+    with: {every: 1}
+  - finetune:
+      train: [new_layers]
+      steps: 2
+      seq_len: 32
+      data: ["${inputs.data}"]
+  - eval: {lengths: [64], max_docs: 1, data: ["${inputs.data}"], plot: false}
+"""
+
+
+@pytest.mark.parametrize("text, line, message", [
+    (GOOD.replace("description: test", "descripton: test"), 2, "unknown key 'descripton'; a recipe has name, description"),
+    (GOOD.replace("      steps: 2", "      stpes: 2"), 10, "has no setting 'stpes'; its settings are data, max_docs"),
+    (GOOD.replace("patch: expand", "patch: expnad"), 6, "unknown patch 'expnad'; the patches are"),
+    (GOOD.replace("{every: 1}", "{evry: 1}"), 7, "patch 'expand' has no setting 'evry'; its settings are num_new_layers"),
+    (GOOD.replace("  - eval:", "  - evaluate:"), 13, "unknown key 'evaluate'; a step has exactly one of patch, finetune"),
+    (GOOD.replace("      seq_len: 32", "      seq_len: 32: 4"), 11, "not valid YAML: mapping values are not allowed"),
+])
+def test_schema_errors_name_the_line_and_the_valid_keys(text: str, line: int, message: str) -> None:
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(text, "mine.yaml")
+    assert str(error.value).startswith(f"mine.yaml:{line}: "), str(error.value)
+    assert message in str(error.value)
+
+
+def test_overrides_apply_to_steps_inputs_and_patch_parameters() -> None:
+    recipe = apply_overrides(parse_recipe(GOOD), ["finetune.steps=7", "inputs.data=docs/", "expand.every=2",
+                                                  "eval.lengths=[32, 64]"])
+    assert recipe.step("finetune").params["steps"] == 7
+    assert recipe.inputs["data"] == "docs/"
+    assert recipe.step("expand").params == {"every": 2}
+    assert recipe.step("eval").params["lengths"] == [32, 64]
+    with pytest.raises(RecipeError, match="no step 'fintune'; the steps are expand, finetune, eval"):
+        apply_overrides(parse_recipe(GOOD), ["fintune.steps=7"])
+    with pytest.raises(RecipeError, match="has no setting 'step'"):
+        apply_overrides(parse_recipe(GOOD), {"finetune.step": 7})
+
+
+def test_expressions_compute_from_configs_and_refuse_anything_else() -> None:
+    scope = {"base": {"max_position_embeddings": 2048, "num_hidden_layers": 30}, "inputs": {"factor": 4}}
+    assert evaluate_expression("base.max_position_embeddings * inputs.factor", scope) == 8192
+    assert evaluate_expression("max(1, base.num_hidden_layers // 4)", scope) == 7
+    assert runner.resolve("run-${inputs.factor}x", scope) == "run-4x"
+    with pytest.raises(RecipeError, match="base has no 'hidden'; it has max_position_embeddings"):
+        evaluate_expression("base.hidden", scope)
+    with pytest.raises(RecipeError, match="only names, numbers, arithmetic"):
+        evaluate_expression("__import__('os')", scope)
+
+
+ORIGINAL_RUNNERS = dict(runner.STEP_RUNNERS)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, fail_at: str | None = None) -> dict[str, int]:
+    """Wrap every step runner with a call counter; `fail_at` makes that kind raise once, as a crash would."""
+    calls: dict[str, int] = {}
+    for kind, run in ORIGINAL_RUNNERS.items():
+        def counted(step, params, state, directory, run=run, kind=kind):
+            calls[kind] = calls.get(kind, 0) + 1
+            if kind == fail_at:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the step
+            return run(step, params, state, directory)
+        monkeypatch.setitem(runner.STEP_RUNNERS, kind, counted)
+    return calls
+
+
+def test_resume_skips_completed_steps_and_reruns_from_a_changed_one(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    base = chars_model(tmp_path / "base")
+    recipe = parse_recipe(GOOD)
+    options = dict(output=tmp_path / "run", overrides={"inputs.data": str(corpus(tmp_path))})
+    calls = counting(monkeypatch, fail_at="eval")
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(base, recipe, **options)
+    assert calls == {"patch": 1, "finetune": 1, "eval": 1}
+    with pytest.raises(RecipeError, match="holds an earlier recipe run; pass --resume"):
+        run_recipe(base, recipe, **options)
+
+    calls = counting(monkeypatch)
+    done = run_recipe(base, recipe, resume=True, **options)
+    assert calls == {"eval": 1} and done.skipped == ["expand", "finetune"] and done.ran == ["eval"]
+    assert (tmp_path / "run" / "model").resolve() == tmp_path / "run" / "02-finetune"
+
+    calls = counting(monkeypatch)  # a changed finetune value: the finetune and everything after it run again
+    options["overrides"] = dict(options["overrides"], **{"finetune.steps": 1})
+    done = run_recipe(base, recipe, resume=True, **options)
+    assert calls == {"finetune": 1, "eval": 1} and done.skipped == ["expand"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["id"] for s in manifest["steps"]] == ["expand", "finetune", "eval"]
+    assert manifest["steps"][1]["result"]["steps"] == 1
+
+
+def test_dry_run_prints_resolved_values_and_estimates_and_writes_nothing(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    result = CliRunner().invoke(main, ["patch", str(base), "--recipe", "llama-pro", "--dry-run", "-o", str(tmp_path / "o"),
+                                       "--set", "finetune.steps=3", "--set", "finetune.seq_len=32",
+                                       "--push-to-hub", "me/tiny-pro"])
+    assert result.exit_code == 0, result.output
+    assert "every: 1" in result.output  # max(1, 3 // 4): the expression was resolved against the base config
+    assert "3 steps x 64 tokens = 192 tokens per process" in result.output  # batch_size 2 in the recipe
+    assert "5. push (push)" in result.output and '"me/tiny-pro"' in result.output
+    # 3 layers of the tiny model become 6; each rewritten checkpoint is that many bytes, written twice.
+    assert "total weights written: 1.61 MB" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipes_list_and_show(tmp_path: Path) -> None:
+    listed = CliRunner().invoke(main, ["recipes", "list"])
+    assert listed.exit_code == 0 and [line.split()[0] for line in listed.output.splitlines()] == builtin_names()
+    assert builtin_names() == ["llama-pro", "long-context", "moe-upcycle"]
+    shown = CliRunner().invoke(main, ["recipes", "show", "long-context"])
+    (tmp_path / "copy.yaml").write_text(shown.output)
+    assert load_recipe(tmp_path / "copy.yaml").steps == load_recipe("long-context").steps  # a copy is a recipe
+    missing = CliRunner().invoke(main, ["recipes", "show", "gqa"])
+    assert missing.exit_code != 0 and "the built-in recipes are llama-pro, long-context, moe-upcycle" in missing.output
+
+
+def tiny_budget(data: Path) -> dict:
+    return {"inputs.data": str(data), "inputs.eval_data": str(data), "finetune.steps": 2, "finetune.seq_len": 64,
+            "finetune.eval_every": 0}
+
+
+def test_llama_pro_recipe_trains_only_the_new_blocks(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    done = run_recipe(base, "llama-pro", output=tmp_path / "run", overrides=tiny_budget(corpus(tmp_path)))
+    expanded, trained = state_of(tmp_path / "run" / "01-expand"), state_of(done.model)
+    changed = {name.split(".")[2] for name in expanded if not torch.equal(expanded[name], trained[name])}
+    assert changed == {"1", "3", "5"}  # every=1 on 3 layers: a new block after each
+    assert "| before |" in (tmp_path / "run" / "03-eval" / "eval.md").read_text()
+    assert (done.model / "README.md").is_file() and (done.model / "retrofit_recipe.yaml").is_file()
+
+
+def test_moe_upcycle_recipe_makes_and_trains_a_mixtral(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    done = run_recipe(base, "moe-upcycle", output=tmp_path / "run", overrides=tiny_budget(corpus(tmp_path)))
+    config = read_config(done.model)
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
+    assert [r["patch"] for r in config["retrofit_history"]] == ["moe", "finetune"]
+    assert done.results["eval"]["perplexity"] > 1
+
+
+def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path: Path) -> None:
+    # 256 positions -> 512. A passkey prompt needs ~250 character tokens, so the recipe's shortest length (half the
+    # original context) is raised to 384; everything else is the recipe's own, at a tiny budget.
+    base = chars_model(tmp_path / "base", max_position_embeddings=256)
+    overrides = tiny_budget(corpus(tmp_path)) | {"finetune.seq_len": "${model.max_position_embeddings}",
+                                                "eval.lengths": [384, 512], "eval.passkey_depths": [0.5]}
+    done = run_recipe(base, "long-context", output=tmp_path / "run", overrides=overrides)
+    config = read_config(done.model)
+    assert config["rope_parameters"]["rope_type"] == "longrope" and config["max_position_embeddings"] == 512
+    assert [r["patch"] for r in config["retrofit_history"]] == ["longrope", "lora"]
+    assert done.results["finetune"]["tokens"] == 2 * 512  # trained at the new length
+    card = json.loads((tmp_path / "run" / "03-eval" / "card-eval.json").read_text())
+    assert set(card["perplexity"]) == {"before", "after"} and set(card["passkey"]["after"]) == {"384", "512"}
+    assert "Passkey" in (done.model / "README.md").read_text()
+
+
+def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from test_hub import client_env
+
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("name: bf16\ndescription: cast\nsteps:\n  - patch: dtype\n    with: {to: bfloat16}\n  - card: {}\n")
+    base = chars_model(tmp_path / "base")
+    done = subprocess.run([sys.executable, "-m", "llm_retrofit", "patch", str(base), "--recipe", str(recipe), "-o",
+                           str(tmp_path / "run"), "--push-to-hub", "alice/tiny-bf16"],
+                          env=client_env(hub.url, tmp_path / "home"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = hub.files("alice/tiny-bf16")
+    assert {"config.json", "model.safetensors", "README.md", "retrofit_recipe.yaml"} <= set(files)
+    assert files["retrofit_recipe.yaml"] == recipe.read_bytes()
+    assert b"alice/tiny-bf16" in files["README.md"]  # the card was written for the repo it was pushed to
+    assert json.loads(files["config.json"])["retrofit_history"][-1]["patch"] == "dtype"
+
+
+def test_dry_run_of_a_searching_patch_says_what_is_known_only_when_run(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    plan = dry_run(base, "long-context", overrides={"inputs.data": str(corpus(tmp_path))})
+    assert "target_length: 1024" in plan  # base.max_position_embeddings (512) * inputs.factor (2), resolved
+    assert "plan known only when run: this patch loads the model" in plan
+    assert "values known only when run: ${model.max_position_embeddings} depends on step longrope" in plan
+
+
+def test_lora_as_a_patch_points_to_the_finetune() -> None:
+    from llm_retrofit.errors import PatchSpecError
+    from llm_retrofit.patchers import parse_spec
+
+    with pytest.raises(PatchSpecError, match="lora is trained, not computed from the weights: use `retrofit finetune"):
+        parse_spec("lora:r=8")
