@@ -130,6 +130,18 @@ class _ContextExtension(Patcher):
     def new_length(self, shape: RopeShape) -> int:
         return round(shape.original_length * self.scale_for(shape))
 
+    keeps_length: ClassVar[bool] = False
+    """True where transformers must keep reading max_position_embeddings as the original length (dynamic NTK)."""
+
+    def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
+        """The method's `rope_parameters` entries (rope_theta is added, and may be overridden)."""
+        raise NotImplementedError
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        shape = RopeShape.of(model.config)
+        length = None if self.keeps_length else self.new_length(shape)
+        return self.extended(model, self.rope_parameters(shape), length)
+
 
 @register
 @dataclass(frozen=True)
@@ -139,9 +151,8 @@ class LinearRope(_ContextExtension):
     name: ClassVar[str] = "linear"
     example: ClassVar[str] = "linear:factor=2"
 
-    def plan(self, model: ModelView) -> TensorPlan:
-        shape = RopeShape.of(model.config)
-        return self.extended(model, {"rope_type": "linear", "factor": self.scale_for(shape)}, self.new_length(shape))
+    def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
+        return {"rope_type": "linear", "factor": self.scale_for(shape)}
 
 
 @register
@@ -152,12 +163,8 @@ class NtkRope(_ContextExtension):
     name: ClassVar[str] = "ntk"
     example: ClassVar[str] = "ntk:factor=2"
 
-    def plan(self, model: ModelView) -> TensorPlan:
-        shape = RopeShape.of(model.config)
-        base = shape.base * self.scale_for(shape) ** (shape.dim / (shape.dim - 2))
-        plan = self.extended(model, {"rope_type": "default"}, self.new_length(shape))
-        plan.config["rope_parameters"]["rope_theta"] = base
-        return plan
+    def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
+        return {"rope_type": "default", "rope_theta": shape.base * self.scale_for(shape) ** (shape.dim / (shape.dim - 2))}
 
 
 @register
@@ -168,10 +175,10 @@ class DynamicRope(_ContextExtension):
     name: ClassVar[str] = "dynamic"
     example: ClassVar[str] = "dynamic:factor=2"
 
-    def plan(self, model: ModelView) -> TensorPlan:
-        shape = RopeShape.of(model.config)
-        # max_position_embeddings stays: transformers' dynamic NTK reads it as the original context length.
-        return self.extended(model, {"rope_type": "dynamic", "factor": self.scale_for(shape)})
+    keeps_length: ClassVar[bool] = True  # transformers' dynamic NTK reads max_position_embeddings as the original
+
+    def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
+        return {"rope_type": "dynamic", "factor": self.scale_for(shape)}
 
 
 @register
@@ -185,16 +192,14 @@ class YarnRope(_ContextExtension):
     beta_fast: float = 32.0
     beta_slow: float = 1.0
 
-    def plan(self, model: ModelView) -> TensorPlan:
-        shape = RopeShape.of(model.config)
-        parameters = {
+    def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
+        return {
             "rope_type": "yarn",
             "factor": self.scale_for(shape),
             "original_max_position_embeddings": shape.original_length,
             "beta_fast": self.beta_fast,
             "beta_slow": self.beta_slow,
         }
-        return self.extended(model, parameters, self.new_length(shape))
 
 
 @register
@@ -208,16 +213,14 @@ class Llama3Rope(_ContextExtension):
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
 
-    def plan(self, model: ModelView) -> TensorPlan:
-        shape = RopeShape.of(model.config)
-        parameters = {
+    def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
+        return {
             "rope_type": "llama3",
             "factor": self.scale_for(shape),
             "low_freq_factor": self.low_freq_factor,
             "high_freq_factor": self.high_freq_factor,
             "original_max_position_embeddings": shape.original_length,
         }
-        return self.extended(model, parameters, self.new_length(shape))
 
 
 @register
