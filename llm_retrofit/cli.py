@@ -264,7 +264,9 @@ def _float_list(_ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--attention-factor", type=click.FloatRange(min=1.0), default=None,
               help="Attention scaling (transformers applies it at every length; 1.0 keeps short contexts exactly as "
               "they were). [default: the paper's sqrt(1 + ln s / ln L)]")
-@click.option("--dtype", callback=_dtype, help="Load the weights in this dtype (bfloat16 is ~1.6x faster on CPU).")
+@click.option("--dtype", callback=_dtype,
+              help="Load the weights in this dtype. bfloat16 is fast on GPUs and on CPUs with AVX512-BF16/AMX; on other "
+              "CPUs it can be several times slower than float32. [default: the checkpoint's]")
 @click.option("--device", default=None, help="cpu, cuda... [default: cuda if available, else cpu]")
 def search_rope(model: str, target_length: int, data: tuple[str, ...], output: str, population: int, iterations: int,
                 mutations: int, crossovers: int, parents: int, segments: int, max_docs: int | None, seed: int,
