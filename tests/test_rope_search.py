@@ -114,3 +114,35 @@ def test_longrope_can_search_while_patching(tiny_llama: Path, tmp_path: Path) ->
     rope = read_config(output)["rope_parameters"]
     assert rope["rope_type"] == "longrope" and len(rope["long_factor"]) == 8
     assert rope["long_factor"] == sorted(rope["long_factor"])
+
+
+def test_a_search_while_patching_takes_its_budget_and_attention_factor_from_the_spec(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llm_retrofit.rope_search as rope_search
+
+    searches = []
+
+    def spy(evaluator: FactorEvaluator, settings: SearchSettings, *args, **kwargs):  # type: ignore[no-untyped-def]
+        state = search(evaluator, settings, *args, **kwargs)
+        searches.append((evaluator.attention_factor, settings, state.population[0].factors))
+        return state
+
+    monkeypatch.setattr(rope_search, "search", spy)
+    char_tokenizer().save_pretrained(tiny_llama)
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 20))
+    spec = f"longrope:target_length={TARGET},data={text},population=2,iterations=1,attention_factor=1.0"
+    rope = read_config(patch(tiny_llama, spec, output=tmp_path / "long"))["rope_parameters"]
+
+    [(attention_factor, settings, best)] = searches
+    assert attention_factor == 1.0, "candidates were scored with the attention factor the saved model uses"
+    assert (settings.population, settings.iterations, settings.mutations + settings.crossovers) == (2, 1, 2)
+    assert rope["attention_factor"] == 1.0 and rope["long_factor"] == best
+
+
+def test_a_search_budget_without_data_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    from llm_retrofit import PatchSpecError
+
+    with pytest.raises(PatchSpecError, match="population and iterations set the search's budget; they need data=DOCS"):
+        patch(tiny_llama, "longrope:factors=f.json,population=4", output=tmp_path / "out")

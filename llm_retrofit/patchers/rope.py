@@ -235,6 +235,9 @@ class LongRope(_ContextExtension):
     data: str | None = None
     max_docs: int = 1
     attention_factor: float | None = None
+    population: int | None = None
+    """Search budget with data=DOCS: candidates kept per generation (each generation makes as many children)."""
+    iterations: int | None = None
 
     def __post_init__(self) -> None:
         if (self.factors is None) == (self.data is None):
@@ -246,6 +249,8 @@ class LongRope(_ContextExtension):
             raise PatchSpecError("longrope: give at most one of factor=S or target_length=N (the factors file has one).")
         if self.data is not None and self.factor is None and self.target_length is None:
             raise PatchSpecError("longrope: data=DOCS searches factors for a length; add target_length=N.")
+        if self.data is None and (self.population is not None or self.iterations is not None):
+            raise PatchSpecError("longrope: population and iterations set the search's budget; they need data=DOCS.")
 
     def plan(self, model: ModelView) -> TensorPlan:
         shape = RopeShape.of(model.config)
@@ -270,7 +275,7 @@ class LongRope(_ContextExtension):
 
 
     def _search(self, model: ModelView, shape: RopeShape) -> dict[str, Any]:
-        """Run the factor search with its default settings on the first `max_docs` documents of `data`."""
+        """Run the factor search on the first `max_docs` documents of `data` (default budget unless given)."""
         from ..documents import load_documents
         from ..evaluate import tokenize
         from ..rope_search import FactorEvaluator, SearchSettings, search
@@ -280,8 +285,13 @@ class LongRope(_ContextExtension):
         network, tokenizer = model.calibration()
         length = self.new_length(shape)
         ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
-        evaluator = FactorEvaluator(network, ids, shape, length)
-        best = search(evaluator, SearchSettings(target_length=length)).population[0]
+        evaluator = FactorEvaluator(network, ids, shape, length, attention_factor=self.attention_factor)
+        budget: dict[str, Any] = {"iterations": self.iterations} if self.iterations is not None else {}
+        if self.population is not None:  # as many children as survivors, half mutations and half crossovers
+            budget |= {"population": self.population, "parents": min(4, self.population),
+                       "mutations": self.population // 2, "crossovers": self.population - self.population // 2}
+        settings = SearchSettings(target_length=length, attention_factor=self.attention_factor, **budget)
+        best = search(evaluator, settings).population[0]
         return {"target_length": length, "long_factor": best.factors}
 
 
