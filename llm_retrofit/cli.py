@@ -244,6 +244,20 @@ def _float_list(_ctx: click.Context, param: click.Parameter, value: str) -> list
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0,0.5,1.") from None
 
 
+def _lr_groups(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    """('router=1e-3', 'gate=5e-4') -> {'router': 0.001, 'gate': 0.0005}."""
+    groups = {}
+    for value in values:
+        name, _, lr = value.partition("=")
+        try:
+            groups[name.strip()] = float(lr)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not NAME=LR, e.g. router=1e-3.") from None
+        if not name.strip():
+            raise click.BadParameter(f"{value!r} names no parameters; write NAME=LR, e.g. router=1e-3.")
+    return groups
+
+
 @main.command(name="search-rope")
 @click.argument("model")
 @click.option("--target-length", type=click.IntRange(min=2), required=True, help="The new context length, e.g. 16384.")
@@ -318,6 +332,14 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences per process per micro-step.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
+              help="Decay after the warmup.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--lr-group", "lr_groups", multiple=True, metavar="NAME=LR", callback=_lr_groups,
+              help="Parameters matching NAME (an alias such as router, or a regex) train at LR, e.g. "
+                   "--lr-group router=1e-3. Repeatable; the first match wins.")
+@click.option("--bf16", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
+              help="bfloat16 autocast; auto uses it on GPUs that support it (on CPUs it is often slower).")
 @click.option("--train", "train", multiple=True, default=("all",), show_default=True,
               help="What trains: all, new_layers, router, experts, embed_tokens, norm, lm_head, or a regex. Repeatable.")
 @click.option("--lora", default=None, metavar="SPEC", help="Train a LoRA adapter instead, e.g. lora:r=16,merge=false.")
@@ -326,12 +348,13 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
               help="Held-out loss every N steps (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, tokens: int | None, seq_len: int,
-             batch_size: int, grad_accum: int, lr: float, train: tuple[str, ...], lora: str | None,
+             batch_size: int, grad_accum: int, lr: float, lr_schedule: str, warmup_steps: int,
+             lr_groups: dict[str, float], bf16: str, train: tuple[str, ...], lora: str | None,
              gradient_checkpointing: bool, eval_every: int, seed: int) -> None:
     """A short finetune of MODEL (a checkpoint directory) after a patch; writes OUTPUT.
 
     Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP via `accelerate config`).
-    A recipe's `finetune` step takes the same settings and a few more (lr schedule, lr groups, bf16).
+    A recipe's `finetune` step takes the same settings (as keys: lr_schedule, lr_groups, ...).
 
     \b
     Examples:
@@ -343,7 +366,9 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
     from .finetune import finetune as run_finetune
 
     settings = FinetuneSettings(data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                                grad_accum=grad_accum, lr=lr, train=train, lora=lora,
+                                grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                                lr_groups=lr_groups, bf16={"true": True, "false": False}.get(bf16, "auto"),
+                                train=train, lora=lora,
                                 gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, seed=seed)
     result = run_finetune(model, output, settings)
     from accelerate import PartialState

@@ -53,6 +53,26 @@ def test_router_only_finetune_of_an_upcycled_moe_changes_only_routers(tmp_path: 
                        name.endswith("mlp.gate.weight")}, sorted(changed)
 
 
+def test_the_cli_takes_lr_groups_schedule_and_bf16(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from llm_retrofit.cli import main
+
+    base = chars_model(tmp_path / "base")
+    moe = patch(base, "moe:num_experts=2,top_k=1", output=tmp_path / "moe")
+    arguments = ["finetune", str(moe), "-o", str(tmp_path / "out"), "-d", str(corpus(tmp_path)), "--steps", "2",
+                 "--seq-len", "32", "--train", "router", "--train", "experts", "--lr", "0", "--lr-group", "router=1e-2",
+                 "--lr-schedule", "constant", "--warmup-steps", "0", "--bf16", "false"]
+    done = CliRunner().invoke(main, arguments)
+    assert done.exit_code == 0, done.output
+    before, after = state_of(moe), state_of(tmp_path / "out")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.endswith("gate.weight") for name in changed), "experts train at lr 0, routers at 1e-2"
+    assert read_config(tmp_path / "out")["retrofit_history"][-1]["finetune"]["lr_schedule"] == "constant"
+    bad = CliRunner().invoke(main, [*arguments[:4], "--steps", "1", "--lr-group", "router"])
+    assert bad.exit_code == 2 and "'router' is not NAME=LR" in bad.output
+
+
 def test_new_layers_follow_a_second_expansion() -> None:
     # 2 layers, expand every=1 -> [0, new, 1, new]; expand every=2 on those 4 inserts after positions 1 and 3:
     # [0, n1, +, 1, n3, +] so the first expansion's layers 1 and 3 move to 1 and 4, and 2 and 5 are added.
@@ -95,18 +115,38 @@ def test_lr_groups_and_eval_loss_are_applied(tmp_path: Path) -> None:
     assert [step for step, _ in result.eval_losses] == [1, 2]
 
 
-def test_two_process_accelerate_launch_on_cpu_trains_and_saves(tmp_path: Path) -> None:
-    base = chars_model(tmp_path / "base")
-    out = tmp_path / "out"
+def launch_two_processes(tmp_path: Path, base: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")  # --multi_gpu launches torchrun; on CPU that is gloo
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm_retrofit",
-               "finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2", "--seq-len", "32"]
+               "finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2", "--seq-len", "32",
+               *options]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote") == 1  # only the main process writes and reports
+    return done
+
+
+def test_two_process_accelerate_launch_on_cpu_trains_and_saves(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    out = tmp_path / "out"
+    done = launch_two_processes(tmp_path, base, out)
     # Two processes each read their own sequences: 2 steps x 32 tokens x 2 processes.
     assert "2 steps, 128 tokens" in done.stdout
     before, after = state_of(base), state_of(out)
     assert before.keys() == after.keys() and any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_two_process_lora_writes_one_adapter_that_vanilla_peft_loads(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = chars_model(tmp_path / "base", tie_word_embeddings=True)
+    adapter = tmp_path / "adapter"
+    launch_two_processes(tmp_path, base, adapter, "--lr", "1e-2", "--lora", "lora:r=4,trainable=embed_tokens+norm,merge=false")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    ids = torch.randint(3, 127, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-3)
