@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ TEXT_FIELD = "text"
 # characters (20k to 33k SmolLM2 tokens each), so that lengths up to 16k have real text to read.
 BUNDLED_MIN_CHARS = 80_000
 BUNDLED = {"bundled:python-docs": "the Python standard library's documentation topics (pydoc_data), in ~80k-character documents"}
+# `SOURCE[i]` or `SOURCE[start:stop]` picks documents of a source by position (Python slice rules), so that one
+# corpus can give disjoint training and held-out sets: `bundled:python-docs[1:]` to train, `[:1]` to evaluate.
+SELECTION = re.compile(r"^(?P<source>.+)\[(?P<start>-?\d*)(?P<colon>:?)(?P<stop>-?\d*)\]$")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ def load_documents(sources: Iterable[str | os.PathLike[str]], max_docs: int | No
 
     A source is a text file, a JSONL file (one JSON object per line with a `text` field), a directory (its text and
     JSONL files, recursively, in sorted order), a saved `datasets` directory, `bundled:python-docs`, or, where the
-    `datasets` package is installed, a dataset name `NAME[:CONFIG][@SPLIT]` (split `test` unless given).
+    `datasets` package is installed, a dataset name `NAME[:CONFIG][@SPLIT]` (split `test` unless given). Any source
+    followed by `[i]` or `[start:stop]` gives only those of its documents (`bundled:python-docs[1:]`).
     """
     sources = [str(source) for source in sources]
     documents: list[Document] = []
@@ -57,6 +62,9 @@ def load_documents(sources: Iterable[str | os.PathLike[str]], max_docs: int | No
 
 
 def _read_source(source: str) -> Iterable[Document]:
+    selection = SELECTION.match(source)
+    if selection and not Path(source).expanduser().exists():
+        return _select(selection["source"], selection["start"], selection["colon"], selection["stop"])
     if source in BUNDLED:
         return bundled_documents(source)
     path = Path(source).expanduser()
@@ -67,6 +75,21 @@ def _read_source(source: str) -> Iterable[Document]:
     if path.is_file():
         return _jsonl(path) if path.suffix in JSONL_SUFFIXES else [Document(str(path), _read_text(path))]
     return _dataset(source)
+
+
+def _select(source: str, start: str, colon: str, stop: str) -> list[Document]:
+    documents = list(_read_source(source))
+    if not colon:
+        if not start:
+            raise DataError(f"{source}[] selects nothing; write {source}[i] for one document or {source}[a:b] for several.")
+        index = int(start)
+        if not -len(documents) <= index < len(documents):
+            raise DataError(
+                f"{source}[{index}] is out of range: {source} holds {len(documents)} documents "
+                f"(indices 0 to {len(documents) - 1}, or negative from the end)."
+            )
+        return [documents[index]]
+    return documents[slice(int(start) if start else None, int(stop) if stop else None)]
 
 
 def bundled_documents(name: str = "bundled:python-docs") -> list[Document]:

@@ -42,6 +42,23 @@ def test_bundled_python_docs_are_long_and_cover_every_topic() -> None:
     assert all(text.strip() in joined for text in topics.values())
 
 
+def test_a_selection_picks_documents_by_position_so_one_corpus_gives_train_and_held_out_sets(tmp_path: Path) -> None:
+    documents = bundled_documents()
+    assert load_documents(["bundled:python-docs[1:]"]) == documents[1:]
+    assert load_documents(["bundled:python-docs[:1]"]) == documents[:1]
+    assert load_documents(["bundled:python-docs[-1]"]) == documents[-1:]
+    assert documents[0].name == "bundled:python-docs[0]", "a document's name is the selection that gives it back"
+    (tmp_path / "many.jsonl").write_text("".join(f'{{"text": "{i}"}}\n' for i in range(5)))
+    assert [d.text for d in load_documents([f"{tmp_path / 'many.jsonl'}[1:3]"])] == ["1", "2"]
+    weird = tmp_path / "notes[1].txt"  # a file whose own name looks like a selection is read as the file
+    weird.write_text("itself")
+    assert [d.text for d in load_documents([weird])] == ["itself"]
+    with pytest.raises(DataError, match=r"python-docs\[9\] is out of range: .* holds \d+ documents"):
+        load_documents(["bundled:python-docs[9]"])
+    with pytest.raises(DataError, match="no documents found"):
+        load_documents(["bundled:python-docs[9:]"])
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

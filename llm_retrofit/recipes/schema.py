@@ -31,8 +31,8 @@ from ..errors import RetrofitError
 
 TOP_LEVEL = {"name": True, "description": False, "inputs": False, "steps": True}
 KINDS = ("patch", "finetune", "eval", "card", "push")
-EVAL_KEYS = ("data", "lengths", "max_docs", "protocol", "stride", "passkey", "passkey_depths", "passkey_trials",
-             "batch_size", "compare_base", "plot", "dtype")
+EVAL_KEYS = ("data", "lengths", "max_docs", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths",
+             "passkey_trials", "batch_size", "compare_base", "plot", "dtype")
 CARD_KEYS = ("base_model", "repo_id")
 PUSH_KEYS = ("repo_id", "private", "revision", "create_pr", "commit_message")
 
