@@ -344,13 +344,16 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
               help="What trains: all, new_layers, router, experts, embed_tokens, norm, lm_head, or a regex. Repeatable.")
 @click.option("--lora", default=None, metavar="SPEC", help="Train a LoRA adapter instead, e.g. lora:r=16,merge=false.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--s2-attn", is_flag=True,
+              help="Train with LongLoRA's shifted sparse attention (groups of seq-len/4): ~4x less attention work at "
+                   "long lengths; the saved model keeps full attention.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Held-out loss every N steps (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, tokens: int | None, seq_len: int,
              batch_size: int, grad_accum: int, lr: float, lr_schedule: str, warmup_steps: int,
              lr_groups: dict[str, float], bf16: str, train: tuple[str, ...], lora: str | None,
-             gradient_checkpointing: bool, eval_every: int, seed: int) -> None:
+             gradient_checkpointing: bool, s2_attn: bool, eval_every: int, seed: int) -> None:
     """A short finetune of MODEL (a checkpoint directory) after a patch; writes OUTPUT.
 
     Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP via `accelerate config`).
@@ -359,7 +362,7 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
     \b
     Examples:
       retrofit finetune smollm2-pro/ --train new_layers --steps 200 --seq-len 1024 -o smollm2-pro-ft/
-      retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 8192 --steps 50 -o out/
+      retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 16384 --s2-attn --steps 50 -o out/
       accelerate launch --num_processes 2 -m llm_retrofit finetune smollm2/ --steps 100 -o out/
     """
     from .finetune import FinetuneSettings
@@ -369,7 +372,8 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
                                 grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                                 lr_groups=lr_groups, bf16={"true": True, "false": False}.get(bf16, "auto"),
                                 train=train, lora=lora,
-                                gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, seed=seed)
+                                gradient_checkpointing=gradient_checkpointing, s2_attn=s2_attn, eval_every=eval_every,
+                                seed=seed)
     result = run_finetune(model, output, settings)
     from accelerate import PartialState
 

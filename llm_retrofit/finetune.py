@@ -3,7 +3,8 @@
 A patch that adds capacity (new blocks, experts, a longer context) needs a few hundred steps of training to use it.
 This module is that loop and nothing more: documents (`load_documents`) are tokenized, joined with EOS and packed
 into sequences of `seq_len` tokens; a `steps` or `tokens` budget is trained with AdamW, a warmup + cosine/linear/
-constant schedule, gradient accumulation, optional gradient checkpointing and bf16 autocast where the device has it.
+constant schedule, gradient accumulation, optional gradient checkpointing, optional shifted sparse attention
+(LongLoRA's S2-Attn, for long sequences) and bf16 autocast where the device has it.
 
 What trains is a *freeze spec* (`train`): `all`, or a list of aliases and regexes over parameter names, where
 `new_layers` means the layers the `expand`/`dus` history of the checkpoint says are new (LLaMA-Pro trains only
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from . import shifted_sparse_attention
 from .errors import DataError, RetrofitError
 
 if TYPE_CHECKING:
@@ -81,6 +83,9 @@ class FinetuneSettings:
     lora: Any = None
     """A LoraSpec, a lora spec string or dict; None for a full (or frozen-spec) finetune."""
     gradient_checkpointing: bool = False
+    s2_attn: bool = False
+    """Train with LongLoRA's shifted sparse attention (groups of seq_len/4): ~4x less attention work at long lengths;
+    the saved model keeps full attention."""
     bf16: Literal["auto", True, False] = "auto"
     eval_every: int = 0
     eval_sequences: int = 4
@@ -97,6 +102,9 @@ class FinetuneSettings:
                 raise FinetuneError(f"finetune: {key}={getattr(self, key)} must be at least 1.")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise FinetuneError(f"finetune: lr_schedule={self.lr_schedule!r}; choose cosine, linear or constant.")
+        if self.s2_attn and shifted_sparse_attention.group_size(self.seq_len) is None:
+            raise FinetuneError(f"finetune: s2_attn splits seq_len into 4 groups of an even size; seq_len={self.seq_len} "
+                                "does not divide so (use a multiple of 8).")
         if self.bf16 not in ("auto", True, False):
             raise FinetuneError(f"finetune: bf16={self.bf16!r}; choose auto, true or false.")
         if isinstance(self.data, str):
@@ -321,6 +329,8 @@ def finetune(
     network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32)
     saved_dtype = _checkpoint_dtype(checkpoint)
     network.config.use_cache = False
+    model_attention = shifted_sparse_attention.enable(network) if settings.s2_attn else None
+    transformers_model = network  # before peft wraps it: where the attention implementation is switched back
     if settings.lora is not None:
         network = settings.lora.attach(network)
     else:
@@ -377,6 +387,8 @@ def finetune(
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     target = Path(output).expanduser()
+    if model_attention is not None:
+        transformers_model.set_attn_implementation(model_attention)  # the saved model runs full attention
     if accelerator.is_main_process:
         _save(accelerator.unwrap_model(network), tokenizer, checkpoint, target, settings, saved_dtype,
               {"steps": total, "tokens": total * settings.tokens_per_step(accelerator.num_processes),
