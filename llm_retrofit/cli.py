@@ -380,6 +380,8 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
     if PartialState().is_main_process:
         click.echo(f"wrote {result.path}: {result.steps} steps, {result.tokens} tokens, "
                    f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {result.tokens_per_second:.0f} tokens/s")
+    # Leave the process group before exiting: torch's exit without it can abort a worker after a successful run.
+    PartialState().destroy_process_group()
 
 
 @main.command(name="eval")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,10 +116,18 @@ def test_lr_groups_and_eval_loss_are_applied(tmp_path: Path) -> None:
     assert [step for step, _ in result.eval_losses] == [1, 2]
 
 
-def launch_two_processes(tmp_path: Path, base: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+DDP = ("--multi_gpu",)  # on CPU, accelerate launches torchrun with the gloo backend
+FSDP = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_state_dict_type", "FULL_STATE_DICT")
+
+
+def launch_two_processes(tmp_path: Path, base: Path, out: Path, *options: str, strategy=DDP) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")  # --multi_gpu launches torchrun; on CPU that is gloo
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    with socket.socket() as free:  # a fresh port each launch: back-to-back launches on one port can collide
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    command = [sys.executable, "-m", "accelerate.commands.launch", *strategy, "--num_processes", "2",
+               "--main_process_port", port,
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm_retrofit",
                "finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2", "--seq-len", "32",
                *options]
@@ -136,6 +145,15 @@ def test_two_process_accelerate_launch_on_cpu_trains_and_saves(tmp_path: Path) -
     assert "2 steps, 128 tokens" in done.stdout
     before, after = state_of(base), state_of(out)
     assert before.keys() == after.keys() and any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_fsdp_across_two_processes_trains_exactly_what_ddp_trains(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    launch_two_processes(tmp_path, base, tmp_path / "ddp")
+    launch_two_processes(tmp_path, base, tmp_path / "fsdp", strategy=FSDP)
+    ddp, fsdp = state_of(tmp_path / "ddp"), state_of(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys() and all(torch.equal(ddp[name], fsdp[name]) for name in ddp)
+    assert any(not torch.equal(ddp[name], tensor) for name, tensor in state_of(base).items())
 
 
 def test_two_process_lora_writes_one_adapter_that_vanilla_peft_loads(tmp_path: Path) -> None:
