@@ -325,7 +325,8 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Write the finetuned model or adapter here.")
 @click.option("-d", "--data", multiple=True, default=("bundled:python-docs",), show_default=True, metavar="PATH",
-              help="Training text: files, directories, JSONL, bundled:python-docs, a `datasets` name. Repeatable.")
+              help="Training text: files, directories, JSONL, bundled:python-docs, a `datasets` name; SOURCE[a:b] "
+                   "picks documents by position (bundled:python-docs[1:]). Repeatable.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (or give --tokens).")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Token budget, instead of --steps.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True)
@@ -388,7 +389,8 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
 @click.argument("models", nargs=-1, required=True)
 @click.option("-d", "--data", multiple=True, required=True, metavar="PATH",
               help="Text file, directory of text files, .jsonl with a text field, bundled:python-docs, or a "
-                   "`datasets` name NAME[:CONFIG][@SPLIT] (needs datasets installed). Repeat for several.")
+                   "`datasets` name NAME[:CONFIG][@SPLIT] (needs datasets installed); SOURCE[a:b] picks documents by "
+                   "position (bundled:python-docs[:1]). Repeat for several.")
 @click.option("-l", "--lengths", default="2048,4096,8192", show_default=True, callback=_int_list,
               help="Context lengths in tokens (k = 1024).")
 @click.option("--protocol", type=click.Choice(["truncate", "sliding"]), default=None,
