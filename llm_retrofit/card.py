@@ -123,13 +123,7 @@ def _from_eval_result(data: Mapping[str, Any]) -> dict[str, Any]:
     from .eval_report import EvalResult
 
     result = EvalResult.from_dict(dict(data))
-    passkey: dict[str, dict[int, float]] = {}
-    for model in result.models:
-        by_length: dict[int, list[float]] = {}
-        for (length, _depth), accuracy in model.passkey_accuracy().items():
-            by_length.setdefault(length, []).append(accuracy)
-        if by_length:
-            passkey[model.name] = {length: sum(a) / len(a) for length, a in by_length.items()}
+    passkey = {model.name: model.passkey_by_length() for model in result.models if model.passkey}
     return {
         "model": result.models[-1].name,
         "dataset": {"name": ", ".join(map(str, result.settings.get("data", []))) or "long documents", "type": "long-documents"},

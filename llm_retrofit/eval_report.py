@@ -78,6 +78,13 @@ class ModelResult:
             cells.setdefault((trial.length, trial.depth), []).append(trial.correct)
         return {cell: sum(hits) / len(hits) for cell, hits in sorted(cells.items())}
 
+    def passkey_by_length(self) -> dict[int, float]:
+        """Accuracy for each length, the mean over its depths (what model cards and the Markdown `mean` show)."""
+        depths: dict[int, list[float]] = {}
+        for (length, _depth), accuracy in self.passkey_accuracy().items():
+            depths.setdefault(length, []).append(accuracy)
+        return {length: sum(values) / len(values) for length, values in depths.items()}
+
 
 @dataclass
 class EvalResult:
@@ -175,14 +182,10 @@ class EvalResult:
                 "| --- | ---: |" + " ---: |" * (len(depths) + 1),
             ]
             for model in with_passkey:
-                accuracy = model.passkey_accuracy()
-                for length in sorted({t.length for t in model.passkey}):
-                    row = [accuracy.get((length, d)) for d in depths]
-                    known = [a for a in row if a is not None]
-                    cells = [f"{a:.0%}" if a is not None else "-" for a in row]
-                    lines.append(
-                        f"| {model.name} | {_short(length)} | " + " | ".join(cells) + f" | {sum(known) / len(known):.0%} |"
-                    )
+                accuracy, means = model.passkey_accuracy(), model.passkey_by_length()
+                for length in sorted(means):
+                    cells = [f"{a:.0%}" if (a := accuracy.get((length, d))) is not None else "-" for d in depths]
+                    lines.append(f"| {model.name} | {_short(length)} | " + " | ".join(cells) + f" | {means[length]:.0%} |")
             trials = self.settings.get("passkey", {}).get("trials")
             lines += ["", f"Passkey retrieval accuracy (greedy decoding, {trials} trial(s) per cell)."]
         text = "\n".join(lines) + "\n"

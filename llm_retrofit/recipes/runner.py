@@ -307,13 +307,7 @@ def card_evaluation(result: Any, data: Any) -> dict[str, Any]:
     """The evaluation in the shape model cards read: {model label: {length: value}} per measure."""
     perplexity = {m.name: {str(r.length): r.perplexity for r in m.perplexity if r.perplexity is not None}
                   for m in result.models}
-    passkey: dict[str, dict[str, float]] = {}
-    for m in result.models:
-        by_length: dict[int, list[float]] = {}
-        for (length, _depth), accuracy in m.passkey_accuracy().items():
-            by_length.setdefault(length, []).append(accuracy)
-        if by_length:
-            passkey[m.name] = {str(n): sum(v) / len(v) for n, v in by_length.items()}
+    passkey = {m.name: {str(n): a for n, a in m.passkey_by_length().items()} for m in result.models if m.passkey}
     name = ", ".join(data) if isinstance(data, list) else str(data)
     summary: dict[str, Any] = {"model": result.models[-1].name, "dataset": {"name": name, "type": "long-documents"},
                                "perplexity": perplexity}
