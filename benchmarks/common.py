@@ -52,8 +52,8 @@ def _make(path: Path, size_gb: float, dtype_name: str) -> tuple[int, int]:
     import torch
     from transformers import LlamaConfig
 
-    from llm_retrofit.checkpoint import TensorMeta
-    from llm_retrofit.writer import SafetensorsWriter, layout_shards, write_index
+    from llm_retrofit.io.checkpoint import TensorMeta
+    from llm_retrofit.io.writer import SafetensorsWriter, layout_shards, write_index
 
     dtype = getattr(torch, dtype_name)
     hidden, intermediate, vocab = 2048, 5632, 32000

@@ -7,7 +7,7 @@ given); the documents are `bundled:python-docs` (the Python documentation topics
 each contender runs in a fresh process (peak RSS is that process's VmHWM: Linux carries ru_maxrss over from the
 parent), loads the model, tokenizes, and then only the evaluation is timed:
 
-- retrofit: `llm_retrofit.evaluate.perplexity` (what `retrofit eval` runs): the decoder alone, then the LM head and
+- retrofit: `llm_retrofit.evaluation.perplexity.perplexity` (what `retrofit eval` runs): the decoder alone, then the LM head and
   the loss a chunk of positions at a time; truncate reads every length off one pass at the largest.
 - hf_guide: the guide's loop, `model(input_ids, labels=target_ids)` per window, targets of already-scored tokens set
   to -100 (https://huggingface.co/docs/transformers/perplexity). Tokens are counted exactly (the guide subtracts one
@@ -65,8 +65,8 @@ def child(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_retrofit.documents import bundled_documents
-    from llm_retrofit.evaluate import perplexity
+    from llm_retrofit.evaluation.documents import bundled_documents
+    from llm_retrofit.evaluation.perplexity import perplexity
 
     dtype = getattr(torch, spec["dtype"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).eval()

@@ -58,9 +58,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from llm_retrofit import patch
-    from llm_retrofit.evaluate import load_model, perplexity
-    from llm_retrofit.patchers.rope import RopeShape
-    from llm_retrofit.rope_search import FactorEvaluator, SearchSettings, search, write_factors
+    from llm_retrofit.evaluation.perplexity import load_model, perplexity
+    from llm_retrofit.modeling.rope import RopeShape
+    from llm_retrofit.modeling.rope_search import FactorEvaluator, SearchSettings, search, write_factors
 
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, args.dtype)

@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .api import expand_blocks, extend_context, patch, upcycle_moe  # noqa: E402
-from .card import render_card  # noqa: E402
-from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from .publishing.card import render_card  # noqa: E402
+from .io.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
-from .documents import Document, load_documents  # noqa: E402
+from .evaluation.documents import Document, load_documents  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     DataError,
@@ -32,10 +32,10 @@ from .errors import (  # noqa: E402
     RetrofitError,
     UnsupportedArchitectureError,
 )
-from .eval_report import EvalResult  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .finetune import FinetuneError, finetune  # noqa: E402
-from .hub import push  # noqa: E402
+from .evaluation.report import EvalResult  # noqa: E402
+from .evaluation.perplexity import evaluate  # noqa: E402
+from .training.finetune import FinetuneError, finetune  # noqa: E402
+from .publishing.hub import push  # noqa: E402
 from .recipes import RecipeError, run_recipe  # noqa: E402
 
 __all__ = [

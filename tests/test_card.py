@@ -16,8 +16,9 @@ from huggingface_hub import ModelCard
 from conftest import png_bytes, read_config, save_adapter, snapshot
 from hub_server import validate_card_metadata
 from llm_retrofit import PublishError, patch, render_card
-from llm_retrofit.card import card_content, open_model_directory
-from llm_retrofit.patch_notes import PATCHES
+from llm_retrofit.publishing.card import card_content, open_model_directory
+from llm_retrofit.patchers import registry
+from llm_retrofit.publishing.patch_notes import OTHER_RECORDS, patch_info
 from llm_retrofit.cli import main
 
 EVALUATION = {
@@ -81,14 +82,20 @@ def test_relation_follows_the_patch_chain(tiny_llama: Path, patches: list[str], 
     assert data["tags"] == ["llm-retrofit", *dict.fromkeys(patches)]
 
 
+def test_every_patcher_declares_a_card_with_its_paper() -> None:
+    """A patcher without its own card would be described by its docstring alone, with no paper to cite."""
+    missing = [name for name, patcher in registry().items() if patcher.card is None or patcher.card.url is None]
+    assert not missing, f"patchers without a card naming their paper: {missing}"
+
+
 def test_every_known_patch_is_explained_with_its_paper_and_unknown_ones_generically(tiny_llama: Path) -> None:
-    names = sorted(PATCHES) + ["mystery"]
-    set_history(tiny_llama, *[(name, {"factor": 4.0}, "alice/base") for name in names])
+    known = sorted(registry()) + sorted(OTHER_RECORDS)
+    set_history(tiny_llama, *[(name, {"factor": 4.0}, "alice/base") for name in [*known, "mystery"]])
     text = card_of(Path(render_card(tiny_llama)).parent).text
-    for name in PATCHES:
+    for name in known:
         row = next(line for line in text.splitlines() if line.startswith("| ") and f"`{name}`" in line)
-        assert PATCHES[name].explanation in row and "factor=4.0" in row
-        assert PATCHES[name].url is None or PATCHES[name].url in row
+        assert patch_info(name).explanation in row and "factor=4.0" in row
+        assert patch_info(name).url is None or patch_info(name).url in row
     assert "has no description of the `mystery` patch" in text
     assert "original_max_position_embeddings" in text, "LongRoPE's factor switch and the KV cache are a limitation"
 
@@ -100,7 +107,7 @@ def test_every_known_patch_is_explained_with_its_paper_and_unknown_ones_generica
         ("dtype", {"to": "float32"}, None),  # an upcast loses nothing
         ("convert", {"from": "gguf"}, "dequantized from a quantized GGUF file"),
         ("convert", {"dtype": "bfloat16"}, None),  # a re-shard of a checkpoint
-        ("gqa", {}, "Pooling KV heads without uptraining loses some quality"),
+        ("moe", {"num_experts": 4}, "Until it is finetuned the experts are identical"),
     ],
 )
 def test_limitations_depend_on_the_parameters(tiny_llama: Path, name: str, params: dict, expected: str | None) -> None:
@@ -111,12 +118,12 @@ def test_limitations_depend_on_the_parameters(tiny_llama: Path, name: str, param
     assert expected is None or expected in items[0]
 
 
-def test_a_registered_patcher_without_a_row_is_described_by_its_docstring(tiny_llama: Path) -> None:
-    from llm_retrofit.patchers import PATCHERS, registry
+def test_a_registered_patcher_without_a_card_is_described_by_its_docstring(tiny_llama: Path) -> None:
     from llm_retrofit.patchers.dtype import CastDtype
+    from llm_retrofit.spec import PATCHERS
 
     registry()
-    PATCHERS["recast"] = type("Recast", (CastDtype,), {"__doc__": "Cast again, differently.", "name": "recast"})
+    PATCHERS["recast"] = type("Recast", (CastDtype,), {"__doc__": "Cast again, differently.", "name": "recast", "card": None})
     try:
         set_history(tiny_llama, ("recast", {"to": "float16"}, "alice/base"))
         text = card_of(Path(render_card(tiny_llama)).parent).text
@@ -190,7 +197,7 @@ def test_evaluation_is_kept_on_refresh_and_dropped_once_the_model_is_patched(tin
     assert (tiny_bf16 / "README.md").stat().st_mtime_ns == first, "an unchanged card is not rewritten"
     assert card_of(tiny_bf16).data.eval_results and card_of(tiny_bf16).data.base_model == "alice/tiny"
     patch(tiny_bf16, "dtype:to=float16", in_place=True)
-    with caplog.at_level(logging.WARNING, logger="llm_retrofit.card"):
+    with caplog.at_level(logging.WARNING, logger="llm_retrofit.publishing.card"):
         render_card(tiny_bf16)
     card = card_of(tiny_bf16)
     assert card.data.eval_results is None and "no evaluation of this model" in card.text
@@ -274,7 +281,7 @@ def test_invalid_base_model_is_refused_before_anything_is_written(tiny_bf16: Pat
     ],
 )
 def test_card_validation_names_the_problem(metadata: str, problem: str) -> None:
-    from llm_retrofit.card import validate_card
+    from llm_retrofit.publishing.card import validate_card
 
     fine = "library_name: transformers\npipeline_tag: text-generation\ntags: [llm-retrofit]\n"
     validate_card(ModelCard(f"---\n{fine}---\n# ok\n"), adapter=False)
@@ -298,7 +305,7 @@ def test_card_command(tiny_bf16: Path, tmp_path: Path) -> None:
 
 def test_the_json_of_retrofit_eval_feeds_the_card(tiny_llama_chars: Path, tmp_path: Path) -> None:
     from llm_retrofit import evaluate
-    from llm_retrofit.card import load_evaluation
+    from llm_retrofit.publishing.card import load_evaluation
 
     results = tmp_path / "results.json"
     evaluate(tiny_llama_chars, ["a long enough document " * 30], lengths=[64, 128]).to_json(results)

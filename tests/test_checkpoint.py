@@ -10,7 +10,7 @@ import torch
 
 from conftest import save_tiny, state_of, tiny_model
 from llm_retrofit import CheckpointError, UnsupportedArchitectureError, load_checkpoint
-from llm_retrofit.checkpoint import SafetensorsFile
+from llm_retrofit.io.checkpoint import SafetensorsFile
 
 
 def test_single_file_checkpoint_lists_every_tensor_without_reading_data(tiny_llama: Path) -> None:

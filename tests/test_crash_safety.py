@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_tensors, state_of
 from llm_retrofit import load_checkpoint, patch
-from llm_retrofit.commit import MARKER, staging_dir
+from llm_retrofit.io.commit import MARKER, staging_dir
 
 
 def start_paused(directory: Path, pause_at: str, **extra_env: str) -> subprocess.Popen[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm_retrofit import DataError, Document, load_documents
-from llm_retrofit.documents import BUNDLED_MIN_CHARS, bundled_documents
+from llm_retrofit.evaluation.documents import BUNDLED_MIN_CHARS, bundled_documents
 
 
 def test_text_files_directories_and_jsonl_in_order(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_retrofit import evaluate, load_documents
-from llm_retrofit.passkey import passkey_trials
+from llm_retrofit.evaluation.passkey import passkey_trials
 
 
 @pytest.fixture(scope="module")

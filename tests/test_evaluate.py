@@ -17,7 +17,7 @@ import torch
 
 from conftest import tiny_model
 from llm_retrofit import EvaluationError
-from llm_retrofit.evaluate import (
+from llm_retrofit.evaluation.perplexity import (
     NLL,
     Window,
     check_head,
@@ -102,7 +102,7 @@ def test_peak_memory_holds_a_chunk_of_logits_not_all_of_them() -> None:
         import sys, torch
         sys.path.insert(0, "tests")
         from conftest import tiny_model
-        from llm_retrofit.evaluate import token_nll
+        from llm_retrofit.evaluation.perplexity import token_nll
         def peak(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         model = tiny_model(vocab_size=32768, max_position_embeddings=8192)
         ids = torch.randint(0, 32768, (1, 8192))
@@ -203,7 +203,7 @@ def test_truncate_runs_each_document_once_and_equals_separate_passes() -> None:
 def test_length_dependent_rope_gets_a_pass_per_length() -> None:
     """Dynamic NTK rescales RoPE once a sequence outgrows the context, so a prefix's NLL depends on what follows."""
     model = tiny_model(max_position_embeddings=128, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    assert not shares_prefixes(model) and shares_prefixes(tiny_model())
+    assert not shares_prefixes(model, [64, 256]) and shares_prefixes(tiny_model(), [64, 256])
     doc = random_ids(256)
     run = perplexity(model, [doc], [64, 256])
     assert run.tokens_forwarded == 64 + 256

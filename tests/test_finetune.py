@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm_retrofit import patch
-from llm_retrofit.finetune import FinetuneError, FinetuneSettings, finetune, new_layers_of
+from llm_retrofit.training.finetune import FinetuneError, FinetuneSettings, finetune, new_layers_of
 from conftest import char_tokenizer, read_config, save_tiny, state_of
 
 TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. " * 40

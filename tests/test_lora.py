@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llm_retrofit.errors import PatchSpecError
-from llm_retrofit.finetune import finetune
-from llm_retrofit.patchers.lora import LoraSpec, parse_lora
+from llm_retrofit.training.finetune import finetune
+from llm_retrofit.training.lora import LoraSpec, parse_lora
 from conftest import read_config, state_of
 from test_finetune import chars_model, corpus
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from llm_retrofit import EvaluationError
-from llm_retrofit.passkey import FILLER, QUESTION, first_number, greedy_answer, passkey_prompt, passkey_trials
+from llm_retrofit.evaluation.passkey import FILLER, QUESTION, first_number, greedy_answer, passkey_prompt, passkey_trials
 
 
 @pytest.mark.parametrize("bos", [False, True])

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_same_tensors, read_config, snapshot, state_of
 from llm_retrofit import OutputError, PatchError, load_checkpoint, patch
-from llm_retrofit.checkpoint import SafetensorsFile
+from llm_retrofit.io.checkpoint import SafetensorsFile
 from llm_retrofit.patchers.dtype import CastDtype
 from llm_retrofit.plan import ModelView, PlanSummary, build_plan
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_same_tensors, state_of
 from llm_retrofit import load_checkpoint, patch
-from llm_retrofit.describe import describe
+from llm_retrofit.io.inspect import describe
 
 PROMPT = "The capital of France is"
 

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import read_config, save_tiny
 from llm_retrofit import PatchError, PatchSpecError, extend_context, patch
-from llm_retrofit.patchers.rope import RopeShape, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
+from llm_retrofit.modeling.rope import RopeShape, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
 TINY_FACTORS = Path(__file__).parent / "data" / "tiny_longrope_factors.json"
 SHAPE = RopeShape(dim=8, base=10000.0, original_length=4096)  # 4 frequency pairs, small enough to check by hand

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import char_tokenizer, read_config
 from llm_retrofit import patch
-from llm_retrofit.evaluate import token_nll
-from llm_retrofit.patchers.rope import RopeShape
-from llm_retrofit.rope_search import FactorEvaluator, SearchError, SearchSettings, search, segment_nll, write_factors
+from llm_retrofit.evaluation.perplexity import token_nll
+from llm_retrofit.modeling.rope import RopeShape
+from llm_retrofit.modeling.rope_search import FactorEvaluator, SearchError, SearchSettings, search, segment_nll, write_factors
 
 TARGET = 512  # the tiny model was trained (well, initialised) for 256 positions
 
@@ -72,7 +72,7 @@ def test_bad_candidates_are_rejected_before_the_end_of_their_pass(evaluator: Fac
 def test_resume_gives_what_an_uninterrupted_run_gives(evaluator: FactorEvaluator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uninterrupted = search(evaluator, SMALL)
 
-    import llm_retrofit.rope_search as rope_search
+    import llm_retrofit.modeling.rope_search as rope_search
 
     finish = rope_search._finish_generation
 
@@ -119,7 +119,7 @@ def test_longrope_can_search_while_patching(tiny_llama: Path, tmp_path: Path) ->
 def test_a_search_while_patching_takes_its_budget_and_attention_factor_from_the_spec(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llm_retrofit.rope_search as rope_search
+    import llm_retrofit.modeling.rope_search as rope_search
 
     searches = []
 

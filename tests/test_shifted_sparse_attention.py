@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_retrofit.finetune import FinetuneError, FinetuneSettings, finetune
-from llm_retrofit.shifted_sparse_attention import NAME, shifted_groups_attention
+from llm_retrofit.training.finetune import FinetuneError, FinetuneSettings, finetune
+from llm_retrofit.modeling.shifted_sparse_attention import NAME, shifted_groups_attention
 from conftest import read_config, state_of
 from test_finetune import chars_model, corpus
 

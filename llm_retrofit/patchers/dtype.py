@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..checkpoint import TensorMeta
+from ..io.checkpoint import TensorMeta
 from ..plan import ModelView, TensorPlan, TensorTask
-from . import Patcher, dtype_name, register
+from ..spec import PatchCard, Patcher, dtype_name, register
 
 
 @register
@@ -19,8 +19,22 @@ class CastDtype(Patcher):
 
     name: ClassVar[str] = "dtype"
     example: ClassVar[str] = "dtype:to=bfloat16"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Precision cast", "Floating-point weights re-encoded in another dtype; bfloat16 keeps float32's exponent "
+        "range with a 7-bit mantissa.",
+        "A Study of BFLOAT16 for Deep Learning Training (Kalamkar et al., 2019)", "https://arxiv.org/abs/1905.12322",
+        "Casting to a narrower type rounds every weight; compare the evaluation with the source before relying on "
+        "it.",
+    )
+    representation_only: ClassVar[bool] = True
 
     to: torch.dtype
+
+    @classmethod
+    def card_limitation(cls, params: dict[str, Any]) -> str | None:
+        if params.get("to") not in ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"):
+            return None  # casting up (or to the same width) loses nothing
+        return super().card_limitation(params)
 
     def plan(self, model: ModelView) -> TensorPlan:
         tensors = {}

@@ -21,7 +21,7 @@ import torch
 from ..architectures import layer_name, split_layer_name
 from ..errors import PatchError, PatchSpecError
 from ..plan import ModelView, TensorPlan, TensorTask
-from . import Patcher, register
+from ..spec import PatchCard, Patcher, register
 
 _OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
 
@@ -55,6 +55,12 @@ class ExpandBlocks(Patcher):
 
     name: ClassVar[str] = "expand"
     example: ClassVar[str] = "expand:num_new_layers=10"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Block expansion (LLaMA Pro)", "Copies of decoder layers are inserted with their output projections "
+        "zeroed, so the model is unchanged at initialisation and the new blocks can be trained.",
+        "LLaMA Pro: Progressive LLaMA with Block Expansion (Wu et al., 2024)", "https://arxiv.org/abs/2401.02415",
+        "The inserted blocks cost compute but change nothing until they are trained.",
+    )
 
     num_new_layers: int | None = None
     every: int | None = None
@@ -78,7 +84,7 @@ class ExpandBlocks(Patcher):
                 new_layers.add(len(sources))
                 sources.append(old)
         plan = _restack(model, sources, new_layers)
-        plan.notes = {"new_layers": sorted(new_layers)}
+        plan.notes = {"new_layers": sorted(new_layers), "layer_sources": sources}
         return plan
 
     def _every_for(self, layers: int) -> int:
@@ -99,6 +105,12 @@ class DepthUpscale(Patcher):
 
     name: ClassVar[str] = "dus"
     example: ClassVar[str] = "dus:m=8"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Depth up-scaling", "Two copies of the layer stack, overlapping layers removed, joined into a deeper model.",
+        "SOLAR 10.7B: Scaling Large Language Models with Simple yet Effective Depth Up-Scaling (Kim et al., 2023)",
+        "https://arxiv.org/abs/2312.15166",
+        "Quality drops right after depth up-scaling; continued pretraining recovers and improves it.",
+    )
 
     m: int
 

@@ -29,10 +29,11 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..architectures import layer_name, split_layer_name
-from ..checkpoint import TensorMeta
+from ..io.checkpoint import TensorMeta
+from ..modeling.activations import calibration_model, mean_mlp_inputs
 from ..errors import PatchError, PatchSpecError
 from ..plan import ModelView, TensorPlan, TensorTask
-from . import Patcher, register
+from ..spec import PatchCard, Patcher, register
 
 _DENSE = {"w1": "mlp.gate_proj.weight", "w3": "mlp.up_proj.weight", "w2": "mlp.down_proj.weight"}
 _DROPPED_CONFIG_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp", "architectures", "layer_types")
@@ -45,6 +46,14 @@ class UpcycleMoE(Patcher):
 
     name: ClassVar[str] = "moe"
     example: ClassVar[str] = "moe:num_experts=8,top_k=2"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Sparse upcycling to mixture-of-experts", "Each MLP is copied into several experts behind a new router "
+        "(Mixtral architecture); at initialisation it computes what the dense model computed.",
+        "Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints (Komatsuzaki et al., 2022)",
+        "https://arxiv.org/abs/2212.05055",
+        "Until it is finetuned the experts are identical and the router untrained: more parameters and compute, "
+        "no better quality.",
+    )
 
     num_experts: int = 8
     top_k: int = 2
@@ -191,51 +200,26 @@ class UpcycleMoE(Patcher):
     def _lazy_hidden_routers(self, model: ModelView) -> Callable[[], dict[int, torch.Tensor]]:
         """Checks the prompts now; runs the model on them only when the first router is written (not on --dry-run)."""
         prompts = _read_prompts(self.prompts, self.num_experts)  # type: ignore[arg-type]
-        calibration = model.calibration
-        if calibration is None:
-            raise PatchError("moe: router=hidden needs the model's activations; make it the first patch of the chain.")
+        if model.origin is None:
+            raise PatchError("moe: router=hidden runs the model to compute its result; make it the first patch of the chain.")
         cache: dict[int, torch.Tensor] = {}
 
         def routers() -> dict[int, torch.Tensor]:
             if not cache:
-                network, tokenizer = calibration()
+                network, tokenizer = calibration_model(model, "moe: router=hidden")
                 cache.update(_hidden_routers(network, tokenizer, prompts))
             return cache
 
         return routers
 
+    def loads_model(self) -> bool:
+        return self.router == "hidden"
+
 
 def _hidden_routers(network: Any, tokenizer: Any, prompts: list[list[str]]) -> dict[int, torch.Tensor]:
     """Per layer, an (experts, hidden) matrix whose row e is the unit-norm mean MLP input of expert e's prompts."""
-    layers = network.model.layers
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-
-    def capture(layer: int) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            tokens = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[layer] = sums.get(layer, 0) + tokens.sum(0)
-            counts[layer] = counts.get(layer, 0) + tokens.shape[0]
-
-        return hook
-
-    rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    handles = [layer.mlp.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for expert_prompts in prompts:
-                sums.clear()
-                counts.clear()
-                for prompt in expert_prompts:
-                    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(network.device)
-                    network(ids)
-                for i in rows:
-                    mean = sums[i] / counts[i]
-                    rows[i].append((mean / mean.norm()).cpu())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {i: torch.stack(r) for i, r in rows.items()}
+    means = [mean_mlp_inputs(network, tokenizer, expert_prompts) for expert_prompts in prompts]
+    return {layer: torch.stack([m[layer] / m[layer].norm() for m in means]) for layer in means[0]}
 
 
 def _dropped_neurons(neurons: int, fraction: float, seed: int, layer: int, expert: int) -> torch.Tensor:

@@ -24,73 +24,15 @@ transformers' dynamic NTK treats `max_position_embeddings` as the original lengt
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import PatchError, PatchSpecError
+from ..modeling.activations import calibration_model
+from ..modeling.rope import RopeShape, longrope_attention_factor
 from ..plan import ModelView, TensorPlan
-from . import Patcher, register
-
-
-@dataclass(frozen=True)
-class RopeShape:
-    """What the RoPE of a model is: rotary dimension, base, and the context length it was trained for."""
-
-    dim: int
-    base: float
-    original_length: int
-
-    @classmethod
-    def of(cls, config: dict[str, Any]) -> RopeShape:
-        parameters = config.get("rope_parameters") or {}
-        base = parameters.get("rope_theta", config.get("rope_theta"))
-        if base is None:
-            raise PatchError("this model's config has no RoPE (no rope_parameters.rope_theta); it cannot be extended.")
-        rope_type = parameters.get("rope_type", "default")
-        if rope_type != "default" or config.get("rope_scaling"):
-            raise PatchError(
-                f"this model already uses {rope_type!r} RoPE scaling; apply context extension to the original model."
-            )
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        return cls(dim=head_dim, base=float(base), original_length=int(config["max_position_embeddings"]))
-
-    @property
-    def pairs(self) -> int:
-        return self.dim // 2
-
-
-# ----------------------------------------------------------------------------- per-pair factors of each method
-
-
-def pi_factors(shape: RopeShape, scale: float) -> list[float]:
-    return [scale] * shape.pairs
-
-
-def ntk_factors(shape: RopeShape, scale: float) -> list[float]:
-    return [scale ** (2 * i / (shape.dim - 2)) for i in range(shape.pairs)]
-
-
-def yarn_factors(shape: RopeShape, scale: float, beta_fast: float = 32.0, beta_slow: float = 1.0) -> list[float]:
-    """lambda_i of YaRN: s for pairs that rotate fewer than beta_slow times over the original context, 1 for pairs
-    that rotate more than beta_fast times, linear in between (as transformers computes it, truncated bounds)."""
-
-    def pair_for_rotations(rotations: float) -> float:
-        return shape.dim * math.log(shape.original_length / (rotations * 2 * math.pi)) / (2 * math.log(shape.base))
-
-    low = max(math.floor(pair_for_rotations(beta_fast)), 0)
-    high = min(math.ceil(pair_for_rotations(beta_slow)), shape.dim - 1)
-    high = high + 0.001 if high == low else high
-    factors = []
-    for i in range(shape.pairs):
-        ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: extrapolate (keep), 1: interpolate by s
-        factors.append(1.0 / ((1 - ramp) + ramp / scale))
-    return factors
-
-
-def longrope_attention_factor(scale: float, original_length: int) -> float:
-    return math.sqrt(1 + math.log(scale) / math.log(original_length)) if scale > 1 else 1.0
+from ..spec import PatchCard, Patcher, register
 
 
 # ------------------------------------------------------------------------------------------------- patchers
@@ -150,6 +92,13 @@ class LinearRope(_ContextExtension):
 
     name: ClassVar[str] = "linear"
     example: ClassVar[str] = "linear:factor=2"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Position Interpolation", "RoPE positions are divided by the scaling factor, so the longer context maps "
+        "onto the position range the model was trained on.",
+        "Extending Context Window of Large Language Models via Positional Interpolation (Chen et al., 2023)",
+        "https://arxiv.org/abs/2306.15595",
+        "Position Interpolation needs a short finetune at the new length; short-context quality drops slightly.",
+    )
 
     def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
         return {"rope_type": "linear", "factor": self.scale_for(shape)}
@@ -162,6 +111,14 @@ class NtkRope(_ContextExtension):
 
     name: ClassVar[str] = "ntk"
     example: ClassVar[str] = "ntk:factor=2"
+    card: ClassVar[PatchCard] = PatchCard(
+        "NTK-aware RoPE scaling", "The RoPE base is raised so that high frequencies are kept and low frequencies "
+        "are interpolated.",
+        "YaRN: Efficient Context Window Extension of Large Language Models (Peng et al., 2023), NTK-aware "
+        "interpolation", "https://arxiv.org/abs/2309.00071",
+        "NTK-aware scaling without finetuning holds up to about twice the trained length; beyond that perplexity "
+        "rises quickly.",
+    )
 
     def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
         return {"rope_type": "default", "rope_theta": shape.base * self.scale_for(shape) ** (shape.dim / (shape.dim - 2))}
@@ -174,6 +131,14 @@ class DynamicRope(_ContextExtension):
 
     name: ClassVar[str] = "dynamic"
     example: ClassVar[str] = "dynamic:factor=2"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Dynamic NTK scaling", "NTK-aware scaling whose factor grows with the current sequence length, so short "
+        "inputs are computed exactly as before.",
+        "YaRN: Efficient Context Window Extension of Large Language Models (Peng et al., 2023), Dynamic NTK",
+        "https://arxiv.org/abs/2309.00071",
+        "Dynamic scaling picks the rotary frequencies from the sequence length: keys cached early in a generation "
+        "were rotated with other frequencies than later queries use.",
+    )
 
     keeps_length: ClassVar[bool] = True  # transformers' dynamic NTK reads max_position_embeddings as the original
 
@@ -188,6 +153,12 @@ class YarnRope(_ContextExtension):
 
     name: ClassVar[str] = "yarn"
     example: ClassVar[str] = "yarn:factor=2"
+    card: ClassVar[PatchCard] = PatchCard(
+        "YaRN", "NTK-by-parts interpolation of the RoPE frequencies plus an attention temperature; extends the "
+        "context with little or no finetuning.",
+        "YaRN: Efficient Context Window Extension of Large Language Models (Peng et al., 2023)",
+        "https://arxiv.org/abs/2309.00071",
+    )
 
     beta_fast: float = 32.0
     beta_slow: float = 1.0
@@ -209,6 +180,11 @@ class Llama3Rope(_ContextExtension):
 
     name: ClassVar[str] = "llama3"
     example: ClassVar[str] = "llama3:factor=8"
+    card: ClassVar[PatchCard] = PatchCard(
+        "Llama 3 RoPE scaling", "Frequency-dependent RoPE scaling of Llama 3.1: high frequencies kept, low "
+        "frequencies divided by the factor, a smooth ramp between.",
+        "The Llama 3 Herd of Models (Grattafiori et al., 2024)", "https://arxiv.org/abs/2407.21783",
+    )
 
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -230,6 +206,16 @@ class LongRope(_ContextExtension):
 
     name: ClassVar[str] = "longrope"
     example: ClassVar[str] = "longrope:factors=factors.json"
+    card: ClassVar[PatchCard] = PatchCard(
+        "LongRoPE", "Per-dimension RoPE rescaling factors found by evolutionary search, one set for short and one "
+        "for long inputs.",
+        "LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens (Ding et al., 2024)",
+        "https://arxiv.org/abs/2402.13753",
+        "LongRoPE switches from the short to the long factors once a forward pass is longer than "
+        "`original_max_position_embeddings`. In generation the KV cache of a shorter prompt was computed with the "
+        "short factors and is reused after the switch, so text generated past the threshold differs from what a "
+        "single long forward pass gives; re-encode the prompt when that matters.",
+    )
 
     factors: Path | None = None
     data: str | None = None
@@ -274,15 +260,16 @@ class LongRope(_ContextExtension):
         return self.extended(model, parameters, length)
 
 
+    def loads_model(self) -> bool:
+        return self.data is not None
+
     def _search(self, model: ModelView, shape: RopeShape) -> dict[str, Any]:
         """Run the factor search on the first `max_docs` documents of `data` (default budget unless given)."""
-        from ..documents import load_documents
-        from ..evaluate import tokenize
-        from ..rope_search import FactorEvaluator, SearchSettings, search
+        from ..evaluation.documents import load_documents
+        from ..evaluation.perplexity import tokenize
+        from ..modeling.rope_search import FactorEvaluator, SearchSettings, search
 
-        if model.calibration is None:
-            raise PatchError("longrope: searching needs the model itself; make it the first patch of the chain.")
-        network, tokenizer = model.calibration()
+        network, tokenizer = calibration_model(model, "longrope: data=DOCS (a factor search)")
         length = self.new_length(shape)
         ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
         evaluator = FactorEvaluator(network, ids, shape, length, attention_factor=self.attention_factor)

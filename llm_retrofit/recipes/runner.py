@@ -223,7 +223,7 @@ class StepOutcome:
 
 
 def _patch_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
     from ..plan import apply_to_checkpoint
 
     patcher = build_patcher(step, params)
@@ -233,26 +233,27 @@ def _patch_step(step: Step, params: dict[str, Any], state: RunState, directory: 
 
 def build_patcher(step: Step, params: dict[str, Any]) -> Any:
     """The patcher of a patch step from resolved YAML values, each converted as its spec text would be."""
-    from ..patchers import _convert, get_patcher
+    from ..patchers import get_patcher
+    from ..spec import parse_value
 
     cls = get_patcher(step.patcher or "")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in params.items():
         text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        values[key] = _convert(cls, key, text, hints[key])
+        values[key] = parse_value(cls, key, text, hints[key])
     return cls(**values)
 
 
 def _finetune_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..finetune import finetune
+    from ..training.finetune import finetune
 
     result = finetune(state.model, directory, finetune_settings(params))
     return StepOutcome(result.to_json() | {"output": str(result.path)}, model=str(result.path))
 
 
 def finetune_settings(params: dict[str, Any]) -> Any:
-    from ..finetune import FinetuneSettings
+    from ..training.finetune import FinetuneSettings
 
     values = dict(params)
     for key in ("data", "train"):
@@ -262,10 +263,10 @@ def finetune_settings(params: dict[str, Any]) -> Any:
 
 
 def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..documents import load_documents
-    from ..eval_report import EvalResult
-    from ..evaluate import evaluate
-    from ..patchers import DTYPES
+    from ..evaluation.documents import load_documents
+    from ..evaluation.report import EvalResult
+    from ..evaluation.perplexity import evaluate
+    from ..spec import DTYPES
 
     settings = dict(params)
     data = settings.pop("data", ["bundled:python-docs"])
@@ -292,7 +293,7 @@ def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: P
 
 def _loadable(path: str, dtype: Any = None) -> tuple[Any, Any]:
     """A model directory, or an adapter directory (merged onto its base in memory), with its tokenizer."""
-    from ..evaluate import default_device, load_model
+    from ..evaluation.perplexity import default_device, load_model
 
     if (Path(path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
@@ -326,7 +327,7 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _card_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..card import RECIPE_FILE, render_card
+    from ..publishing.card import RECIPE_FILE, render_card
 
     model_dir = Path(state.model)
     (model_dir / RECIPE_FILE).write_text(state.recipe_text, encoding="utf-8")
@@ -336,7 +337,7 @@ def _card_step(step: Step, params: dict[str, Any], state: RunState, directory: P
 
 
 def _push_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..hub import push
+    from ..publishing.hub import push
 
     repo_id = params.get("repo_id") or state.push_repo
     if not repo_id:
@@ -377,7 +378,7 @@ def run_recipe(
 ) -> RecipeRun:
     """Run `recipe` (a built-in name, a YAML file or a Recipe) on the checkpoint `model`, keeping every step's output
     under `output`. With `resume`, steps already completed there (same values) are skipped."""
-    from ..checkpoint import resolve_checkpoint_dir
+    from ..io.checkpoint import resolve_checkpoint_dir
 
     recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
     out = Path(output).expanduser().resolve()
@@ -487,12 +488,12 @@ def dry_run(
     push_to_hub: str | None = None,
 ) -> str:
     """The resolved plan of a recipe run, with the estimated tokens, steps and disk writes; runs and writes nothing."""
-    from ..checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
     from ..plan import ModelView, PlanSummary, build_plan
 
     recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
     checkpoint = load_checkpoint(model)
-    view: ModelView | None = ModelView(checkpoint.config, checkpoint.tensors)  # no calibration: a dry run loads nothing
+    view: ModelView | None = ModelView(checkpoint.config, checkpoint.tensors)  # no origin: a dry run loads nothing
     state = RunState(str(checkpoint.path), Path("OUT"), dict(recipe.inputs), str(checkpoint.path),
                      dict(checkpoint.config), dict(checkpoint.config), push_repo=push_to_hub)
     state.inputs = resolve(state.inputs, state.scope())
@@ -515,17 +516,17 @@ def dry_run(
                 patcher = build_patcher(step, params)
                 if view is None:
                     raise Unresolved("the model before it is known only when run")
+                if patcher.loads_model():  # a search or activations: a dry run loads nothing
+                    lines.append("   plan known only when run: this patch loads the model to compute its result")
+                    state.model_config, view = Unknown(f"step {step.id}, which loads the model to compute its result"), None
+                    continue
                 plan = build_plan(view, [patcher])
             except Unresolved as e:
                 lines.append(f"   plan known only when run: {e}")
                 state.model_config, view = Unknown(f"step {step.id}"), None
                 continue
             except RetrofitError as e:
-                if "first patch of the chain" not in str(e):  # it needs the model loaded (a search, activations)
-                    raise type(e)(f"{recipe.source}:{step.line}: step {step.id}: {e}") from None
-                lines.append(f"   plan known only when run: this patch loads the model to compute its result")
-                state.model_config, view = Unknown(f"step {step.id}, which loads the model to compute its result"), None
-                continue
+                raise type(e)(f"{recipe.source}:{step.line}: step {step.id}: {e}") from None
             summary = PlanSummary.of(plan, view)
             written = summary.bytes_to_write
             total_bytes += written

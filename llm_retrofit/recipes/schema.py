@@ -184,7 +184,7 @@ def _step(raw: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], fa
         raise fail(path + (kind,), f"a {kind} step's value is a mapping of its settings, e.g. `- {kind}: {{}}`.")
     _check_keys(params, step_keys(kind), path + (kind,), f"a {kind} step", fail)
     if kind == "finetune" and isinstance(params.get("lora"), dict):
-        from ..patchers.lora import LoraSpec
+        from ..training.lora import LoraSpec
 
         lora_keys = [f.name for f in dataclasses.fields(LoraSpec)]
         _check_keys(params["lora"], lora_keys, path + (kind, "lora"), "lora", fail)
@@ -193,7 +193,7 @@ def _step(raw: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], fa
 
 def step_keys(kind: str) -> list[str]:
     if kind == "finetune":
-        from ..finetune import FinetuneSettings
+        from ..training.finetune import FinetuneSettings
 
         return FinetuneSettings.keys()
     return list({"eval": EVAL_KEYS, "card": CARD_KEYS, "push": PUSH_KEYS}[kind])

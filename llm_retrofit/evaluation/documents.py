@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

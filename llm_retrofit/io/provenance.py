@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from xxhash import xxh3_128
 
-from . import __version__
+from .._version import __version__
 from .checkpoint import TensorMeta
 
 HISTORY_KEY = "retrofit_history"

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .architectures import Architecture, architecture_of
-from .errors import CheckpointError
+from ..architectures import Architecture, architecture_of
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

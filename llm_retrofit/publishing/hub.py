@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .card import CARD_FILE, open_model_directory, read_existing_card, render_card
-from .errors import PublishError, RetrofitError
+from ..errors import PublishError, RetrofitError
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 log = logging.getLogger(__name__)
 

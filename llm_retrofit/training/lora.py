@@ -110,7 +110,7 @@ def parse_lora(spec: str | dict[str, Any] | LoraSpec) -> LoraSpec:
     """`"lora:r=8,merge=false"`, `{"r": 8, "merge": False}` or a LoraSpec -> a LoraSpec, rejecting unknown keys."""
     if isinstance(spec, LoraSpec):
         return spec
-    from . import parse_fields
+    from ..spec import parse_fields
 
     if isinstance(spec, dict):
         return LoraSpec(**_typed(spec))

@@ -1,4 +1,4 @@
-"""Model cards: the README.md of a rewritten checkpoint or adapter, rendered from the templates in `model_cards/`.
+"""Model cards: the README.md of a rewritten checkpoint or adapter, rendered from the templates in `templates/`.
 
 Everything a card says is read from the directory: the patch history in config.json (`retrofit_history`), or the
 adapter's adapter_config.json; the recipe (`retrofit_recipe.yaml`) if one is there; the evaluation results and plot
@@ -45,12 +45,12 @@ from urllib.parse import quote
 
 from xxhash import xxh3_64
 
-from . import __version__
-from .checkpoint import Checkpoint, SafetensorsFile, load_checkpoint
-from .errors import CheckpointError, PublishError
+from .._version import __version__
+from ..io.checkpoint import Checkpoint, SafetensorsFile, load_checkpoint
+from ..errors import CheckpointError, PublishError
 from .lineage import CARD_FILE, REPO_ID, card_metadata, describe_source, license_of
 from .patch_notes import base_model_relation, limitation, patch_info
-from .provenance import HISTORY_KEY
+from ..io.provenance import HISTORY_KEY
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ RECIPE_FILE = "retrofit_recipe.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TAG = "llm-retrofit"
-TEMPLATES = Path(__file__).parent / "model_cards"
+TEMPLATES = Path(__file__).parent / "templates"
 _STATE = re.compile(r"<!-- llm-retrofit-card (\{.*?\}) -->", re.S)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
@@ -120,7 +120,7 @@ def load_evaluation(source: str | os.PathLike[str] | Mapping[str, Any]) -> Evalu
 
 def _from_eval_result(data: Mapping[str, Any]) -> dict[str, Any]:
     """`retrofit eval --json` output -> the tables above (passkey: accuracy per length, averaged over depths)."""
-    from .eval_report import EvalResult
+    from ..evaluation.report import EvalResult
 
     result = EvalResult.from_dict(dict(data))
     passkey = {model.name: model.passkey_by_length() for model in result.models if model.passkey}
@@ -423,7 +423,7 @@ def _patch_entry(name: str, params: dict[str, Any]) -> dict[str, Any]:
 def _model_facts(model: ModelDirectory) -> dict[str, Any]:
     if model.is_adapter or model.checkpoint is None:
         return {}
-    from .describe import describe
+    from ..io.inspect import describe
 
     facts = describe(model.checkpoint)
     return {

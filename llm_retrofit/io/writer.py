@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_NAMES, SafetensorsFile, TensorMeta
-from .errors import OutputError
+from ..errors import OutputError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 

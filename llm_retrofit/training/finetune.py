@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from . import shifted_sparse_attention
-from .errors import DataError, RetrofitError
+from ..modeling import shifted_sparse_attention
+from ..errors import DataError, RetrofitError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .patchers.lora import LoraSpec
+    from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class FinetuneSettings:
         if isinstance(self.train, str):
             object.__setattr__(self, "train", (self.train,))
         if self.lora is not None:
-            from .patchers.lora import parse_lora
+            from .lora import parse_lora
 
             object.__setattr__(self, "lora", parse_lora(self.lora))
             if tuple(self.train) != ("all",):
@@ -186,20 +186,20 @@ class FinetuneResult:
 
 
 def new_layers_of(history: Sequence[dict[str, Any]]) -> list[int]:
-    """Indices of the layers that expansions added, in the numbering of the model after its whole history.
+    """Indices of the layers that patches added, in the numbering of the model after its whole history.
 
-    Each `expand` record lists the layers it inserted (in its output's numbering); earlier new layers move to the
-    position of their layer among the others. A `dus` record lists the old layer each new layer copies
-    (`layer_sources`); a copy of a new layer is new.
+    Read from what each record declares, not from patch names: `layer_sources` (output layer j is a copy of input
+    layer sources[j]; a copy of a new layer is new) and `new_layers` (outputs that start fresh, in the output's
+    numbering). A record with `new_layers` alone (an insertion) renumbers the earlier new layers around them.
     """
     new: set[int] = set()
     for record in history:
-        if record.get("patch") == "expand" and "new_layers" in record:
-            inserted = set(record["new_layers"])
+        inserted = set(record.get("new_layers", ()))
+        if "layer_sources" in record:
+            new = {j for j, source in enumerate(record["layer_sources"]) if source in new} | inserted
+        elif inserted:
             kept = [i for i in range(max(inserted | new | {0}) + len(inserted) + len(new) + 1) if i not in inserted]
             new = {kept[i] for i in new} | inserted
-        elif record.get("patch") == "dus" and "layer_sources" in record:
-            new = {j for j, source in enumerate(record["layer_sources"]) if source in new}
     return sorted(new)
 
 
@@ -263,7 +263,7 @@ def parameter_groups(
 
 def pack(tokenizer: Any, sources: Sequence[str], seq_len: int, max_docs: int | None = None) -> torch.Tensor:
     """Documents tokenized, each followed by EOS, concatenated and cut into rows of `seq_len` (the tail dropped)."""
-    from .documents import load_documents
+    from ..evaluation.documents import load_documents
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
@@ -312,7 +312,7 @@ def finetune(
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    from .checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
 
     settings = settings or FinetuneSettings(**options)
     checkpoint = load_checkpoint(model)
@@ -432,8 +432,8 @@ def _save(
     facts: dict[str, Any],
 ) -> None:
     """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record."""
-    from .commit import link_or_copy, staged_directory
-    from .provenance import HISTORY_KEY, Fingerprinter, make_records
+    from ..io.commit import link_or_copy, staged_directory
+    from ..io.provenance import HISTORY_KEY, Fingerprinter, make_records
 
     source_hash = Fingerprinter(checkpoint.tensors, checkpoint.read_raw).result()
     lora = settings.lora

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .errors import EvaluationError
-from .eval_report import PasskeyTrial
+from ..errors import EvaluationError
+from .report import PasskeyTrial
 
 log = logging.getLogger(__name__)
 

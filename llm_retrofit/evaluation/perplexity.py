@@ -1,15 +1,8 @@
-"""Long-document perplexity: llm-retrofit's one negative log-likelihood (NLL) implementation.
+"""Long-document perplexity: `document_nll` / `iter_document_nll` for one document at one length, `perplexity` for
+many documents at many lengths, and `evaluate` for everything `retrofit eval` reports.
 
-`retrofit eval` and the LongRoPE factor search (whose fitness is long-document perplexity) both use it:
-`token_nll` for one forward pass, `document_nll` / `iter_document_nll` for one document at one length (the search
-scores its first document alone and rejects a bad candidate before reading the rest), `perplexity` for many documents
-at many lengths, and `evaluate` for everything `retrofit eval` reports.
-
-Memory. A causal LM's forward returns logits for every position: at 16k tokens and SmolLM2's 49k vocabulary that is
-3.2 GB in fp32, more than all the activations of the 135M model, and transformers' `labels=` loss then takes a
-log-softmax of the same size. Here the decoder runs alone (`model.get_decoder()`), and only the hidden states of the
-positions that are scored go through the LM head, `chunk_size` positions at a time: each chunk's logits are computed
-in the model's dtype (as transformers does), cast to fp32, turned into per-token NLL with cross-entropy and freed.
+The NLL of one forward pass is `modeling.nll` (the decoder alone, then the LM head a chunk of positions at a
+time); this module cuts documents into the passes each protocol needs and sums them.
 
 Protocols. "truncate": each document is cut to its first L tokens and scored in one forward pass (what LongRoPE and
 YaRN report). "sliding": windows of L tokens every S tokens over the whole document, each scoring only the tokens the
@@ -37,17 +30,17 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
+from ..errors import EvaluationError
+from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll, token_nll
+from ..modeling.rope import rope_depends_on_length
 from .documents import Document
-from .errors import EvaluationError
-from .eval_report import DocumentNLL, EvalResult, LengthResult, ModelResult
+from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,33 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("truncate", "sliding")
-# A chunk's fp32 logits and their log-softmax (cross-entropy makes one) together: 256 MiB is 682 positions of a 49k
-# vocabulary, 256 of a 128k one. Big enough that the LM head's matrix products run at full speed, small enough to
-# vanish next to the activations of a long sequence.
-LOGITS_BUDGET_BYTES = 256 << 20
-# Rotary embeddings whose frequencies depend on the length of the sequence being run (transformers' dynamic NTK
-# variants and LongRoPE's short/long factor switch): a prefix's NLL then depends on what follows it.
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 BOS_CONVENTION = "the tokenizer's default special tokens; a BOS token, if added, is context and never scored"
-
-
-@dataclass(frozen=True)
-class NLL:
-    """A summed negative log-likelihood: `total` nats over `tokens` predicted tokens."""
-
-    total: float = 0.0
-    tokens: int = 0
-
-    def __add__(self, other: NLL) -> NLL:
-        return NLL(self.total + other.total, self.tokens + other.tokens)
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.tokens if self.tokens else math.nan
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.mean)
 
 
 @dataclass(frozen=True)
@@ -91,86 +58,6 @@ class Window:
     start: int
     end: int
     scored_from: int
-
-
-# -- one forward pass ------------------------------------------------------------------------------------------------
-
-
-def _decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    if decoder is model or head is None:
-        raise EvaluationError(
-            f"{type(model).__name__} has no separate decoder and LM head; evaluate a *ForCausalLM model "
-            "(AutoModelForCausalLM.from_pretrained)."
-        )
-    return decoder, head
-
-
-def default_chunk_size(model: PreTrainedModel) -> int:
-    return max(1, LOGITS_BUDGET_BYTES // (2 * 4 * model.config.get_text_config().vocab_size))
-
-
-@contextmanager
-def _inference(model: PreTrainedModel) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd, restoring the model's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _nll_rows(
-    model: PreTrainedModel, input_ids: torch.Tensor, scored_from: Sequence[int], chunk_size: int | None
-) -> list[torch.Tensor]:
-    """For each row b: fp32 NLL of input_ids[b, t] for t in [scored_from[b], T), from one forward of the decoder."""
-    decoder, head = _decoder_and_head(model)
-    chunk = chunk_size or default_chunk_size(model)
-    input_ids = input_ids.to(model.device)
-    with _inference(model):
-        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        rows = []
-        for row, first in enumerate(scored_from):
-            if not 1 <= first <= input_ids.shape[1]:
-                raise EvaluationError(f"scored_from={first} must be in [1, {input_ids.shape[1]}]: token 0 has no context.")
-            rows.append(head_nll(head, hidden[row, first - 1 : -1], input_ids[row, first:], chunk))
-    return rows
-
-
-def head_nll(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """fp32 -log p(targets[t] | states[t]) through the LM head, `chunk` positions at a time (the logits budget).
-
-    The one place llm-retrofit turns hidden states into NLL: `retrofit eval` and the LongRoPE search's fitness.
-    """
-    losses = torch.empty(len(targets), dtype=torch.float32, device=states.device)
-    for start in range(0, len(targets), chunk):
-        logits = head(states[start : start + chunk]).float()
-        losses[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
-    return losses
-
-
-def token_nll(
-    model: PreTrainedModel, input_ids: torch.Tensor, *, scored_from: int = 1, chunk_size: int | None = None
-) -> torch.Tensor:
-    """-log p(x_t | x_<t) in fp32 for t in [scored_from, T), for each row of `input_ids` (B, T) or (T,).
-
-    Returns (B, T - scored_from), or (T - scored_from,) for a 1-D input. Full-vocabulary logits exist for at most
-    `chunk_size` positions at a time (default: LOGITS_BUDGET_BYTES worth).
-    """
-    batch = input_ids if input_ids.dim() == 2 else input_ids[None]
-    rows = torch.stack(_nll_rows(model, batch, [scored_from] * batch.shape[0], chunk_size))
-    return rows if input_ids.dim() == 2 else rows[0]
-
-
-def sequence_nll(
-    model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], *, scored_from: int = 1, chunk_size: int | None = None
-) -> NLL:
-    """The summed NLL of one token sequence (one forward pass), scoring tokens from `scored_from` on."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    losses = token_nll(model, ids, scored_from=scored_from, chunk_size=chunk_size)
-    return NLL(losses.double().sum().item(), losses.numel())
 
 
 # -- protocols -------------------------------------------------------------------------------------------------------
@@ -247,14 +134,10 @@ def iter_document_nll(
 # -- many documents, many lengths ------------------------------------------------------------------------------------
 
 
-def shares_prefixes(model: PreTrainedModel) -> bool:
-    """Whether a prefix's NLL is the same whatever follows it (no length-dependent RoPE anywhere in the model)."""
-    for module in model.modules():
-        rope_type = getattr(module, "rope_type", None)
-        kinds = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
-        if any(isinstance(k, str) and any(tag in k for tag in LENGTH_DEPENDENT_ROPE) for k in kinds):
-            return False
-    return True
+def shares_prefixes(model: PreTrainedModel, lengths: Sequence[int]) -> bool:
+    """Whether a prefix's NLL is the same whatever follows it, at these lengths: false where the rotary frequencies
+    depend on the sequence length (transformers' dynamic NTK, LongRoPE's short/long switch)."""
+    return not rope_depends_on_length(model, lengths)
 
 
 @dataclass(frozen=True)
@@ -317,7 +200,7 @@ def perplexity(
         raise EvaluationError(f"batch_size {batch_size} must be at least 1.")
     docs = [torch.as_tensor(d, dtype=torch.long) for d in documents]
     names = list(names) if names is not None else [f"document {i}" for i in range(len(docs))]
-    share = shares_prefixes(model)
+    share = shares_prefixes(model, lengths)
     if protocol == "truncate" and not share:
         log.info("the model's RoPE depends on the sequence length: each length gets its own forward pass")
     jobs = _plan([len(d) for d in docs], lengths, protocol, stride, share)
@@ -329,7 +212,7 @@ def perplexity(
     try:
         for batch in _batches(jobs, batch_size):
             ids = torch.stack([docs[j.document][j.window.start : j.window.end] for j in batch])
-            rows = _nll_rows(model, ids, [j.window.scored_from - j.window.start for j in batch], chunk_size)
+            rows = nll_rows(model, ids, [j.window.scored_from - j.window.start for j in batch], chunk_size)
             for job, losses in zip(batch, rows):
                 for length, end in job.credits:
                     count = end - job.window.scored_from
@@ -380,7 +263,7 @@ def load_model(
     """A checkpoint directory or Hub repo id -> (model in eval mode on `device`, its tokenizer or None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import resolve_checkpoint_dir
+    from ..io.checkpoint import resolve_checkpoint_dir
 
     path = resolve_checkpoint_dir(source, revision)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
@@ -391,24 +274,6 @@ def load_model(
         log.info("%s has no usable tokenizer (%s)", path, e)
         tokenizer = None
     return model, tokenizer
-
-
-def check_head(model: PreTrainedModel, tokens: int = 32) -> None:
-    """Raise EvaluationError unless the chunked NLL reproduces the model's own `labels=` loss on a short input.
-
-    Guards against LM heads that do more than a linear layer (logit soft-capping, logit scaling), whose NLL the
-    decoder + head split would silently get wrong.
-    """
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
-    ours = token_nll(model, ids).mean().item()
-    with _inference(model):
-        theirs = model(input_ids=ids.to(model.device), labels=ids.to(model.device), use_cache=False).loss.item()
-    if not math.isclose(ours, theirs, rel_tol=1e-3):
-        raise EvaluationError(
-            f"the NLL computed from {type(model).__name__}'s decoder and LM head ({ours:.5f}) differs from its own "
-            f"loss ({theirs:.5f}): its head does more than a linear layer, which llm-retrofit does not support."
-        )
 
 
 def tokenize(tokenizer: Any, documents: Sequence[str | Document | Sequence[int] | torch.Tensor]) -> tuple[list[torch.Tensor], list[str]]:
@@ -476,7 +341,7 @@ def evaluate(
     token ids. Passkey prompts are made at `passkey_lengths` (default: `lengths`) and `passkey_depths`. Results of
     several models are put side by side with `EvalResult.merge`.
     """
-    from . import __version__
+    from .._version import __version__
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
 
     lengths = sorted({int(n) for n in lengths})
@@ -520,7 +385,7 @@ def evaluate(
         "rope_parameters": getattr(config, "rope_parameters", None),
         "bos": _bos(tokenizer),
         "chunk_size": default_chunk_size(model),
-        "shared_prefixes": protocol == "truncate" and shares_prefixes(model),
+        "shared_prefixes": protocol == "truncate" and shares_prefixes(model, lengths),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,

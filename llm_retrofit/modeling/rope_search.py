@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from .errors import RetrofitError
-from .patchers.rope import RopeShape, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
+from ..errors import RetrofitError
+from .rope import RopeShape, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def segment_nll(model: Any, ids: torch.Tensor, segments: int) -> Iterator[float]
     """
     from transformers import DynamicCache
 
-    from .evaluate import default_chunk_size, head_nll
+    from .nll import default_chunk_size, head_nll
 
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     chunk = default_chunk_size(model)

@@ -1,0 +1,99 @@
+"""RoPE frequency maths: what a model's RoPE is, and the per-pair factors of each context-extension method.
+
+RoPE rotates dimension pair i (i = 0 .. d/2-1) at frequency theta_i = base^(-2i/d). Every extension method rescales
+those frequencies; written as one factor per pair, theta_i' = theta_i / lambda_i. The patchers (`patchers/rope.py`)
+turn these into `rope_parameters`; the LongRoPE search (`rope_search.py`) seeds its population with them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import PatchError
+
+
+@dataclass(frozen=True)
+class RopeShape:
+    """What the RoPE of a model is: rotary dimension, base, and the context length it was trained for."""
+
+    dim: int
+    base: float
+    original_length: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> RopeShape:
+        parameters = config.get("rope_parameters") or {}
+        base = parameters.get("rope_theta", config.get("rope_theta"))
+        if base is None:
+            raise PatchError("this model's config has no RoPE (no rope_parameters.rope_theta); it cannot be extended.")
+        rope_type = parameters.get("rope_type", "default")
+        if rope_type != "default" or config.get("rope_scaling"):
+            raise PatchError(
+                f"this model already uses {rope_type!r} RoPE scaling; apply context extension to the original model."
+            )
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return cls(dim=head_dim, base=float(base), original_length=int(config["max_position_embeddings"]))
+
+    @property
+    def pairs(self) -> int:
+        return self.dim // 2
+
+
+# ----------------------------------------------------------------------------- per-pair factors of each method
+
+
+def pi_factors(shape: RopeShape, scale: float) -> list[float]:
+    return [scale] * shape.pairs
+
+
+def ntk_factors(shape: RopeShape, scale: float) -> list[float]:
+    return [scale ** (2 * i / (shape.dim - 2)) for i in range(shape.pairs)]
+
+
+def yarn_factors(shape: RopeShape, scale: float, beta_fast: float = 32.0, beta_slow: float = 1.0) -> list[float]:
+    """lambda_i of YaRN: s for pairs that rotate fewer than beta_slow times over the original context, 1 for pairs
+    that rotate more than beta_fast times, linear in between (as transformers computes it, truncated bounds)."""
+
+    def pair_for_rotations(rotations: float) -> float:
+        return shape.dim * math.log(shape.original_length / (rotations * 2 * math.pi)) / (2 * math.log(shape.base))
+
+    low = max(math.floor(pair_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(pair_for_rotations(beta_slow)), shape.dim - 1)
+    high = high + 0.001 if high == low else high
+    factors = []
+    for i in range(shape.pairs):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: extrapolate (keep), 1: interpolate by s
+        factors.append(1.0 / ((1 - ramp) + ramp / scale))
+    return factors
+
+
+def longrope_attention_factor(scale: float, original_length: int) -> float:
+    return math.sqrt(1 + math.log(scale) / math.log(original_length)) if scale > 1 else 1.0
+
+
+def rope_depends_on_length(model: torch.nn.Module, lengths: Sequence[int]) -> bool:
+    """Whether the model's rotary embedding gives position p other angles in sequences of different lengths.
+
+    Asked of the model itself rather than read off rope type names: transformers' dynamic NTK and LongRoPE (short
+    factors below the original context, long ones past it) do; every other rope type does not. Each rotary module
+    (a module with an `inv_freq` buffer) is run at each length, and the angles of the shortest one's positions
+    compared. A length-dependent RoPE changes them by far more than the tolerance, which only absorbs rounding.
+    """
+    lengths = sorted({int(n) for n in lengths})
+    if len(lengths) < 2:
+        return False
+    for rotary in model.modules():
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if not isinstance(inv_freq, torch.Tensor):
+            continue
+        probe = torch.zeros(1, dtype=torch.float32, device=inv_freq.device)
+        with torch.no_grad():
+            angles = [rotary(probe, torch.arange(n, device=inv_freq.device)[None])[0][0, : lengths[0]] for n in lengths]
+        if any(not torch.allclose(a, angles[0], rtol=0, atol=1e-6) for a in angles[1:]):
+            return True
+    return False
