@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from conftest import char_tokenizer, read_config, state_of
+from conftest import char_tokenizer, read_config, save_tiny, state_of
 from llm_retrofit import PatchError, PatchSpecError, patch, upcycle_moe
 from llm_retrofit.patchers import parse_spec
 from llm_retrofit.patchers.moe import _balanced_kmeans
@@ -92,19 +92,32 @@ def test_split_experts_partition_the_neurons(tiny_llama: Path, tmp_path: Path, p
     assert read_config(output)["intermediate_size"] == 96 // 4
     rows = torch.cat([moe[f"model.layers.2.block_sparse_moe.experts.{e}.w1.weight"] for e in range(4)])
     assert torch.equal(rows.sort(dim=0).values, dense["model.layers.2.mlp.gate_proj.weight"].sort(dim=0).values)
-    # Every neuron lands in exactly one expert, and the down projection carries the E/K = 2 output scale.
+    # Every neuron lands in exactly one expert, and the down projection carries the E = 4 output scale.
     down = torch.cat([moe[f"model.layers.2.block_sparse_moe.experts.{e}.w2.weight"] for e in range(4)], dim=1)
-    assert torch.allclose(down.abs().sum(), 2 * dense["model.layers.2.mlp.down_proj.weight"].abs().sum(), rtol=1e-5)
+    assert torch.allclose(down.abs().sum(), 4 * dense["model.layers.2.mlp.down_proj.weight"].abs().sum(), rtol=1e-5)
 
 
 def test_split_with_all_experts_active_is_the_dense_model(tiny_llama: Path, tmp_path: Path) -> None:
-    """With top_k = E every neuron is used and the E/K scale is 1; a uniform router weighs each expert 1/E, so
-    undoing that weight gives back the dense MLP."""
+    """With top_k = E every neuron is used; a uniform router weighs each expert 1/E and each expert's output carries
+    the scale E, so the sum is the dense MLP. Tolerance: float32 rounding of a 3-layer model's logits."""
     output = patch(tiny_llama, "moe:num_experts=2,top_k=2,split=true,router=uniform", output=tmp_path / "moe")
-    model = AutoModelForCausalLM.from_pretrained(output)
-    for layer in model.model.layers:
-        layer.mlp.experts.down_proj.data *= 2  # undo the routing weight of 1/2
-    torch.testing.assert_close(logits(model), logits(tiny_llama), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(output), logits(tiny_llama), rtol=0, atol=1e-5)
+
+
+def test_split_with_fewer_active_experts_is_the_dense_mlp_in_expectation(tmp_path: Path) -> None:
+    """With K < E of E neuron groups active, Mixtral's renormalised top-K weights sum to 1, so the E scale makes the
+    output an unbiased estimate of the dense MLP: projected onto the dense output over many random tokens, the
+    coefficient is 1. Measured over 8192 tokens and 4 seeds: 0.99-1.01 per layer (a scale of E/K gives 1/K = 0.5),
+    hence the 0.05 tolerance."""
+    source = save_tiny(tmp_path / "dense", intermediate_size=256)
+    dense = AutoModelForCausalLM.from_pretrained(source).eval()
+    moe = AutoModelForCausalLM.from_pretrained(patch(source, "moe:num_experts=8,top_k=2,split=true", output=tmp_path / "moe"))
+    tokens = torch.randn(1, 8192, 64, generator=torch.Generator().manual_seed(1))
+    for dense_layer, moe_layer in zip(dense.model.layers, moe.eval().model.layers):
+        with torch.no_grad():
+            expected, estimate = dense_layer.mlp(tokens), moe_layer.mlp(tokens)
+        coefficient = (estimate * expected).sum() / (expected * expected).sum()
+        assert abs(coefficient.item() - 1) < 0.05, coefficient.item()
 
 
 def test_balanced_kmeans_gives_equal_clusters_of_similar_rows() -> None:

@@ -9,8 +9,10 @@ Options that trade that identity for faster specialisation:
 - `drop=r` (Drop-Upcycling, arXiv 2502.19261): in each expert, re-initialise a random fraction r of the
   intermediate neurons (rows of w1/w3, columns of w2) from a normal with the mean and std of the dense matrix;
 - `split=true` (LLaMA-MoE, arXiv 2406.16554): partition the intermediate neurons into E experts of I/E neurons
-  (`partition=random` or `cluster`, balanced k-means on w1 rows), so a token computes K/E of the dense MLP. Not
-  function-preserving; each expert's output is scaled by E/K so that the expected output keeps its magnitude.
+  (`partition=random` or `cluster`, balanced k-means on w1 rows), so a token computes K/E of the dense MLP. Each
+  expert's output is scaled by E: Mixtral renormalises the top-K router weights to sum to 1, so with K = E and a
+  uniform router the experts add up to the dense MLP exactly, and with K < E the output is an unbiased estimate of
+  it (for a uniformly random choice of experts: E * (1/K) * (K/E) * dense). Not function-preserving for K < E.
 
 Router (`block_sparse_moe.gate.weight`, one row per expert): `random` (normal, std = initializer_range), `uniform`
 (zeros: every expert equally likely), or `hidden`: row e is the normalised mean MLP input of the prompts for expert
@@ -160,7 +162,7 @@ class UpcycleMoE(Patcher):
     ) -> TensorTask:
         size = (meta.shape[1] if w == "w2" else meta.shape[0]) // self.num_experts
         shape = (meta.shape[0], size) if w == "w2" else (size, meta.shape[1])
-        scale = self.num_experts / self.top_k
+        scale = self.num_experts  # the renormalised top-K weights sum to 1 (see the module docstring)
         gate = layer_name(layer, _DENSE["w1"])
         source = layer_name(layer, _DENSE[w])
 
@@ -168,7 +170,7 @@ class UpcycleMoE(Patcher):
             if layer not in partitions:
                 partitions[layer] = self._partition(gate_proj, layer)
             neurons = partitions[layer][expert].to(dense.device)
-            if w == "w2":  # the E/K output scale lives in down_proj
+            if w == "w2":  # the E output scale lives in down_proj
                 return (dense[:, neurons].float() * scale).to(dense.dtype)
             return dense[neurons].clone()
 
