@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import EvaluationError
+from ..modeling.kv_cache import cache_argument
 from .report import PasskeyTrial
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,18 @@ def greedy_answer(model: Any, input_ids: list[int], new_tokens: int = ANSWER_TOK
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = set(eos if isinstance(eos, list) else [eos]) - {None}
     answer: list[int] = []
+    from transformers import DynamicCache
+
+    cache = cache_argument(model, DynamicCache(config=model.config))  # filled in place by every call
     with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
         for _ in range(new_tokens):
             token = int(out.logits[0, -1].argmax())
             if token in stop:
                 break
             answer.append(token)
             step = torch.tensor([[token]], device=model.device)
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=step, use_cache=True, logits_to_keep=1, **cache)
     return answer
 
 

@@ -202,6 +202,7 @@ def segment_nll(model: Any, ids: torch.Tensor, segments: int) -> Iterator[float]
     """
     from transformers import DynamicCache
 
+    from .kv_cache import cache_argument
     from .nll import default_chunk_size, head_nll
 
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -213,7 +214,7 @@ def segment_nll(model: Any, ids: torch.Tensor, segments: int) -> Iterator[float]
         for start, end in zip(bounds, bounds[1:]):
             positions = torch.arange(start, end, device=model.device)[None]
             hidden = decoder(
-                input_ids=ids[None, start:end], position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids[None, start:end], position_ids=positions, use_cache=True, **cache_argument(decoder, cache)
             ).last_hidden_state[0]
             targets = ids[start + 1 : end + 1]  # position p predicts token p + 1
             yield head_nll(head, hidden[: len(targets)], targets, chunk).double().sum().item()

@@ -296,10 +296,11 @@ def _loadable(path: str, dtype: Any = None) -> tuple[Any, Any]:
     from ..evaluation.perplexity import default_device, load_model
 
     if (Path(path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
         from transformers import AutoTokenizer
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").merge_and_unload()
+        from ..training.lora import load_merged_adapter
+
+        model = load_merged_adapter(path, dtype)
         return model.to(default_device()).eval(), AutoTokenizer.from_pretrained(path)
     return load_model(path, dtype=dtype)
 
