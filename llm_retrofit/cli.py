@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,37 @@ from .errors import RetrofitError
 
 
 class _Group(click.Group):
-    """Prints RetrofitError as one line (it already says what to do) instead of a traceback."""
+    """Prints RetrofitError as one line (it already says what to do) instead of a traceback, and so a disk that is
+    full or read-only (a fault of the machine, not of llm-retrofit), wherever a command meets it."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .io.writer import output_error
+
         try:
             return super().invoke(ctx)
         except RetrofitError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            raise click.ClickException(str(output_error(e.filename or "a file", e))) from None
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _writing(path: str | Path) -> Iterator[None]:
+    """An OSError of writing (no space, read-only, permission denied...) as one OutputError naming `path`, the output
+    the user asked for, rather than the hidden staging name where it happened."""
+    from .io.writer import WRITE_ERRNOS, output_error
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise output_error(path, e) from None
 
 
 def _dtype(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
@@ -75,7 +102,8 @@ def convert(source: str, output: str, dtype: Any, max_shard_size: str | None) ->
     """
     from .convert import convert as run_convert
 
-    path = run_convert(source, output, dtype=dtype, max_shard_size=max_shard_size)
+    with _writing(output):
+        path = run_convert(source, output, dtype=dtype, max_shard_size=max_shard_size)
     click.echo(f"wrote {path}")
 
 
@@ -169,14 +197,16 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
     patchers = [parse_spec(spec) for spec in specs]
     checkpoint = load_checkpoint(model, revision=revision)
     if dry_run:
+        checkpoint.require_complete()  # as the real run: no plan is shown for what would be refused
         source = checkpoint_view(checkpoint)
         click.echo(PlanSummary.of(build_plan(source, patchers, force), source).render())
         return
     if bool(output) == in_place:
         raise click.UsageError("pass either -o/--output DIR or --in-place.")
-    path = apply_to_checkpoint(
-        checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
-    )
+    with _writing(output or checkpoint.path):
+        path = apply_to_checkpoint(
+            checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
+        )
     click.echo(f"wrote {path}")
 
 
@@ -301,24 +331,31 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
     from .evaluation.documents import load_documents
     from .evaluation.perplexity import load_model, tokenize
     from .modeling.rope import RopeShape
-    from .modeling.rope_search import FactorEvaluator, SearchSettings, search, write_factors
+    from .modeling.rope_search import FactorEvaluator, SearchSettings, distributed_state, search, write_factors
 
+    distributed = distributed_state()  # before the model is placed: under accelerate launch, each GPU process its own
     settings = SearchSettings(
         target_length=target_length, population=population, iterations=iterations, mutations=mutations,
         crossovers=crossovers, parents=min(parents, population), segments=segments, seed=seed,
         attention_factor=attention_factor,
     )
+    from .io.writer import check_writable
+
+    for path in (output, resume_path or f"{output}.state.json"):  # before a search of hours, not after it
+        check_writable(path)
     network, tokenizer = load_model(model, dtype=dtype, device=device)
     ids, _ = tokenize(tokenizer, load_documents(data, max_docs=max_docs))
     shape = RopeShape.of(network.config.to_dict())
     evaluator = FactorEvaluator(network, ids, shape, target_length, segments, attention_factor)
     state_path = Path(resume_path or f"{output}.state.json")
     state = search(evaluator, settings, state_path=state_path, resume=resume_path is not None)
-    found = write_factors(Path(output), state, evaluator, model)
-    click.echo(
-        f"wrote {output}: perplexity {found['perplexity_at_target']:.4f} at {target_length} tokens after "
-        f"{state.evaluations} evaluations ({state.rejected_early} stopped early) in {state.seconds:.0f} s"
-    )
+    if distributed.is_main_process:  # every process holds the same result: one writes and reports it
+        found = write_factors(Path(output), state, evaluator, model)
+        click.echo(
+            f"wrote {output}: perplexity {found['perplexity_at_target']:.4f} at {target_length} tokens after "
+            f"{state.evaluations} evaluations ({state.rejected_early} stopped early) in {state.seconds:.0f} s"
+        )
+    distributed.destroy_process_group()  # as finetune: torch's exit without it can abort a worker after a good run
 
 
 @main.command()
@@ -422,10 +459,11 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
           device: str | None, batch_size: int) -> None:
     """Perplexity vs context length (and passkey retrieval) of one or more MODELS, side by side.
 
-    Each MODEL is a checkpoint directory or Hub repo id. Documents shorter than a length are skipped at that length
-    and counted. The loss is computed from the hidden states through the LM head in chunks, so full-vocabulary
-    logits of a long sequence never exist; with the truncate protocol each document is run once, at its largest
-    length, and shorter lengths are read off the same pass.
+    Each MODEL is a checkpoint directory or Hub repo id, checked as `retrofit patch` checks it before it loads; the
+    output files are checked writable before the first model loads. Documents shorter than a length are skipped at
+    that length and counted (none long enough for any length is an error). The loss is computed from the hidden states
+    through the LM head in chunks, so full-vocabulary logits of a long sequence never exist; with the truncate protocol
+    each document is run once, at its largest length, and shorter lengths are read off the same pass.
 
     \b
     Examples:
@@ -442,11 +480,23 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
 
     from .evaluation.documents import load_documents
     from .evaluation.report import EvalResult
-    from .evaluation.perplexity import evaluate
+    from .evaluation.perplexity import evaluate, resolve_device
+    from .io.checkpoint import load_checkpoint
+    from .io.writer import check_writable
 
     if stride is not None and protocol == "truncate":
         raise click.UsageError("--stride is for the sliding protocol; drop it or pass --protocol sliding.")
     protocol = protocol or ("sliding" if stride is not None else "truncate")
+    if passkey and plot and not passkey_plot:
+        passkey_plot = str(Path(plot).with_name(Path(plot).stem + "-passkey.png"))
+    # Everything that can be known to fail is refused before the first model loads: an evaluation can take hours,
+    # and its results must not be lost at the end to an unwritable --json or a mistyped --device.
+    for path in (json_path, markdown, plot, passkey_plot):
+        if path:
+            check_writable(path)
+    resolve_device(device)
+    for model in models:  # every model, so the last one's damage does not cost the first one's evaluation
+        load_checkpoint(model).require_complete()
     documents = load_documents(data, max_docs=max_docs)
     results = []
     for model in models:
@@ -462,19 +512,21 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
     result = EvalResult.merge(results)
     result.settings["data"] = list(data)
     Console().print(result.table())
-    if passkey and plot and not passkey_plot:
-        passkey_plot = str(Path(plot).with_name(Path(plot).stem + "-passkey.png"))
     written = []
     if json_path:
-        result.to_json(json_path)
+        with _writing(json_path):
+            result.to_json(json_path)
         written.append(json_path)
     if markdown:
-        result.to_markdown(markdown)
+        with _writing(markdown):
+            result.to_markdown(markdown)
         written.append(markdown)
     if plot:
-        written.append(str(result.plot(plot)))
+        with _writing(plot):
+            written.append(str(result.plot(plot)))
     if passkey_plot:
-        written.append(str(result.plot_passkey(passkey_plot)))
+        with _writing(passkey_plot):
+            written.append(str(result.plot_passkey(passkey_plot)))
     for path in written:
         click.echo(f"wrote {path}")
 

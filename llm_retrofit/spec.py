@@ -12,6 +12,7 @@ recognise it by name: whether planning it runs the model (`loads_model`), and wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def parse_fields(cls: type, spec: str, arguments: str) -> Any:
             raise PatchSpecError(f"{spec!r}: {item!r} is not key=value. Example: {cls.example}")
         if key not in fields:
             raise PatchSpecError(f"{spec!r}: patch {cls.name!r} has no parameter {key!r}; its parameters are {_keys(cls)}.")
+        if key in values:
+            raise PatchSpecError(f"{spec!r}: {key} is given twice; give each parameter once. Example: {cls.example}")
         values[key] = parse_value(cls, key, raw, hints[key])
     missing = [k for k, f in fields.items() if k not in values and _is_required(f)]
     if missing:
@@ -152,6 +155,8 @@ def parse_value(cls: type[Patcher], key: str, raw: str, annotation: Any) -> Any:
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if raw.lower() == "none":
             return None
+        if len(options) == 1:  # `float | None`: the one type's own message (a finite number, one of ...)
+            return parse_value(cls, key, raw, options[0])
         for option in options:
             try:
                 return parse_value(cls, key, raw, option)
@@ -173,9 +178,12 @@ def parse_value(cls: type[Patcher], key: str, raw: str, annotation: Any) -> Any:
         return raw.lower() in ("true", "1", "yes")
     if annotation in (int, float):
         try:
-            return annotation(raw)
+            number = annotation(raw)
         except ValueError:
             raise bad(f"a number ({annotation.__name__})") from None
+        if not math.isfinite(number):  # nan and inf parse as floats, and would reach config.json as non-JSON
+            raise bad("a finite number (nan and inf are not numbers a model can use)")
+        return number
     if annotation is Path:
         return Path(raw).expanduser()
     return raw

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import char_tokenizer, save_tiny
@@ -77,3 +78,29 @@ def test_errors_are_one_line(tiny_llama_chars: Path, data: Path, tmp_path: Path)
     assert code == 1 and "is not a file or directory" in output and "Traceback" not in output
     code, output = run("eval", str(tiny_llama_chars), "-d", str(data), "--protocol", "truncate", "--stride", "8")
     assert code == 2 and "--stride is for the sliding protocol" in output
+
+
+def test_outputs_are_checked_before_the_evaluation_and_the_check_leaves_nothing(tmp_path: Path) -> None:
+    from llm_retrofit.errors import OutputError
+    from llm_retrofit.io.writer import check_writable
+
+    check_writable(tmp_path / "new" / "deeper" / "eval.json")  # parents are made when the file is written
+    check_writable("/dev/stdout")  # a device is written to as it is
+    assert list(tmp_path.iterdir()) == [], "the probe and no directory remain"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*a-file/eval.json: .*a-file is not a directory"):
+        check_writable(tmp_path / "a-file" / "eval.json")
+
+
+def test_nan_weights_are_named_not_blamed_on_the_head() -> None:
+    """A NaN in the weights makes both losses NaN, which once read as "its head does more than a linear layer"."""
+    from conftest import tiny_model
+    from llm_retrofit.errors import EvaluationError
+    from llm_retrofit.modeling.nll import check_head
+
+    model = tiny_model()
+    check_head(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(EvaluationError, match=r"hold NaN or inf \(first in model.layers.1.mlp.up_proj.weight\)"):
+        check_head(model)

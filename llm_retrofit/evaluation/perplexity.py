@@ -1,5 +1,5 @@
-"""Long-document perplexity: `document_nll` / `iter_document_nll` for one document at one length, `perplexity` for
-many documents at many lengths, and `evaluate` for everything `retrofit eval` reports.
+"""Long-document perplexity: `document_nll` for one document at one length (`iter_document_nll`: several, lazily),
+`perplexity` for many documents at many lengths, and `evaluate` for everything `retrofit eval` reports.
 
 The NLL of one forward pass is `modeling.nll` (the decoder alone, then the LM head a chunk of positions at a
 time); this module cuts documents into the passes each protocol needs and sums them.
@@ -126,7 +126,8 @@ def iter_document_nll(
     stride: int | None = None,
     chunk_size: int | None = None,
 ) -> Iterator[NLL | None]:
-    """`document_nll` of each document in turn, lazily: a caller may stop after any document (early rejection)."""
+    """`document_nll` of each document in turn, lazily: a caller may stop after any document, and the rest are
+    never scored."""
     for ids in documents:
         yield document_nll(model, ids, length, protocol=protocol, stride=stride, chunk_size=chunk_size)
 
@@ -256,18 +257,57 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` (default: cuda if available, else cpu) checked against this machine, so that a typo or a missing GPU
+    is one clear error before anything is loaded."""
+    if device is None:
+        return torch.device(default_device())
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvaluationError(f"device {str(device)!r} is not a device; pass cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise EvaluationError(
+                f"device {str(device)!r}: CUDA is not available here (no NVIDIA GPU or driver, or a CPU-only torch "
+                "build); pass --device cpu (device='cpu')."
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise EvaluationError(
+                f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}."
+            )
+    if resolved.type == "meta":
+        raise EvaluationError("device 'meta' holds no weights, so nothing can be measured on it; pass cpu or cuda.")
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as e:  # torch says AssertionError for a backend it was not built with
+        raise EvaluationError(f"device {str(device)!r} cannot be used here ({e}); pass cpu or cuda.") from None
+    return resolved
+
+
 def load_model(
     source: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
     revision: str | None = None,
 ) -> tuple[PreTrainedModel, Any]:
-    """A checkpoint directory or Hub repo id -> (model in eval mode on `device`, its tokenizer or None)."""
+    """A checkpoint directory or Hub repo id -> (model in eval mode on `device`, its tokenizer or None).
+
+    The device is checked first, then the checkpoint as `retrofit patch` checks it (`load_checkpoint`: a supported
+    architecture, sizes that are positive integers, safetensors headers that describe their files; and every tensor
+    the config requires), so that transformers never loads a model with randomly initialised weights where the
+    checkpoint has none, nor fails with a traceback of its own. Every command that runs a local checkpoint (eval,
+    search-rope, recipe eval steps) loads it here.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..io.checkpoint import resolve_checkpoint_dir
+    from ..io.checkpoint import load_checkpoint
 
-    path = resolve_checkpoint_dir(source, revision)
+    target = resolve_device(device)
+    checkpoint = load_checkpoint(source, revision)
+    checkpoint.require_complete()
+    path = checkpoint.path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    model.to(device or default_device()).eval()
+    model.to(target).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # no tokenizer files: fine if the caller passes token ids
@@ -339,7 +379,8 @@ def evaluate(
     `model_or_path` is a checkpoint directory, a Hub repo id, or a loaded causal LM (then pass `tokenizer` for text
     documents; `dtype` and `device` apply to paths only). `documents` are texts, `Document`s (`load_documents`) or
     token ids. Passkey prompts are made at `passkey_lengths` (default: `lengths`) and `passkey_depths`. Results of
-    several models are put side by side with `EvalResult.merge`.
+    several models are put side by side with `EvalResult.merge`. A path is loaded with `load_model`'s checks; a run
+    that would measure nothing (no document as long as the shortest length, no passkey) is an EvaluationError.
     """
     from .._version import __version__
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
@@ -356,6 +397,12 @@ def evaluate(
     check_head(model)
     documents = list(documents)[:max_docs]
     ids, names = tokenize(tokenizer, documents)
+    if not passkey and all(len(i) < lengths[0] for i in ids):  # a report of nothing but skipped documents
+        longest = max((len(i) for i in ids), default=0)
+        raise EvaluationError(
+            f"nothing to measure: none of the {len(ids)} document(s) is as long as the shortest length, {lengths[0]} "
+            f"tokens (the longest has {longest}). Pass shorter lengths (--lengths) or longer documents."
+        )
     run = perplexity(model, ids, lengths, protocol=protocol, stride=stride, batch_size=batch_size, names=names,
                      progress=progress, description=os.path.basename(str(name).rstrip("/")) or str(name))
     depths = list(passkey_depths if passkey_depths is not None else DEFAULT_DEPTHS)

@@ -10,12 +10,13 @@ safetensors' `safe_open` makes, keeps every page it touched counted against the 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..architectures import Architecture, architecture_of
-from ..errors import CheckpointError
+from ..architectures import Architecture, architecture_of, split_layer_name
+from ..errors import CheckpointError, PatchError
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +117,33 @@ class SafetensorsFile:
                 continue
             try:
                 dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
+                shape = tuple(_whole(d) for d in info["shape"])
+                begin, end = (_whole(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise self._corrupt(f"the header entry of {name!r} is malformed") from None
             meta = TensorMeta(dtype, shape)
+            if any(d < 0 for d in shape) or not 0 <= begin <= end:
+                raise self._corrupt(f"tensor {name!r} has a negative size or offsets {[begin, end]} out of order")
             if end > data_size:
                 raise self._corrupt(f"tensor {name!r} ends at byte {end} of a {data_size}-byte data section")
             if end - begin != meta.nbytes:
                 raise self._corrupt(f"tensor {name!r} has {end - begin} bytes, its shape needs {meta.nbytes}")
             self.extents[name] = _Extent(meta, data_start + begin, data_start + end)
+        self._check_tiling(data_start, data_size)
+
+    def _check_tiling(self, data_start: int, data_size: int) -> None:
+        """The tensors must tile the data section exactly, as the safetensors library demands: overlapping tensors
+        would read each other's bytes, and a gap or trailing bytes mean the header does not describe the file."""
+        covered = 0
+        for name, extent in sorted(self.extents.items(), key=lambda item: (item[1].start, item[1].end)):
+            begin = extent.start - data_start
+            if begin < covered:
+                raise self._corrupt(f"tensor {name!r} starts at byte {begin}, inside the bytes of another tensor")
+            if begin > covered:
+                raise self._corrupt(f"bytes {covered} to {begin} of its data section belong to no tensor")
+            covered = extent.end - data_start
+        if covered != data_size:
+            raise self._corrupt(f"its tensors end at byte {covered} of a {data_size}-byte data section")
 
     def read_raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a flat uint8 tensor backed by a private memory map of just those bytes.
@@ -193,11 +211,18 @@ class Checkpoint:
             if (self.path / index).is_file():
                 try:
                     weight_map: dict[str, str] = json.loads((self.path / index).read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                     raise CheckpointError(
                         f"{self.path / index} is not a valid shard index (no JSON 'weight_map'); restore it from the "
                         "original checkpoint."
                     ) from None
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f == Path(f).name for f in weight_map.values()
+                ):
+                    raise CheckpointError(
+                        f"{self.path / index} is not a valid shard index: its 'weight_map' must map each tensor name "
+                        "to the file holding it; restore it from the original checkpoint."
+                    )
                 by_file: dict[str, list[str]] = {}
                 for name, file_name in weight_map.items():
                     by_file.setdefault(file_name, []).append(name)
@@ -256,8 +281,27 @@ class Checkpoint:
                     yield entry
 
     def missing_tensors(self) -> list[str]:
-        """Tensors the architecture requires that this checkpoint does not store."""
-        return [name for name in self.architecture.expected_tensors(self.config) if name not in self._files]
+        """Tensors the architecture requires that this checkpoint does not store.
+
+        Layers (and experts) that config.json counts but the weights hold none of are listed up to the first such
+        one only, so a config claiming 10^8 layers costs no more than one that claims one too many; the whole story
+        is `incompleteness()`.
+        """
+        return missing_tensors(self.config, self.tensors)
+
+    def incompleteness(self) -> str | None:
+        """What makes this checkpoint incomplete, in one clause; None when it stores every tensor it needs."""
+        return incompleteness(self.config, self.tensors)
+
+    def require_complete(self) -> None:
+        """Raise CheckpointError unless this checkpoint stores every tensor its architecture and config require:
+        transformers would otherwise fill the gap with random weights and say nothing that stops a script."""
+        problem = self.incompleteness()
+        if problem:
+            raise CheckpointError(
+                f"{self.source} is incomplete: {problem}. Download or copy it again, or correct config.json if it "
+                "describes another model."
+            )
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -265,6 +309,85 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self._files)} tensors)"
+
+
+# -- what a config promises, against what the weights hold -----------------------------------------------------------
+
+_REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "intermediate_size", "head_dim", "max_position_embeddings",
+                   "num_local_experts", "num_experts_per_tok", "sliding_window")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def check_config_sizes(config: Mapping[str, Any], where: str) -> None:
+    """Raise CheckpointError unless every size config.json gives is a positive integer (JSON `3`, not `"3"`, `3.0`
+    or `1e8`) and the required ones are there: everything that loops over layers, heads or experts trusts them."""
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if value is None:
+            raise CheckpointError(
+                f"{where} has no {key!r}, which every Llama-family config gives; restore it from the original "
+                "checkpoint."
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(
+                f"{where}: {key} is {json.dumps(value)}, but it must be a positive integer (e.g. "
+                f"\"{key}\": 32, without quotes or a decimal point); restore it from the original checkpoint."
+            )
+
+
+def _held(names: Iterable[str]) -> tuple[int, int]:
+    """(layers, experts) the tensor names reach: one more than the largest index of each that a name holds."""
+    layers = experts = 0
+    for name in names:
+        located = split_layer_name(name)
+        if located is not None:
+            layers = max(layers, located[0] + 1)
+            expert = _EXPERT.search(name)
+            if expert:
+                experts = max(experts, int(expert.group(1)) + 1)
+    return layers, experts
+
+
+def missing_tensors(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> list[str]:
+    """The tensors `architecture_of(config)` requires of a checkpoint with this config that `tensors` lacks, with the
+    work bounded by what `tensors` holds (see `Checkpoint.missing_tensors`). Sizes are checked first."""
+    check_config_sizes(config, "config.json")
+    layers, experts = _held(tensors)
+    bounded = dict(config, num_hidden_layers=min(config["num_hidden_layers"], layers + 1))
+    if config.get("num_local_experts"):
+        bounded["num_local_experts"] = min(config["num_local_experts"], experts + 1)
+    return [name for name in architecture_of(config).expected_tensors(bounded) if name not in tensors]
+
+
+def incompleteness(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint with this config and these tensors is incomplete (one clause), or None if it is not."""
+    missing = missing_tensors(config, tensors)
+    if not missing:
+        return None
+    layers, experts = _held(tensors)
+    if not tensors:
+        return "it holds no tensors at all (an empty weight file or 'weight_map')"
+    if config["num_hidden_layers"] > layers:
+        return (f"config.json says num_hidden_layers={config['num_hidden_layers']} but the weights hold "
+                f"{layers} layer(s), e.g. {missing[0]!r} is missing")
+    if config.get("num_local_experts", 0) > experts:
+        return (f"config.json says num_local_experts={config['num_local_experts']} but the weights hold {experts} "
+                f"expert(s) per layer, e.g. {missing[0]!r} is missing")
+    kind = config["model_type"]
+    return f"{len(missing)} tensor(s) that the {kind} architecture requires are missing, e.g. {missing[0]!r}"
+
+
+def refuse_incomplete_output(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    """Raise PatchError, before anything is written, if a patch's output plan lacks tensors its config requires."""
+    problem = incompleteness(config, tensors)
+    if problem:
+        raise PatchError(
+            f"the patched checkpoint would be incomplete ({problem}), so nothing was written. The source is complete "
+            "and the patches are not: please report this with the --patch arguments used."
+        )
 
 
 def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -275,6 +398,13 @@ def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
 def decode(raw: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     """The inverse of `raw_bytes`: reinterpret bytes as a tensor of the given dtype and shape."""
     return raw.view(meta.dtype).reshape(meta.shape)
+
+
+def _whole(value: Any) -> int:
+    """A JSON integer; a float, string or boolean in a header is malformed, not something to round."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
 
 
 def _names_in(weights: SafetensorsFile | _PickledWeights) -> Mapping[str, Any]:
@@ -294,12 +424,23 @@ def _read_config(path: Path) -> dict[str, Any]:
         hint = " It holds a GGUF file: run `retrofit convert` on it first." if any(path.glob("*.gguf")) else ""
         raise CheckpointError(f"{path} has no config.json, so it is not a Hugging Face checkpoint directory.{hint}")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(), parse_constant=_refuse_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
+    except ValueError as e:  # NaN or Infinity: Python writes them, JSON has no such numbers and they break models
+        raise CheckpointError(
+            f"{config_path} holds {e}, which is not a JSON number and no model can compute with; restore the file from "
+            "the original checkpoint (or redo the patch that wrote it with a finite value)."
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {config_path}: {e.strerror}. Check that it is readable.") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object; restore it from the original checkpoint.")
     return config
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(name)
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -310,7 +451,20 @@ def resolve_checkpoint_dir(source: str | os.PathLike[str], revision: str | None 
     from .commit import recover_interrupted_switch
 
     path = Path(source).expanduser()
+    try:
+        os.stat(path)
+    except OSError as e:  # a loop is no Hub repo id, though it does not "exist"; nor can it be recovered
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(
+                f"{path} is a loop of symbolic links (one leads back to another, never to a directory); point the "
+                "link at the checkpoint directory."
+            ) from None
     recover_interrupted_switch(path)  # an in-place rewrite killed mid-switch may have left the path missing
+    if not path.exists() and os.path.lexists(path):
+        raise CheckpointError(
+            f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; point it at the checkpoint "
+            "directory."
+        )
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             raise CheckpointError(f"{path} is a GGUF file; run `retrofit convert {path} OUT` to make a checkpoint.")
@@ -357,4 +511,5 @@ def load_checkpoint(source: str | os.PathLike[str], revision: str | None = None)
     # Provenance names a local checkpoint by its absolute path and a downloaded one by its repo id.
     checkpoint = Checkpoint(path, source=str(path) if Path(source).expanduser().exists() else str(source))
     checkpoint.architecture  # fail early, with the list of supported families
+    check_config_sizes(checkpoint.config, str(checkpoint.path / "config.json"))
     return checkpoint

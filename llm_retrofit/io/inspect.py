@@ -34,6 +34,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "weight_files": len(checkpoint.weight_files),
         "size_on_disk_bytes": weight_bytes,
         "missing_tensors": checkpoint.missing_tensors(),
+        "incomplete": checkpoint.incompleteness(),
         "history": config.get(HISTORY_KEY, []),
     }
 
@@ -41,6 +42,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
 def render(description: dict[str, Any]) -> Any:
     """A rich renderable: the facts as a two-column table, then the patch history."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     facts = Table(show_header=False, box=None, pad_edge=False)
@@ -66,9 +68,8 @@ def render(description: dict[str, Any]) -> Any:
     for key, value in shown.items():
         facts.add_row(key, str(value))
     parts: list[Any] = [facts]
-    if description["missing_tensors"]:
-        missing = description["missing_tensors"]
-        parts.append(f"[red]missing {len(missing)} tensor(s), e.g. {missing[0]}: the checkpoint is incomplete[/red]")
+    if description["incomplete"]:
+        parts.append(f"[red]the checkpoint is incomplete: {escape(description['incomplete'])}[/red]")
     history = Table(title="patch history", title_justify="left")
     for column in ("#", "patch", "params", "time", "source weights xxh3"):
         history.add_column(column)

@@ -9,9 +9,11 @@ the tests.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import tempfile
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +31,7 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in 123, "5GB" or "500MiB" (transformers' parser has the same units, but importing it costs ~1 s)."""
+    """Bytes in 123, "5GB" or "500MiB" (transformers' parser has the same units, but importing transformers is slow)."""
     if isinstance(size, int):
         value = size
     else:
@@ -85,7 +87,11 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _write_all(self._fd, len(encoded).to_bytes(8, "little") + encoded)
+        try:
+            _write_all(self._fd, len(encoded).to_bytes(8, "little") + encoded)
+        except BaseException:  # a full disk, say: `with` never entered, so __exit__ would not close it
+            os.close(self._fd)
+            raise
 
     def _next(self, name: str) -> TensorMeta:
         expected, meta = self._pending.popleft()
@@ -131,3 +137,50 @@ def _write_all(fd: int, data: bytes | memoryview) -> int:
     while written < len(view):
         written += os.write(fd, view[written:])
     return written
+
+
+# What the user can do about the ways writing fails that are the machine's, not ours.
+_WRITE_FIXES = {
+    errno.ENOSPC: "the disk is full; free space, or write the output to a disk with room",
+    errno.EDQUOT: "the disk quota is used up; free space, or write the output elsewhere",
+    errno.EFBIG: "the file system refuses a file this large; write to another one, or pass a smaller --max-shard-size",
+    errno.EROFS: "the file system is read-only; write the output to a writable one",
+    errno.EACCES: "permission denied; choose a location you may write to, or change its permissions",
+    errno.EPERM: "the operation is not permitted there; choose a location you may write to",
+    errno.ENOENT: "that directory takes no new files (or is gone); choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another location",
+    errno.EISDIR: "it is a directory; name a file",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter path",
+    errno.EIO: "the disk or network file system failed (an I/O error); check it, or write elsewhere",
+}
+WRITE_ERRNOS = frozenset(_WRITE_FIXES)
+"""The errno values `output_error` explains: the command line reports an OSError with one of these as one line."""
+
+
+def output_error(path: str | os.PathLike[str], error: OSError) -> OutputError:
+    """One OutputError for a failed write: the path the user asked for (not an internal temporary), why, and the fix."""
+    fix = _WRITE_FIXES.get(error.errno or 0, "choose another location")
+    return OutputError(f"cannot write {path}: {error.strerror or error}; {fix}.")
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise OutputError unless a file can be written at `path` (missing parent directories are created when the file
+    is written), before any work is done to produce it. It is tried, not inferred from permission bits, which tell
+    nothing for root, a read-only mount or /proc: a file is created and removed in the nearest existing directory
+    (where the file, written as a new file renamed into place, will go). A device or pipe (/dev/stdout) passes."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory; name a file inside it instead.")
+    if path.exists() and not path.is_file():
+        return
+    directory = path.parent
+    while not directory.exists() and not directory.is_symlink() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise OutputError(f"cannot write {path}: {directory} is not a directory; choose another location.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".retrofit-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise output_error(path, e) from None

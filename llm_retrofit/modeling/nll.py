@@ -132,13 +132,16 @@ def check_head(model: PreTrainedModel, tokens: int = 32) -> None:
     """Raise EvaluationError unless the chunked NLL reproduces the model's own `labels=` loss on a short input.
 
     Guards against LM heads that do more than a linear layer (logit soft-capping, logit scaling), whose NLL the
-    decoder + head split would silently get wrong.
+    decoder + head split would silently get wrong; and against a model that computes NaN or inf at all (NaN weights,
+    named by the first tensor that holds one, or a dtype that overflows), which no comparison can judge.
     """
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     ours = token_nll(model, ids).mean().item()
     with inference_mode(model):
         theirs = model(input_ids=ids.to(model.device), labels=ids.to(model.device), use_cache=False).loss.item()
+    if not (math.isfinite(ours) and math.isfinite(theirs)):
+        raise EvaluationError(_non_finite(model))
     if not math.isclose(ours, theirs, rel_tol=1e-3):
         raise EvaluationError(
             f"the NLL computed from {type(model).__name__}'s decoder and LM head ({ours:.5f}) differs from its own "
@@ -146,3 +149,18 @@ def check_head(model: PreTrainedModel, tokens: int = 32) -> None:
         )
 
 
+def _non_finite(model: PreTrainedModel) -> str:
+    """Why a model's loss is NaN or inf on a short input: a weight that is, or (all weights finite) its dtype."""
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    with torch.no_grad():
+        for tensor_name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return (
+                    f"the weights of {name} hold NaN or inf (first in {tensor_name}), so its loss is not a number: "
+                    "restore the checkpoint from a good copy, or redo the patch or finetune that produced it."
+                )
+    return (
+        f"{name} computes a NaN or inf loss on a short input although its weights are finite: its dtype "
+        f"({str(model.dtype).removeprefix('torch.')}) overflows, or its config (RoPE parameters?) is broken; load "
+        "it in float32 (--dtype float32) or check config.json."
+    )

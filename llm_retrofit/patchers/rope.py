@@ -24,6 +24,7 @@ transformers' dynamic NTK treats `max_position_embeddings` as the original lengt
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,6 +49,10 @@ class _ContextExtension(Patcher):
     def __post_init__(self) -> None:
         if (self.factor is None) == (self.target_length is None):
             raise PatchSpecError(f"{self.name}: give exactly one of factor=S or target_length=N. Example: {self.example}")
+        if self.factor is not None and not math.isfinite(self.factor):
+            raise PatchSpecError(f"{self.name}: factor={self.factor} must be a finite number > 1, e.g. {self.example}")
+        if self.target_length is not None and self.target_length < 1:
+            raise PatchSpecError(f"{self.name}: target_length={self.target_length} must be a positive token count.")
 
     def scale_for(self, shape: RopeShape) -> float:
         if self.factor is not None:
@@ -163,6 +168,14 @@ class YarnRope(_ContextExtension):
     beta_fast: float = 32.0
     beta_slow: float = 1.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.beta_fast) and 0 < self.beta_slow < self.beta_fast):
+            raise PatchSpecError(
+                f"yarn: beta_fast={self.beta_fast}, beta_slow={self.beta_slow} must be finite with 0 < beta_slow < "
+                "beta_fast (rotations per original context that bound the ramp; the paper uses 32 and 1)."
+            )
+
     def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
         return {
             "rope_type": "yarn",
@@ -188,6 +201,15 @@ class Llama3Rope(_ContextExtension):
 
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.high_freq_factor) and 0 < self.low_freq_factor < self.high_freq_factor):
+            raise PatchSpecError(
+                f"llama3: low_freq_factor={self.low_freq_factor}, high_freq_factor={self.high_freq_factor} must be "
+                "finite with 0 < low_freq_factor < high_freq_factor (wavelengths above L/low_freq_factor are "
+                "interpolated, below L/high_freq_factor kept; Llama 3.1 uses 1 and 4)."
+            )
 
     def rope_parameters(self, shape: RopeShape) -> dict[str, Any]:
         return {
@@ -237,6 +259,16 @@ class LongRope(_ContextExtension):
             raise PatchSpecError("longrope: data=DOCS searches factors for a length; add target_length=N.")
         if self.data is None and (self.population is not None or self.iterations is not None):
             raise PatchSpecError("longrope: population and iterations set the search's budget; they need data=DOCS.")
+        if self.factor is not None and not math.isfinite(self.factor):
+            raise PatchSpecError(f"longrope: factor={self.factor} must be a finite number > 1.")
+        attention = self.attention_factor
+        if attention is not None and not (math.isfinite(attention) and attention > 0):
+            raise PatchSpecError(
+                f"longrope: attention_factor={self.attention_factor} must be a finite number > 0 (1 leaves attention "
+                "as it is)."
+            )
+        if self.max_docs < 1:
+            raise PatchSpecError(f"longrope: max_docs={self.max_docs} must be at least 1 (documents the search reads).")
 
     def plan(self, model: ModelView) -> TensorPlan:
         shape = RopeShape.of(model.config)
@@ -286,7 +318,7 @@ def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:
     """A factors JSON (`long_factor`, optional `short_factor`, `target_length`), checked against the model."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PatchSpecError(f"longrope: cannot read factors file {path}: {e}. Write it with `retrofit search-rope`.") from None
     if not isinstance(data, dict) or "long_factor" not in data:
         raise PatchSpecError(f"longrope: {path} has no 'long_factor' list; write it with `retrofit search-rope`.")
@@ -300,11 +332,19 @@ def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:
                 f"longrope: {key} in {path} has {count} values but this model's RoPE has {shape.pairs} frequency pairs "
                 f"(head_dim {shape.dim} / 2); the factors were searched for another model."
             )
-        if any(not isinstance(f, (int, float)) or f < 1.0 for f in factors):
-            raise PatchSpecError(f"longrope: {key} in {path} must hold numbers >= 1 (1 keeps a frequency as it is).")
+        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 1.0 <= f < math.inf for f in factors):
+            raise PatchSpecError(
+                f"longrope: {key} in {path} must hold finite numbers >= 1 (1 keeps a frequency as it is)."
+            )
         if key == "long_factor" and any(b < a for a, b in zip(factors, factors[1:])):
             raise PatchSpecError(
                 f"longrope: long_factor in {path} must be non-decreasing (low frequencies are interpolated at least as "
                 "much as high ones); this file was not written by the search."
             )
+    length, attention = data.get("target_length"), data.get("attention_factor")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise PatchSpecError(f"longrope: target_length in {path} must be a positive integer (tokens), not {length!r}.")
+    if attention is not None and (isinstance(attention, bool) or not isinstance(attention, (int, float))
+                                  or not 0 < attention < math.inf):
+        raise PatchSpecError(f"longrope: attention_factor in {path} must be a finite number > 0, not {attention!r}.")
     return data

@@ -1,7 +1,8 @@
 """Upload a checkpoint or adapter directory to the Hugging Face Hub, with its model card.
 
-`push` checks everything it can on this machine before the first request: the directory is a complete checkpoint (or
-a peft adapter with its weights), the README.md is not someone else's card, a token exists. Then it writes the card
+`push` checks everything it can on this machine before it writes or sends anything: the directory is a complete
+checkpoint (or a peft adapter with its weights), the README.md is not someone else's card, a token exists, the Hub
+is not switched off (HF_HUB_OFFLINE). Then it writes the card
 for the repo id (see `card.py`; only if its content changes), creates the repo (and the branch), and uploads the
 directory with huggingface_hub's `upload_folder` in one commit, so the repo never shows half a model. Large files go
 through huggingface_hub's Xet or LFS machinery with its progress bars. Weight files the repo has and the directory no
@@ -53,7 +54,7 @@ def push(
     instead of committing to it. Returns huggingface_hub's `CommitInfo`: a str (the commit URL) with `.oid` and
     `.pr_url`. Raises PublishError (or CheckpointError for an unreadable directory) with what to do.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, get_token, is_offline_mode
 
     model = open_model_directory(path)
     missing = model.missing()
@@ -75,6 +76,11 @@ def push(
     token = token or get_token()
     if not token:
         raise PublishError(f"no Hugging Face token found: {LOGIN_HINT}.")
+    if is_offline_mode():  # huggingface_hub would refuse the first request, after the card was written
+        raise PublishError(
+            f"pushing to {repo_id} failed: HF_HUB_OFFLINE is set, so huggingface_hub makes no requests; unset it to "
+            "push. Nothing was written or sent."
+        )
     api = HfApi(token=token)
     if "/" not in repo_id:  # the card's loading snippet needs the full id, owner included
         with _hub_errors(repo_id, revision, token):

@@ -1,0 +1,361 @@
+"""Bad models, bad specs and bad places to write: one row per defect of issue 12, section 4 (items 3, 6, 7, 8, 11).
+
+Every row damages a copy of a tiny model (or the environment) the way a hostile tester did, runs one `retrofit`
+command, and holds it to the harness's contract: a non-zero exit, one message naming the problem and the fix, no
+traceback, the model byte-identical, no output and no staging directory left behind. Rows that evaluate forbid the
+evaluation from starting where the refusal must come first (an evaluation can take hours; losing it at the end to an
+unwritable --json is the defect).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, save_tiny
+from harness import refuse
+
+TOKEN = "hf_" + "q" * 34  # a token-shaped secret: no message may ever show it
+
+
+@dataclass
+class Place:
+    """Where a row runs: `model` a damaged copy of the tiny model, `good` the model itself (only ever read), `docs` a
+    text of 520 tokens, `out` not there yet."""
+
+    model: Path
+    good: Path
+    docs: Path
+    out: Path
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+
+
+Damage = Callable[[Place], None]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = save_tiny(tmp_path_factory.mktemp("pristine") / "m", max_position_embeddings=512)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def place(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Place:
+    model = tmp_path / "m"
+    shutil.copytree(pristine, model)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("It was the best of times. " * 20)
+    return Place(model, pristine, docs, tmp_path / "out", tmp_path, monkeypatch)
+
+
+# -- ways to damage a model --------------------------------------------------------------------------------------
+
+
+def config(**changes: object) -> Damage:
+    """Set config.json keys (None: remove the key)."""
+
+    def damage(place: Place) -> None:
+        path = place.model / "config.json"
+        values = json.loads(path.read_text())
+        for key, value in changes.items():
+            values.pop(key, None) if value is None else values.__setitem__(key, value)
+        path.write_text(json.dumps(values))  # json writes NaN as NaN, as the old patches did
+
+    return damage
+
+
+def truncate(keep: int) -> Damage:
+    def damage(place: Place) -> None:
+        weights = place.model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:keep])
+
+    return damage
+
+
+def remove(name: str) -> Damage:
+    return lambda place: (place.model / name).unlink()
+
+
+def sharded(weight_map: object) -> Damage:
+    """The weights moved to a shard, with an index whose weight_map is `weight_map`."""
+
+    def damage(place: Place) -> None:
+        (place.model / "model.safetensors").rename(place.model / "model-00001-of-00001.safetensors")
+        index = {"metadata": {}, "weight_map": weight_map}
+        (place.model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return damage
+
+
+def header(change: Callable[[dict], None]) -> Damage:
+    """Rewrite model.safetensors' JSON header with `change`, keeping the data bytes as they are."""
+
+    def damage(place: Place) -> None:
+        write_header(place.model / "model.safetensors", change)
+
+    return damage
+
+
+def write_header(path: Path, change: Callable[[dict], None]) -> None:
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    entries = json.loads(data[8 : 8 + length])
+    change(entries)
+    encoded = json.dumps(entries).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+
+
+def overlap(entries: dict) -> None:
+    """The second norm of layer 0 reads the bytes of the first: the output would carry the wrong weights."""
+    first = entries["model.layers.0.input_layernorm.weight"]["data_offsets"]
+    entries["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] = list(first)
+
+
+def beyond_the_file(entries: dict) -> None:
+    name = "model.norm.weight"
+    begin, end = entries[name]["data_offsets"]
+    entries[name]["data_offsets"] = [begin + 10**6, end + 10**6]
+
+
+def wrong_size(entries: dict) -> None:
+    entries["model.norm.weight"]["shape"] = [32]  # 64 float32 values are stored
+
+
+def gap(entries: dict) -> None:
+    """One tensor fewer in the header: its bytes, between two others, belong to no tensor (and it is missing)."""
+    del entries["model.embed_tokens.weight"]
+
+
+def nan_weight(name: str) -> Damage:
+    def damage(place: Place) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(place.model / "model.safetensors")
+        tensors[name][0] = float("nan")
+        save_file(tensors, place.model / "model.safetensors", metadata={"format": "pt"})
+
+    return damage
+
+
+def symlink_loop(place: Place) -> None:
+    (place.tmp / "loop").symlink_to(place.tmp / "loop2")
+    (place.tmp / "loop2").symlink_to(place.tmp / "loop")
+
+
+def disk_full(place: Place) -> None:
+    """os.write fails with ENOSPC for every file under the test's directory (the disk fills while writing)."""
+    real = os.write
+
+    def write(fd: int, data: object) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(place.tmp)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)  # type: ignore[arg-type]
+
+    place.monkeypatch.setattr(os, "write", write)
+
+
+def read_only(place: Place) -> None:
+    """The directory of the output is on a read-only file system: creating anything in it fails with EROFS."""
+    real = os.mkdir
+
+    def mkdir(path: object, *args: object, **kwargs: object) -> None:
+        if Path(os.fspath(path)).parent == place.out.parent:  # type: ignore[arg-type]
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))  # type: ignore[arg-type]
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    place.monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def no_evaluation(place: Place) -> None:
+    """The evaluation must never start: the refusal comes first."""
+    import llm_retrofit.evaluation.perplexity as perplexity
+
+    def evaluate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation ran before the refusal")
+
+    place.monkeypatch.setattr(perplexity, "evaluate", evaluate)
+
+
+def results_lost_to_a_full_disk(place: Place) -> None:
+    """The evaluation runs; the disk is full when its JSON is written."""
+    from llm_retrofit.evaluation.report import EvalResult
+
+    def to_json(self: object, path: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))  # type: ignore[arg-type]
+
+    place.monkeypatch.setattr(EvalResult, "to_json", to_json)
+
+
+def both(*damages: Damage) -> Damage:
+    def damage(place: Place) -> None:
+        for each in damages:
+            each(place)
+
+    return damage
+
+
+def unwritable(directory: str) -> bool:
+    """True where even root cannot create a file in `directory` (/proc, /sys)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory)
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(probe)
+    return False
+
+
+def without_cuda(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(torch.cuda.is_available(), reason=reason)
+
+
+EVAL = "eval {m} -d {docs} -l 64"
+PATCH = "patch {m} -p linear:factor=2 -o {out}"
+INCOMPLETE = "is incomplete: config.json says num_hidden_layers=5 but the weights hold 3 layer(s)"
+CORRUPT = "is not a readable safetensors file: "
+
+CASES = [
+    # 4.3: eval (and every command that runs a local checkpoint) runs our checkpoint checks; patch refuses an
+    # incomplete checkpoint before writing anything
+    pytest.param(config(model_type="gpt2"), EVAL, "model_type 'gpt2' is not supported; llm-retrofit rewrites llama, "
+                 "mistral, mixtral checkpoints", id="eval-model-type-gpt2"),
+    pytest.param(config(num_hidden_layers=5), EVAL, INCOMPLETE, id="eval-config-counts-more-layers-than-the-weights"),
+    pytest.param(truncate(20000), EVAL, "model.safetensors is not a readable safetensors file: tensor 'lm_head.weight' "
+                 "ends at byte 32768 of a 16936-byte data section. It is corrupt or truncated",
+                 id="eval-truncated-weights"),
+    pytest.param(remove("model.safetensors"), EVAL, "has a config.json but no weights: expected model.safetensors",
+                 id="eval-weights-missing"),
+    pytest.param(sharded({"model.norm.weight": "model-00002-of-00002.safetensors"}), EVAL,
+                 "shard model-00002-of-00002.safetensors named in the index", id="eval-shard-missing"),
+    pytest.param(both(config(num_hidden_layers=5), no_evaluation), "eval {good} {m} -d {docs} -l 64", INCOMPLETE,
+                 id="eval-of-two-models-the-second-incomplete"),
+    pytest.param(config(num_hidden_layers=5), "finetune {m} -o {out} -d {docs} --steps 1 --seq-len 32", INCOMPLETE,
+                 id="finetune-config-counts-more-layers-than-the-weights"),
+    pytest.param(config(num_hidden_layers=5), "search-rope {m} --target-length 1024 -d {docs} -o {tmp}/f.json",
+                 INCOMPLETE, id="search-rope-config-counts-more-layers-than-the-weights"),
+    pytest.param(config(num_hidden_layers=5), PATCH, INCOMPLETE, id="patch-config-counts-more-layers-than-the-weights"),
+    pytest.param(config(num_hidden_layers=5), "patch {m} -p linear:factor=2 --dry-run", INCOMPLETE,
+                 id="patch-dry-run-of-an-incomplete-checkpoint"),
+    pytest.param(sharded({}), PATCH, "is incomplete: it holds no tensors at all (an empty weight file or 'weight_map')",
+                 id="patch-empty-weight-map"),
+    # 4.6: raw tracebacks for mistakes of the user or the machine
+    pytest.param(disk_full, "patch {m} -p dtype:to=bfloat16 -o {out}", "cannot write {out}: No space left on device; "
+                 "the disk is full; free space, or write the output to a disk with room", id="patch-disk-full"),
+    pytest.param(disk_full, "convert {m} {out} --dtype bfloat16", "cannot write {out}: No space left on device",
+                 id="convert-disk-full"),
+    pytest.param(read_only, PATCH, "cannot write {out}: Read-only file system; the file system is read-only; write "
+                 "the output to a writable one", id="patch-output-on-a-read-only-file-system"),
+    pytest.param(no_evaluation, EVAL + " --json /proc/retrofit/eval.json", "cannot write /proc/retrofit/eval.json: No "
+                 "such file or directory; that directory takes no new files",
+                 id="eval-json-where-nothing-can-be-written"),
+    pytest.param(no_evaluation, EVAL + " --plot /sys/retrofit-ppl.png", "cannot write /sys/retrofit-ppl.png: ",
+                 id="eval-plot-where-root-may-not-write",
+                 marks=pytest.mark.skipif(not unwritable("/sys"), reason="/sys is writable here")),
+    pytest.param(results_lost_to_a_full_disk, EVAL + " --json {tmp}/eval.json", "cannot write {tmp}/eval.json: No "
+                 "space left on device", id="eval-json-on-a-full-disk"),
+    pytest.param(None, "patch {m} -p expand:num_new_layers=0 -o {out}", "expand: num_new_layers=0 must be a positive "
+                 "integer (the layers to add)", id="expand-num-new-layers-0"),
+    pytest.param(None, "patch {m} -p expand:every=0 -o {out}", "expand: every=0 must be a positive integer (original "
+                 "layers per added one)", id="expand-every-0"),
+    pytest.param(None, "patch {m} -p yarn:factor=inf -o {out}", "patch 'yarn': factor='inf' is not valid; expected a "
+                 "finite number", id="yarn-factor-inf"),
+    pytest.param(None, "patch {m} -p linear:factor=nan -o {out}", "patch 'linear': factor='nan' is not valid; expected "
+                 "a finite number", id="linear-factor-nan"),
+    pytest.param(no_evaluation, EVAL + " --device bogus", "device 'bogus' is not a device; pass cpu, cuda or cuda:N",
+                 id="eval-device-bogus"),
+    pytest.param(no_evaluation, EVAL + " --device cuda", "device 'cuda': CUDA is not available here",
+                 id="eval-device-cuda-without-cuda", marks=without_cuda("this machine has CUDA")),
+    pytest.param(config(num_hidden_layers=None), PATCH, "config.json has no 'num_hidden_layers', which every "
+                 "Llama-family config gives", id="config-without-num-hidden-layers"),
+    pytest.param(config(num_hidden_layers="3"), PATCH, 'config.json: num_hidden_layers is "3", but it must be a '
+                 "positive integer", id="config-num-hidden-layers-a-string"),
+    pytest.param(config(num_hidden_layers="3"), "inspect {m}", 'num_hidden_layers is "3", but it must be a positive '
+                 "integer", id="inspect-config-num-hidden-layers-a-string"),
+    pytest.param(sharded(["model.norm.weight"]), PATCH, "model.safetensors.index.json is not a valid shard index: its "
+                 "'weight_map' must map each tensor name to the file holding it", id="index-weight-map-a-list"),
+    # 4.7: NaN and inf never reach config.json
+    pytest.param(None, "patch {m} -p dynamic:factor=nan -o {out}", "patch 'dynamic': factor='nan' is not valid; "
+                 "expected a finite number", id="dynamic-factor-nan"),
+    pytest.param(None, "patch {m} -p yarn:factor=2,beta_fast=nan -o {out}", "patch 'yarn': beta_fast='nan' is not "
+                 "valid; expected a finite number", id="yarn-beta-fast-nan"),
+    pytest.param(None, "patch {m} -p yarn:factor=2,beta_fast=1,beta_slow=32 -o {out}", "yarn: beta_fast=1.0, "
+                 "beta_slow=32.0 must be finite with 0 < beta_slow < beta_fast", id="yarn-beta-fast-below-beta-slow"),
+    pytest.param(None, "patch {m} -p llama3:factor=2,low_freq_factor=4,high_freq_factor=1 -o {out}",
+                 "llama3: low_freq_factor=4.0, high_freq_factor=1.0 must be finite with 0 < low_freq_factor < "
+                 "high_freq_factor", id="llama3-low-freq-factor-above-high"),
+    pytest.param(None, "patch {m} -p llama3:factor=2,low_freq_factor=4,high_freq_factor=4 -o {out}",
+                 "0 < low_freq_factor < high_freq_factor", id="llama3-low-freq-factor-equal-to-high"),
+    pytest.param(config(rope_parameters={"rope_type": "dynamic", "factor": float("nan"), "rope_theta": 10000.0}), EVAL,
+                 "config.json holds NaN, which is not a JSON number", id="eval-config-written-with-nan"),
+    # 4.8: safetensors headers that lie are refused, as the safetensors library refuses them
+    pytest.param(header(overlap), "patch {m} -p dtype:to=bfloat16 -o {out}", CORRUPT + "tensor "
+                 "'model.layers.0.post_attention_layernorm.weight' starts at byte", id="header-overlapping-offsets"),
+    pytest.param(header(overlap), EVAL, "inside the bytes of another tensor", id="eval-header-overlapping-offsets"),
+    pytest.param(header(beyond_the_file), PATCH, CORRUPT + "tensor 'model.norm.weight' ends at byte",
+                 id="header-offsets-beyond-the-file"),
+    pytest.param(header(wrong_size), PATCH, CORRUPT + "tensor 'model.norm.weight' has 256 bytes, its shape needs 128",
+                 id="header-size-not-dtype-times-shape"),
+    pytest.param(header(gap), PATCH, "of its data section belong to no tensor", id="header-gap-between-tensors"),
+    # 4.11: the smaller ones
+    pytest.param(lambda place: place.docs.write_text(""), EVAL, "nothing to measure: none of the 1 document(s) is as "
+                 "long as the shortest length, 64 tokens (the longest has 0)", id="eval-empty-document"),
+    pytest.param(None, "eval {m} -d {docs} -l 1024,2048", "nothing to measure: none of the 1 document(s) is as long "
+                 "as the shortest length, 1024 tokens (the longest has 520). Pass shorter lengths",
+                 id="eval-every-document-shorter-than-every-length"),
+    pytest.param(nan_weight("model.norm.weight"), EVAL,
+                 "the weights of {m} hold NaN or inf (first in model.norm.weight)", id="eval-nan-weights"),
+    pytest.param(symlink_loop, "inspect {tmp}/loop", "{tmp}/loop is a loop of symbolic links",
+                 id="model-a-symlink-loop"),
+    pytest.param(symlink_loop, "eval {tmp}/loop -d {docs} -l 64", "is a loop of symbolic links",
+                 id="eval-model-a-symlink-loop"),
+    pytest.param(None, f"push {{m}} alice/m --token {TOKEN}", "HF_HUB_OFFLINE is set, so huggingface_hub makes no "
+                 "requests; unset it to push. Nothing was written or sent", id="push-offline-writes-no-card"),
+    pytest.param(config(num_hidden_layers=10**8), PATCH, "config.json says num_hidden_layers=100000000 but the "
+                 "weights hold 3 layer(s)", id="config-claims-1e8-layers"),
+    pytest.param(config(num_hidden_layers=1e8), PATCH, "num_hidden_layers is 100000000.0, but it must be a positive "
+                 "integer", id="config-num-hidden-layers-1e8-a-float"),
+    pytest.param(None, "patch {m} -p linear:factor=2,factor=3 -o {out}", "'linear:factor=2,factor=3': factor is given "
+                 "twice; give each parameter once", id="spec-key-repeated"),
+]
+
+
+@pytest.mark.parametrize(("damage", "command", "expect"), CASES)
+def test_a_bad_input_is_refused_in_one_line(damage: Damage | None, command: str, expect: str, place: Place) -> None:
+    if damage is not None:
+        damage(place)
+    names = {"m": place.model, "good": place.good, "docs": place.docs, "out": place.out, "tmp": place.tmp}
+    args = shlex.split(command.format(**names))
+    output = refuse(args, expect=expect.format(**names), untouched=[place.model], absent=[place.out])
+    last = output.rstrip("\n").split("\n")[-1]  # what came before it is progress bars, on stderr
+    assert last.startswith("Error: ") and expect.format(**names) in last, f"not one line:\n{output}"
+    assert TOKEN not in output
+
+
+def test_inspect_flags_a_config_claiming_1e8_layers_at_once(place: Place) -> None:
+    """inspect describes an incomplete checkpoint rather than refusing it, and its check costs what the weights hold,
+    not what config.json claims (10^8 layers of names were a hang)."""
+    from click.testing import CliRunner
+
+    from llm_retrofit.cli import main
+
+    config(num_hidden_layers=10**8)(place)
+    result = CliRunner().invoke(main, ["inspect", str(place.model), "--json"])
+    assert result.exit_code == 0, result.output
+    description = json.loads(result.output)
+    assert description["incomplete"].startswith("config.json says num_hidden_layers=100000000 but the weights hold 3")
+    assert description["missing_tensors"][0] == "model.layers.3.self_attn.q_proj.weight"
+    assert len(description["missing_tensors"]) == 9, "the first absent layer's tensors, not 10^8 layers of them"
