@@ -25,10 +25,22 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import Architecture, architecture_of
-from .io.checkpoint import Checkpoint, SafetensorsFile, TensorMeta, decode, raw_bytes
+from .io.checkpoint import (
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    WEIGHT_FILE,
+    Checkpoint,
+    SafetensorsFile,
+    TensorMeta,
+    decode,
+    raw_bytes,
+    refuse_incomplete_output,
+)
 from .io.commit import crash_test_point, link_or_copy, staged_directory
 from .errors import OutputError, PatchError
-from .io.provenance import HISTORY_KEY, Fingerprinter, make_records
+from .io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records, with_stamp
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
 
 if TYPE_CHECKING:
@@ -226,31 +238,60 @@ def apply_to_checkpoint(
     """Run the patchers' plan over `checkpoint`, writing to `output` or, with `in_place`, over the checkpoint itself.
 
     `record` replaces the (name, {"params": ...}) entries written to the history (`convert` records itself).
+
+    What else the directory holds depends on where the result goes:
+    - in place, everything that is not replaced (the config, and when the weights are rewritten the weight files and
+      their index) stays as it was: hidden files and folders (`.git/`, `.gitattributes`), subfolders (`original/`),
+      weights in other formats, files we know nothing of, with their modes; the new files take the modes of the old.
+      People patch git clones of Hub repos in place, and a rewrite must not cost them anything of theirs.
+    - to a new directory, the new checkpoint gets the model's top-level files (tokenizer, generation config, chat
+      template, card, license...), hard-linked, and nothing else: hidden entries belong to the source directory,
+      not to the model (a `.git/` copied into a new directory is a second, wrong clone; `.cache/` of
+      `hf download --local-dir` describes the source's files), and subfolders of Hub repos hold the same weights in
+      other formats (`original/`, `onnx/`, `gguf/`), which would contradict the rewritten ones.
     """
     if (output is None) == (not in_place):
         raise OutputError("pass exactly one of output=DIR or in_place=True (on the command line: -o DIR or --in-place).")
     target = checkpoint.path if in_place else Path(output).expanduser()  # type: ignore[arg-type]
     if not in_place and target.resolve() == checkpoint.path:
         raise OutputError(f"the output {target} is the source itself; use --in-place to rewrite it.")
+    checkpoint.require_complete()  # transformers would fill what an incomplete output lacks with random weights
     plan = build_plan(checkpoint_view(checkpoint), patchers, force)
+    refuse_incomplete_output(plan.config, plan.view.tensors)
     rewrite = plan.rewrites_weights(checkpoint.tensors) or max_shard_size is not None
-    fingerprinter = Fingerprinter(checkpoint.tensors, checkpoint.read_raw)
+    # Identified before anything is read or linked, so that the fingerprint is known to be of these files' state.
+    source_weights = WeightFiles(checkpoint)
+    fingerprinter = Fingerprinter(
+        checkpoint.tensors, checkpoint.read_raw, known=source_weights.recorded_fingerprint(checkpoint.history)
+    )
 
     def read(name: str) -> torch.Tensor:
         raw = checkpoint.read_raw(name)
         fingerprinter.observe(name, raw)
         return decode(raw, checkpoint.tensors[name])
 
-    with staged_directory(target, in_place=in_place) as staging:
+    replaced = ["config.json"]
+    if rewrite:
+        replaced = checkpoint.weight_files + _own_index(checkpoint) + replaced  # weights first: see staged_directory
+        if in_place:
+            _warn_of_other_weights(checkpoint, replaced)
+    # In place, staged_directory carries over everything not replaced; to a new directory we choose what goes.
+    with staged_directory(target, in_place=in_place, replaces=replaced) as staging:
         if rewrite:
             shard_bytes = parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
             write_weights(plan, read, staging, shard_bytes, raw_source=checkpoint.safetensors_file)
-        else:
+        elif not in_place:
             for file_name in checkpoint.weight_files + _index_files(checkpoint):
                 link_or_copy(checkpoint.path / file_name, staging / file_name)
-        for auxiliary in checkpoint.auxiliary_files():
-            link_or_copy(auxiliary, staging / auxiliary.name)
-        _record_history(plan, plan.applied if record is None else record, checkpoint.source, fingerprinter.result())
+        if not in_place:
+            for auxiliary in checkpoint.auxiliary_files():
+                link_or_copy(auxiliary, staging / auxiliary.name)
+        source_hash = fingerprinter.result()
+        _record_history(plan, plan.applied if record is None else record, checkpoint.source, source_hash)
+        # Unless rewritten, the output's weight files are the source's (linked, or carried over in place), so the
+        # next patch may reuse this hash; a stamp vouches for it (see WeightFiles).
+        stamp = None if rewrite else source_weights.stamp(source_hash)
+        plan.config[HISTORY_KEY] = with_stamp(plan.config[HISTORY_KEY], stamp)
         (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     return target
 
@@ -261,6 +302,21 @@ def checkpoint_view(checkpoint: Checkpoint) -> ModelView:
 
 def _index_files(checkpoint: Checkpoint) -> list[str]:
     return [p.name for p in checkpoint.path.glob("*.index.json")]
+
+
+def _own_index(checkpoint: Checkpoint) -> list[str]:
+    """The shard index the weights were read through, if any; the index of weights in another format is not ours."""
+    single, index = (SAFE_SINGLE, SAFE_INDEX) if checkpoint.is_safetensors else (BIN_SINGLE, BIN_INDEX)
+    return [index] if single not in checkpoint.weight_files and (checkpoint.path / index).is_file() else []
+
+
+def _warn_of_other_weights(checkpoint: Checkpoint, replaced: Sequence[str]) -> None:
+    """An in-place rewrite keeps weight files it does not read (another format, a consolidated copy); say so, since
+    they now disagree with the rewritten weights."""
+    others = sorted(p.name for p in checkpoint.path.iterdir() if WEIGHT_FILE.match(p.name) and p.name not in replaced)
+    if others:
+        log.warning("kept %s in %s as they were: they are not the weights this rewrite reads, so they still hold the "
+                    "old model; delete them if they are not needed", ", ".join(others), checkpoint.path)
 
 
 def write_weights(
@@ -305,7 +361,8 @@ def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tenso
     from transformers.core_model_loading import revert_weight_conversion
 
     state = dict(model.state_dict())
-    config = model.config.to_dict()
+    # `model.to(torch.bfloat16)` leaves config.dtype as it was: the tensors say what the model is, not the config.
+    config = {**model.config.to_dict(), "dtype": str(model.dtype).removeprefix("torch.")}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     state = revert_weight_conversion(model, state)

@@ -1,5 +1,5 @@
-"""In-place rewrites survive SIGKILL at any point: the directory loads as the old or the new model, and the next run
-finishes or rolls back the interrupted switch."""
+"""In-place rewrites survive SIGKILL at any point: the directory loads as the old or the new model, the next run
+finishes or rolls back the interrupted switch, and no file of the user's (a `.git/`, an `original/` folder) is lost."""
 
 from __future__ import annotations
 
@@ -47,8 +47,24 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def clean(directory: Path) -> bool:
+    """No staging, old or lock entry of ours beside the directory, and no marker in it."""
     siblings = [p for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}.retrofit")]
     return not siblings and not (directory / MARKER).exists()
+
+
+USER_FILES = {".git/HEAD": b"ref: refs/heads/main\n", ".git/objects/ab/cd": b"blob", ".gitattributes": b"*.bin lfs\n",
+              "original/consolidated.00.pth": b"x\n", "original/params.json": b"{}\n"}
+
+
+def add_user_files(directory: Path) -> None:
+    for name, content in USER_FILES.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(content)
+
+
+def user_files_in(*directories: Path) -> dict[str, bytes]:
+    """The user's files found in any of the directories (the target, and the staging directory mid-switch)."""
+    return {name: (d / name).read_bytes() for d in directories for name in USER_FILES if (d / name).is_file()}
 
 
 @pytest.fixture
@@ -57,8 +73,9 @@ def old_and_new(tiny_sharded: Path, tmp_path: Path) -> tuple[dict[str, torch.Ten
     return loaded_state(tiny_sharded), loaded_state(new_directory)
 
 
-# (where the process is killed, what the directory must be after the next run)
-KILL_POINTS = [("shard-written", "old"), ("staged", "old"), ("switched", "new"), ("cleanup", "new")]
+# (where the process is killed, what the directory must be after the next run). "carried": after the first of the
+# user's folders was moved into the complete staging directory, before the second.
+KILL_POINTS = [("shard-written", "old"), ("staged", "old"), ("carried", "new"), ("switched", "new"), ("cleanup", "new")]
 
 
 @pytest.mark.parametrize(("pause_at", "after_recovery"), KILL_POINTS)
@@ -66,15 +83,19 @@ def test_sigkill_during_an_in_place_rewrite_leaves_old_or_new(
     tiny_sharded: Path, old_and_new: tuple[dict, dict], pause_at: str, after_recovery: str
 ) -> None:
     old, new = old_and_new
+    add_user_files(tiny_sharded)
     kill(start_paused(tiny_sharded, pause_at))
 
-    # Before any recovery, vanilla transformers sees one whole model, never a mix.
+    # Before any recovery, vanilla transformers sees one whole model, never a mix, and each of the user's files is
+    # in the checkpoint or, moved already, in the staging directory the next run switches in.
     state = loaded_state(tiny_sharded)
     assert same(state, old) or same(state, new)
+    assert user_files_in(tiny_sharded, staging_dir(tiny_sharded)) == USER_FILES
 
     load_checkpoint(tiny_sharded)  # the next run recovers
     assert clean(tiny_sharded)
     assert same(loaded_state(tiny_sharded), old if after_recovery == "old" else new)
+    assert user_files_in(tiny_sharded) == USER_FILES
 
 
 def test_a_complete_staging_directory_is_switched_in_by_the_next_run(
@@ -94,11 +115,14 @@ def test_without_directory_exchange_a_crash_between_renames_is_finished(
 ) -> None:
     """File systems without renameat2(RENAME_EXCHANGE) use two renames; the gap between them is repaired."""
     _, new = old_and_new
+    add_user_files(tiny_sharded)
     kill(start_paused(tiny_sharded, "half-switched", LLM_RETROFIT_NO_EXCHANGE="1"))
     assert not tiny_sharded.exists()  # the documented window of the fallback
+    assert user_files_in(staging_dir(tiny_sharded)) == USER_FILES  # moved over before the first rename
     load_checkpoint(tiny_sharded)
     assert clean(tiny_sharded)
     assert same(loaded_state(tiny_sharded), new)
+    assert user_files_in(tiny_sharded) == USER_FILES
 
 
 def test_recovery_leaves_a_running_rewrite_alone(tiny_sharded: Path, old_and_new: tuple[dict, dict]) -> None:

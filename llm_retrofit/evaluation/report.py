@@ -7,6 +7,7 @@ again, or merged with another run's, without the models.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EvaluationError
+from ..io.commit import replace_file
 
 
 @dataclass
@@ -303,11 +305,13 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
 def _write(path: str | os.PathLike[str], text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
+    replace_file(Path(path), text, follow_symlinks=True)  # a file in a patched copy may be a link to the source's
 
 
 def _save(figure: Any, canvas: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.print_png(str(path))
+    png = io.BytesIO()
+    canvas.print_png(png)
+    replace_file(path, png.getvalue(), follow_symlinks=True)  # a plot in a patched copy may be a link to the source's
     return path

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,6 +46,7 @@ from xxhash import xxh3_64
 
 from .._version import __version__
 from ..io.checkpoint import Checkpoint, SafetensorsFile, load_checkpoint
+from ..io.commit import replace_file
 from ..errors import CheckpointError, PublishError
 from .lineage import CARD_FILE, REPO_ID, card_metadata, describe_source, license_of
 from .patch_notes import base_model_relation, limitation, patch_info
@@ -259,9 +259,7 @@ def render_card(
     content = card_content(model, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model)
     readme = model.path / CARD_FILE
     if not readme.is_file() or readme.read_text(encoding="utf-8", errors="replace") != content:
-        temporary = readme.with_name(f".{CARD_FILE}.retrofit-tmp")
-        temporary.write_text(content, encoding="utf-8")
-        os.replace(temporary, readme)
+        replace_file(readme, content)  # the README of a patched copy may be the source's, hard-linked
         log.info("wrote %s", readme)
     return readme
 
@@ -491,18 +489,22 @@ def _card_data(facts: dict[str, Any], evaluation: Evaluation | None) -> Any:
 
 
 def _place_plot(directory: Path, plot: str | os.PathLike[str]) -> str:
-    """Copy the plot beside the card (it is uploaded with the model and embedded by a relative link)."""
+    """Copy the plot beside the card (it is uploaded with the model and embedded by a relative link).
+
+    The copy replaces a plot of that name rather than writing into it: the one there may be a hard link to the
+    source model's plot, which must keep showing the source model.
+    """
     source = Path(plot).expanduser()
     try:
         with open(source, "rb") as f:
-            signature = f.read(len(_PNG_SIGNATURE))
+            data = f.read()
     except OSError as e:
         raise PublishError(f"cannot read the plot {source}: {e.strerror}; pass an existing PNG file.") from None
-    if signature != _PNG_SIGNATURE:
+    if not data.startswith(_PNG_SIGNATURE):
         raise PublishError(f"{source} is not a PNG image; pass the PNG plot `retrofit eval` wrote.")
     target = directory / source.name
-    if target.resolve() != source.resolve():
-        shutil.copyfile(source, target)
+    if not (target.exists() and os.path.samefile(target, source)):  # the same file is already in place
+        replace_file(target, data)
     return source.name
 
 
