@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 # Peak RSS: VmHWM of this process (fresh after exec, unlike ru_maxrss, which Linux carries over from the parent),
-# or of cp, which runs as a child of a small interpreter.
+# or of cp, which runs as a child of a small interpreter. Reads: /proc/self/io over the work alone, not the imports
+# (Linux adds the counts of a child to its parent's once it is waited for, so cp's count too): read_bytes is what came
+# from the disk (memory-mapped pages included, so the reader's tensor reads count; a page-cache hit counts nothing),
+# rchar what read() calls returned (mapped pages are not counted). `setup` may fill COUNTERS, a dict of numbers,
+# which is reported beside them.
 MEASURE = """
-import resource, sys, time
+import json, resource, sys, time
 setup, work, SOURCE, OUTPUT = sys.argv[1:5]
+COUNTERS = {}
 exec(setup)
+def io():
+    return {k: int(v) for k, v in (line.split(": ") for line in open("/proc/self/io").read().splitlines())}
+io_before = io()
 start = time.perf_counter()
 exec(work)
 elapsed = time.perf_counter() - start
+io_after = io()
 status = open("/proc/self/status").read()
 own = int(status.split("VmHWM:")[1].split()[0]) * 1024
 child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(elapsed, max(own, child))
+reads = {key: io_after[key] - io_before[key] for key in ("read_bytes", "rchar")}
+print(json.dumps({"work_s": elapsed, "peak_rss": max(own, child), **reads, **COUNTERS}))
 """
 
 
@@ -33,8 +45,33 @@ def measure(setup: str, work: str, source: Path, output: Path) -> dict[str, floa
     process = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(result.stderr)
-    work_s, rss = result.stdout.split()[-2:]
-    return {"work_s": float(work_s), "process_s": process, "peak_rss_gb": int(rss) / 1e9}
+    measured = json.loads(result.stdout.splitlines()[-1])
+    return {
+        "work_s": measured.pop("work_s"), "process_s": process, "peak_rss_gb": measured.pop("peak_rss") / 1e9,
+        "read_bytes_gb": measured.pop("read_bytes") / 1e9, "rchar_gb": measured.pop("rchar") / 1e9, **measured,
+    }
+
+
+def load_into_page_cache(directory: Path) -> None:
+    """Read every file under `directory` once, so that the next reader finds it in the page cache."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def evict_from_page_cache(directory: Path) -> None:
+    """Drop the cached pages of every file under `directory` (and only those: other work on the machine keeps its
+    cache), so that the next reader gets them from the disk, as it would for a checkpoint larger than memory."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def make_synthetic(path: Path, size_gb: float, dtype: str = "float32") -> tuple[int, int]:
