@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from llm_retrofit import run_recipe
 from llm_retrofit.cli import main
 from llm_retrofit.recipes import RecipeError, apply_overrides, builtin_names, dry_run, load_recipe, parse_recipe
 from llm_retrofit.recipes import runner
-from llm_retrofit.recipes.runner import evaluate_expression
+from llm_retrofit.recipes.runner import evaluate_expression, finetune_settings
+from llm_retrofit.recipes.schema import EvalSettings
 from test_finetune import chars_model, corpus
 from test_hub import hub  # noqa: F401 - the test Hub fixture
 
@@ -74,6 +77,53 @@ def test_expressions_compute_from_configs_and_refuse_anything_else() -> None:
         evaluate_expression("__import__('os')", scope)
 
 
+def test_expressions_stay_within_what_a_recipe_value_can_be() -> None:
+    scope = {"base": {"max_position_embeddings": 2048}, "inputs": {"zero": 0, "name": "run"}}
+    assert evaluate_expression("10**18", scope) == 10**18  # a budget of 1e18 tokens is still a number
+    assert evaluate_expression("inputs.name + '-long'", scope) == "run-long"
+    with pytest.raises(RecipeError, match=r"\$\{base.max_position_embeddings // inputs.zero\} divides by zero"):
+        evaluate_expression("base.max_position_embeddings // inputs.zero", scope)
+    with pytest.raises(RecipeError, match=r"is about 1e19; a recipe value is below 1e18"):
+        evaluate_expression("10**18 * 10", scope)
+    with pytest.raises(RecipeError, match="is nan, not a finite number"):
+        evaluate_expression("float('nan')", scope)
+    with pytest.raises(RecipeError, match="arithmetic needs numbers, and 'run' is not one"):
+        evaluate_expression("inputs.name * 10**12", scope)
+
+
+def test_an_expression_that_would_compute_for_hours_is_refused_at_once() -> None:
+    import subprocess
+    import sys
+
+    # In a process of its own: before the bound, 9**9**9 (370 million digits) ran for as long as one let it.
+    code = "from llm_retrofit.recipes.runner import evaluate_expression as e; e('9**9**9', {})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "RecipeError: ${9**9**9}: 9 ** 387420489 has about 369,693,100 digits" in done.stderr
+
+
+def test_settings_are_read_as_their_fields_say() -> None:
+    # A scalar where a list goes is a list of one, as `data: file.txt` always was: `lengths: 512` can mean nothing else.
+    settings = EvalSettings.read({"lengths": 512, "passkey_lengths": 1024, "data": "notes.txt", "protocol": "sliding",
+                                  "stride": 256})
+    assert (settings.lengths, settings.passkey_lengths, settings.data) == ((512,), (1024,), ("notes.txt",))
+    assert settings.evaluate_options() == {"lengths": (512,), "protocol": "sliding", "stride": 256,
+                                           "passkey_lengths": (1024,), "passkey": False, "dtype": None}
+    # YAML reads 1e-4 and 1e6 as text; they are numbers to a finetune. Lists of lora modules are the spec's `+`.
+    finetune = finetune_settings({"lr": "1e-4", "tokens": "1e6", "data": "notes.txt", "bf16": False,
+                                  "lora": {"r": 8, "trainable": ["embed_tokens", "norm"], "merge": False}})
+    assert (finetune.lr, finetune.tokens, finetune.data, finetune.bf16) == (1e-4, 1_000_000, ("notes.txt",), False)
+    assert (finetune.lora.r, finetune.lora.trainable, finetune.lora.merge) == (8, "embed_tokens+norm", False)
+    for values, message in [({"steps": 2.5}, "steps=2.5 is not valid; expected an integer"),
+                            ({"steps": 1, "gradient_checkpointing": "yes"}, "expected true or false"),
+                            ({"steps": 1, "lora": {"alpha": "big"}}, "lora.alpha='big' is not valid; expected a "
+                                                                      "number"),
+                            ({"steps": 1, "lora": [8]}, "lora=[8] is not valid; expected a mapping of lora settings"),
+                            ({"steps": 1, "lr_groups": {"embed": "fast"}}, "expected a mapping of names to numbers")]:
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            finetune_settings(values)
+
+
 ORIGINAL_RUNNERS = dict(runner.STEP_RUNNERS)
 
 
@@ -114,6 +164,30 @@ def test_resume_skips_completed_steps_and_reruns_from_a_changed_one(tmp_path: Pa
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert [s["id"] for s in manifest["steps"]] == ["expand", "finetune", "eval"]
     assert manifest["steps"][1]["result"]["steps"] == 1
+
+
+def test_a_value_known_only_when_run_is_checked_when_it_is_known(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The eval's length is what the patch step reports, so only the run knows it: checked then, before the eval runs.
+    recipe = parse_recipe("name: late\ndescription: d\nsteps:\n  - patch: dtype\n    with: {to: bfloat16}\n"
+                          "  - eval:\n      lengths: ['${steps.dtype.patch}']\n", "late.yaml")
+    base = chars_model(tmp_path / "base")
+    plan = dry_run(base, recipe)
+    assert "values known only when run: ${steps.dtype.patch} depends on the result of step dtype" in plan
+    calls = counting(monkeypatch)
+    with pytest.raises(RecipeError, match=re.escape("late.yaml:7: step eval: lengths=['dtype:to=bfloat16'] is not "
+                                                    "valid; expected an integer >= 2")):
+        run_recipe(base, recipe, output=tmp_path / "run")
+    assert calls == {"patch": 1}
+
+
+def test_an_error_after_an_override_points_into_the_file_or_names_the_set(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    bad = parse_recipe(GOOD.replace("lengths: [64]", "lengths: [1]"), "mine.yaml")
+    with pytest.raises(RecipeError, match=re.escape("mine.yaml:13: step eval: lengths=[1] is not valid")):
+        dry_run(base, bad, overrides=["finetune.steps=7"])  # the file's own line, not one of the re-written text
+    with pytest.raises(RecipeError, match=re.escape("mine.yaml (--set finetune.seq_len): step finetune: seq_len='x'")):
+        dry_run(base, parse_recipe(GOOD, "mine.yaml"), overrides=["finetune.seq_len=x"])
 
 
 def test_dry_run_prints_resolved_values_and_estimates_and_writes_nothing(tmp_path: Path) -> None:
@@ -162,7 +236,21 @@ def test_moe_upcycle_recipe_makes_and_trains_a_mixtral(tmp_path: Path) -> None:
     config = read_config(done.model)
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
     assert [r["patch"] for r in config["retrofit_history"]] == ["moe", "finetune"]
-    assert done.results["eval"]["perplexity"] > 1
+    # The recipe's eval (sliding, stride = length = 512) against plain transformers: windows [0, 512), [512, 1024)...
+    # each scored as `labels=window` does (its first token unscored), perplexity = exp(mean CE over all of them).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(done.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(done.model)
+    ids = torch.tensor(tokenizer(corpus(tmp_path).read_text())["input_ids"])
+    total = count = 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 512):
+            window = ids[None, start : start + 512]
+            total += model(input_ids=window, labels=window).loss.item() * (window.shape[1] - 1)
+            count += window.shape[1] - 1
+    # Same float32 arithmetic over other slices (a chunked LM head): equal to rounding, 1e-5 relative.
+    assert done.results["eval"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path: Path) -> None:

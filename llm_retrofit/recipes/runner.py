@@ -13,14 +13,22 @@ Values are resolved when their step runs, so they can use what earlier steps pro
 - `${steps.ID.output}` an earlier step's output directory, `${steps.ID.KEY}` a number it reported;
 - arithmetic on those: `${base.max_position_embeddings * 4}`, `${max(1, base.num_hidden_layers // 4)}`.
 A string that is one `${...}` takes the expression's type; `${...}` inside a longer string is formatted into it.
+Expressions stay within what a recipe value can be (numbers below 1e18, no arithmetic on text or lists).
+
+Before the first step runs, and in a dry run, every step's values are resolved as far as they are known and checked
+as the step will read them (`plan_steps`, `check_step`): a mistake in the last step is found before an hour-long
+first one, and the output directory is not created. A value known only when run (the config after a search, a
+number a step reports) is checked when its step starts, before the step does anything.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import operator
 import os
 import re
@@ -35,7 +43,8 @@ from typing import Any
 import yaml
 
 from ..errors import RetrofitError
-from .schema import Recipe, RecipeError, Step, load_recipe, parse_recipe
+from .schema import (SETTINGS, EvalSettings, Recipe, RecipeError, Step, Unknown, load_recipe, parse_recipe,
+                     read_settings)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,12 @@ _OPERATORS: dict[type, Callable[..., Any]] = {
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg,
 }
 _FUNCTIONS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "int": int, "round": round, "float": float}
+MAX_MAGNITUDE = 10**18
+"""The largest number an expression may reach: recipe values are lengths, counts, factors and token budgets (a
+trillion tokens is 1e12); `9**9**9` would otherwise compute a number of 370 million digits for minutes."""
+_LIMIT = f"1e{round(math.log10(MAX_MAGNITUDE))}"
+MAX_TEXT = 10_000
+"""The longest text an expression may make (`+` joins texts)."""
 
 
 class Unresolved(RecipeError):
@@ -59,27 +74,72 @@ class Unresolved(RecipeError):
 def evaluate_expression(text: str, scope: Mapping[str, Any]) -> Any:
     """Evaluate `model.max_position_embeddings * 4` and the like: names, attributes, numbers, + - * / // % **,
     and min/max/int/round/float. Nothing else (no calls of other functions, no subscripts) is accepted."""
+    source, text = text, text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"  # for the messages
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError:
         raise RecipeError(f"${{{text}}} is not an expression; write e.g. ${{base.max_position_embeddings * 4}}.") from None
+    except (RecursionError, MemoryError):
+        raise RecipeError(f"${{{text}}} is nested too deeply; split it into inputs.") from None
 
     def walk(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return walk(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
-            return node.value
+            return _bounded(node.value, text)
         if isinstance(node, (ast.Name, ast.Attribute)):
             return _lookup(_dotted(node), scope, text)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.left), walk(node.right))
+            left, right = walk(node.left), walk(node.right)
+            _check_operands(node.op, [left, right], text)
+            return _bounded(_OPERATORS[type(node.op)](left, right), text)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.operand))
+            operand = walk(node.operand)
+            _check_operands(node.op, [operand], text)
+            return _OPERATORS[type(node.op)](operand)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
-            return _FUNCTIONS[node.func.id](*map(walk, node.args))
+            if node.keywords:
+                raise RecipeError(f"${{{text}}}: {node.func.id}() takes values, not keywords.")
+            return _bounded(_FUNCTIONS[node.func.id](*map(walk, node.args)), text)
         raise RecipeError(f"${{{text}}}: only names, numbers, arithmetic and {', '.join(_FUNCTIONS)} are allowed.")
 
-    return walk(tree)
+    try:
+        return walk(tree)
+    except ZeroDivisionError:
+        raise RecipeError(f"${{{text}}} divides by zero; change the divisor (is a config value it reads 0?).") from None
+    except (ArithmeticError, TypeError, ValueError) as e:  # int("x"), min() of nothing, round of a string...
+        raise RecipeError(f"${{{text}}} cannot be computed: {e}; write e.g. ${{base.max_position_embeddings * 4}}."
+                          ) from None
+    except RecursionError:
+        raise RecipeError(f"${{{text}}} is nested too deeply; split it into inputs.") from None
+
+
+def _check_operands(op: ast.AST, operands: list[Any], text: str) -> None:
+    """Arithmetic is on numbers (and `+` joins two texts): `"a" * 10**12` or a list times a number would fill memory."""
+    if isinstance(op, ast.Add) and all(isinstance(v, str) for v in operands):
+        return
+    for value in operands:
+        if not isinstance(value, (int, float)):
+            raise RecipeError(f"${{{text}}}: arithmetic needs numbers, and {value!r} is not one.")
+    if isinstance(op, ast.Pow):
+        base, exponent = operands
+        if abs(base) > 1 and exponent > 0 and exponent * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE):
+            raise RecipeError(f"${{{text}}}: {base} ** {exponent} has about {exponent * math.log10(abs(base)):,.0f} "
+                              f"digits; a recipe value is below {_LIMIT} (a length, a count, a factor).")
+
+
+def _bounded(value: Any, text: str) -> Any:
+    """`value`, unless it is a number beyond MAX_MAGNITUDE (or not finite, or complex), or a text over MAX_TEXT."""
+    if isinstance(value, complex):
+        raise RecipeError(f"${{{text}}} is the complex number {value}; a recipe value is a real number.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"${{{text}}} is {value}, not a finite number; check what it divides or multiplies.")
+    if isinstance(value, (int, float)) and abs(value) > MAX_MAGNITUDE:
+        raise RecipeError(f"${{{text}}} is about 1e{math.floor(math.log10(abs(value)))}; a recipe value is below "
+                          f"{_LIMIT} (a length, a count, a factor).")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise RecipeError(f"${{{text}}} is a text of {len(value)} characters; a recipe value is at most {MAX_TEXT}.")
+    return value
 
 
 def _dotted(node: ast.AST) -> list[str]:
@@ -103,13 +163,6 @@ def _lookup(path: list[str], scope: Mapping[str, Any], text: str) -> Any:
     if isinstance(value, Unknown):
         raise Unresolved(f"${{{text}}} depends on {value.why}")
     return value
-
-
-@dataclass(frozen=True)
-class Unknown:
-    """A value a dry run cannot know (the config after a patch that must search, a step's measured result)."""
-
-    why: str
 
 
 def resolve(value: Any, scope: Mapping[str, Any]) -> Any:
@@ -140,6 +193,7 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
     if not pairs:
         return recipe  # the text as written, comments and all, is what is kept beside the model
     data = yaml.safe_load(recipe.text)
+    overridden = dict(recipe.overridden)
     for dotted, value in pairs:
         head, _, rest = dotted.partition(".")
         if not rest:
@@ -148,6 +202,7 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
             data.setdefault("inputs", {})
             data["inputs"] = data["inputs"] or {}
             target, keys = data["inputs"], rest.split(".")
+            path: tuple[Any, ...] = ("inputs", *keys)
         else:
             index = recipe.steps.index(recipe.step(head))
             raw = data["steps"][index]
@@ -159,29 +214,46 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
                 raw[step.kind] = raw.get(step.kind) or {}
                 target = raw[step.kind]
             keys = rest.split(".")
+            path = ("steps", index, "with" if step.kind == "patch" else step.kind, *keys)
         for key in keys[:-1]:
             target = target.setdefault(key, {})
             if not isinstance(target, dict):
                 raise RecipeError(f"--set {dotted}: {key} is not a mapping.")
         target[keys[-1]] = value
-    header = f"# {recipe.source} with " + " ".join(f"--set {k}={json.dumps(v)}" for k, v in pairs) + "\n"
-    text = header + yaml.safe_dump(data, sort_keys=False)
+        overridden[path] = f"--set {dotted}"
+    header = f"# {recipe.source} with " + " ".join(f"--set {k}={json.dumps(v, default=str)}" for k, v in pairs) + "\n"
     try:
-        return parse_recipe(text, f"{recipe.source} with --set")
+        text = header + yaml.safe_dump(data, sort_keys=False)
+    except yaml.YAMLError:
+        raise RecipeError(f"overrides {dict(pairs)!r}: a value must be a number, text, a list or a mapping.") from None
+    try:
+        result = parse_recipe(text, f"{recipe.source} with --set")
     except RecipeError as e:
         # The line numbers of the re-dumped text mean nothing to the user; the key named in the message does.
         raise RecipeError(re.sub(r"^(.*?):\d+: ", r"\1: ", str(e))) from None
+    # Later errors point into the file the user wrote, or name the --set that gave the value.
+    result.source, result.overridden = recipe.source, overridden
+    result.lines = {p: line for p, line in recipe.lines.items() if not any(p[:len(o)] == o for o in overridden)}
+    for new, old in zip(result.steps, recipe.steps):
+        new.line = old.line
+    return result
 
 
 def _override_pairs(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[str, Any]]:
     if isinstance(overrides, Mapping):
-        return list(overrides.items())
+        return [(key, os.fspath(value) if isinstance(value, os.PathLike) else value) for key, value in overrides.items()]
     pairs = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set finetune.steps=200.")
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise RecipeError(f"--set {item}: {raw!r} is not a YAML value ({problem}); write a number, text, or a "
+                              "complete list such as [a, b] (quote text that starts with [ or {).") from None
+        pairs.append((key.strip(), value))
     return pairs
 
 
@@ -234,15 +306,32 @@ def _patch_step(step: Step, params: dict[str, Any], state: RunState, directory: 
 def build_patcher(step: Step, params: dict[str, Any]) -> Any:
     """The patcher of a patch step from resolved YAML values, each converted as its spec text would be."""
     from ..patchers import get_patcher
-    from ..spec import parse_value
 
     cls = get_patcher(step.patcher or "")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in params.items():
-        text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        values[key] = parse_value(cls, key, text, hints[key])
+    values = {key: patch_value(cls, key, value) for key, value in params.items()}
+    _require_patch_fields(cls, values)
     return cls(**values)
+
+
+def patch_value(cls: Any, key: str, value: Any) -> Any:
+    """One YAML value of a patch step read as the same value in a `--patch` spec would be (`parse_value`)."""
+    from ..errors import PatchSpecError
+    from ..spec import parse_value
+
+    if isinstance(value, (list, dict)):  # a spec value is one value; text `+`-joins several where a patch takes them
+        raise PatchSpecError(f"patch {cls.name!r}: {key}={value!r} is not valid; expected one value, not a "
+                             f"{'list' if isinstance(value, list) else 'mapping'}. Example: {cls.example}.")
+    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return parse_value(cls, key, text, typing.get_type_hints(cls)[key])
+
+
+def _require_patch_fields(cls: Any, values: Mapping[str, Any]) -> None:
+    from ..errors import PatchSpecError
+
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise PatchSpecError(f"patch {cls.name!r} needs {', '.join(missing)} (under `with:`). Example: {cls.example}.")
 
 
 def _finetune_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
@@ -253,40 +342,54 @@ def _finetune_step(step: Step, params: dict[str, Any], state: RunState, director
 
 
 def finetune_settings(params: dict[str, Any]) -> Any:
+    """A finetune step's FinetuneSettings from resolved YAML values, each read as its field's type says."""
     from ..training.finetune import FinetuneSettings
 
-    values = dict(params)
-    for key in ("data", "train"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
+    values = read_settings(FinetuneSettings, params)
+    if "lora" in values:
+        values["lora"] = lora_spec(values["lora"])
     return FinetuneSettings(**values)
+
+
+def lora_spec(value: Any) -> Any:
+    """A finetune step's `lora:` (a mapping of LoraSpec fields, or a `lora:...` spec text) as a LoraSpec."""
+    from ..training.lora import LoraSpec, parse_lora
+
+    if value is None or isinstance(value, (str, LoraSpec)):
+        return None if value is None else parse_lora(value)
+    return parse_lora(read_settings(LoraSpec, _lora_values(value), prefix="lora."))
+
+
+def _lora_values(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RecipeError(f"lora={value!r} is not valid; expected a mapping of lora settings, e.g. lora: {{r: 16, "
+                          "alpha: 32}.")
+    # target_modules: [q_proj, v_proj] is the spec's q_proj+v_proj (so is trainable)
+    return {k: "+".join(map(str, v)) if isinstance(v, list) else v for k, v in value.items()}
 
 
 def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
     from ..evaluation.documents import load_documents
     from ..evaluation.report import EvalResult
     from ..evaluation.perplexity import evaluate
-    from ..spec import DTYPES
 
-    settings = dict(params)
-    data = settings.pop("data", ["bundled:python-docs"])
-    compare_base = settings.pop("compare_base", False)
-    plot = settings.pop("plot", True)
-    dtype = settings.pop("dtype", None)
-    documents = load_documents([data] if isinstance(data, str) else data, max_docs=settings.get("max_docs"))
-    options = dict(settings, dtype=DTYPES[str(dtype).lower()] if dtype else None)
+    settings = EvalSettings.read(params)
+    data = list(settings.data)
+    documents = load_documents(data, max_docs=settings.max_docs)
+    options = settings.evaluate_options()
     directory.mkdir(parents=True)
     results = []
-    if compare_base:
+    if settings.compare_base:
         results.append(evaluate(state.base, documents, name="before", **options))
     model, tokenizer = _loadable(state.model, options["dtype"])
-    results.append(evaluate(model, documents, tokenizer=tokenizer, name="after" if compare_base else "model", **options))
+    results.append(evaluate(model, documents, tokenizer=tokenizer, name="after" if settings.compare_base else "model",
+                            **options))
     result = EvalResult.merge(results)
     result.to_json(directory / "eval.json")
     (directory / "eval.md").write_text(result.to_markdown())
     summary = card_evaluation(result, data)
     (directory / "card-eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_path = str(result.plot(directory / "perplexity.png")) if plot else None
+    plot_path = str(result.plot(directory / "perplexity.png")) if settings.plot else None
     return StepOutcome({"output": str(directory), **_headline(summary)}, eval_results=str(directory / "card-eval.json"),
                        plot=plot_path)
 
@@ -328,13 +431,22 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _card_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
+    from ..io.commit import linked_copy, replace_file
     from ..publishing.card import RECIPE_FILE, render_card
 
     model_dir = Path(state.model)
-    (model_dir / RECIPE_FILE).write_text(state.recipe_text, encoding="utf-8")
+    made = None
+    if not model_dir.resolve().is_relative_to(state.output.resolve()):
+        # No step before this one wrote a model, so the model is the recipe's input, which a run never writes to:
+        # the card goes on a copy of it in this step's directory, made of hard links (free), and that copy is the
+        # model the run leaves (and a later push uploads).
+        model_dir = linked_copy(model_dir, directory)
+        made = str(model_dir)
+    # Files of a model written by an earlier step may be hard links to the input's: replace them, never write into them.
+    replace_file(model_dir / RECIPE_FILE, state.recipe_text)
     path = render_card(model_dir, eval_results=state.eval_results, plot=state.plot,
                        repo_id=params.get("repo_id") or state.push_repo, base_model=params.get("base_model"))
-    return StepOutcome({"output": str(path)})
+    return StepOutcome({"output": str(path)}, model=made)
 
 
 def _push_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
@@ -383,18 +495,21 @@ def run_recipe(
 
     recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
     out = Path(output).expanduser().resolve()
-    manifest = _open_output(out, resume)
+    manifest = _earlier_run(out, resume)
     base = str(resolve_checkpoint_dir(model))
+    _check_before_running(recipe, base, out, push_to_hub)  # what a later step would refuse, refused before the first
+    _make_directory(out)
     state = RunState(base, out, dict(recipe.inputs), base, _config(base), _config(base), push_repo=push_to_hub,
                      recipe_text=recipe.text)
-    state.inputs = resolve(state.inputs, state.scope())
+    state.inputs = _resolve_inputs(recipe, state)
     (out / "recipe.yaml").write_text(recipe.text, encoding="utf-8")
     done = {entry["key"]: entry for entry in manifest.get("steps", [])}
     entries: list[dict[str, Any]] = []
     ran, skipped = [], []
     previous_key = hashlib.sha256(f"{recipe.name}\0{base}".encode()).hexdigest()[:16]
     for number, step in enumerate(recipe.steps, 1):
-        params = _resolve_step(recipe, step, state)
+        params, _ = resolve_params(recipe, step, state.scope())
+        check_step(recipe, step, params, push_to_hub)  # the values known only now (after a search, say)
         key = _step_key(previous_key, step, params)
         directory = out / f"{number:02d}-{step.id}"
         entry = done.get(key)
@@ -429,17 +544,65 @@ def with_push(recipe: Recipe, repo: str | None) -> Recipe:
     return recipe
 
 
-def _open_output(out: Path, resume: bool) -> dict[str, Any]:
+def _earlier_run(out: Path, resume: bool) -> dict[str, Any]:
+    """The manifest of the run in `out` to resume ({} for a new run), or an error if `out` cannot take this run.
+    Writes nothing: a recipe refused later leaves no directory behind."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"-o {out} is a file; a recipe run writes a directory (a folder per step and the result), "
+                          "so name a new or empty directory.")
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         if not resume:
             raise RecipeError(f"{out} holds an earlier recipe run; pass --resume (resume=True) to continue it, or "
                               "choose another output directory.")
-        return json.loads(manifest_path.read_text())
-    if out.exists() and any(out.iterdir()):
+        return _read_manifest(manifest_path)
+    try:
+        holds_something = out.exists() and any(out.iterdir())
+    except OSError as e:
+        raise RecipeError(f"cannot read the output directory {out}: {e.strerror}; choose another one.") from None
+    if holds_something:
         raise RecipeError(f"{out} exists and is not a recipe run; choose another output directory.")
-    out.mkdir(parents=True, exist_ok=True)
     return {}
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an earlier run, or an error saying it is damaged (it is written whole, so someone edited it,
+    or the disk lost it): which steps are done cannot be known, so nothing is guessed."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        problem = e.strerror
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    except ValueError:
+        problem = "not JSON"
+    else:
+        steps = manifest.get("steps") if isinstance(manifest, dict) else None
+        if isinstance(steps, list) and all(isinstance(e, dict) and isinstance(e.get("key"), str)
+                                           and isinstance(e.get("result"), dict) for e in steps):
+            return manifest
+        problem = "not the list of steps a run writes"
+    raise RecipeError(f"{path} is damaged ({problem}), so --resume cannot tell which steps are done; remove "
+                      f"{path.parent} to run every step again, or choose another output directory.")
+
+
+def _make_directory(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"cannot create the output directory {out}: {e.strerror}; choose another -o.") from None
+
+
+def _check_before_running(recipe: Recipe, base: str, out: Path, push_repo: str | None) -> None:
+    """Every step's values checked, as far as they are known before the run (`plan_steps`), on the input's tensor
+    metadata (no weights are read) so that the config after each plannable patch is known too."""
+    from ..io.checkpoint import load_checkpoint
+
+    if (Path(base) / "adapter_config.json").is_file():  # an adapter as input: no tensors of its own to plan on
+        plan_steps(recipe, base, _config(base), None, out, push_repo)
+        return
+    checkpoint = load_checkpoint(base)
+    plan_steps(recipe, base, dict(checkpoint.config), checkpoint.tensors, out, push_repo)
 
 
 def _config(path: str) -> dict[str, Any]:
@@ -450,11 +613,43 @@ def _config(path: str) -> dict[str, Any]:
     return json.loads((directory / "config.json").read_text())
 
 
-def _resolve_step(recipe: Recipe, step: Step, state: RunState) -> dict[str, Any]:
-    try:
-        return resolve(step.params, state.scope())
-    except RetrofitError as e:
-        raise type(e)(f"{recipe.source}:{step.line}: step {step.id}: {e}") from None
+def resolve_params(recipe: Recipe, step: Step, scope: Mapping[str, Any], known_only: bool = False
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """A step's values with every `${...}` resolved; an error names the value's line. With `known_only`, a value
+    that needs what is not known yet becomes `Unknown` instead (the reasons are returned), as before the run."""
+    unknown: list[str] = []
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: leaf(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [leaf(v) for v in value]
+        try:
+            return resolve(value, scope)
+        except Unresolved as e:
+            if not known_only:
+                raise
+            unknown.append(str(e))
+            return Unknown(str(e))
+
+    params = {}
+    for key, value in step.params.items():
+        try:
+            params[key] = leaf(value)
+        except RetrofitError as e:
+            raise RecipeError(f"{recipe.where(step, key)}: step {step.id}: {e}") from None
+    return params, unknown
+
+
+def _resolve_inputs(recipe: Recipe, state: RunState) -> dict[str, Any]:
+    scope = state.scope()
+    inputs = {}
+    for name, value in state.inputs.items():
+        try:
+            inputs[name] = resolve(value, scope)
+        except RetrofitError as e:
+            raise RecipeError(f"{recipe.where(None, name)}: inputs.{name}: {e}") from None
+    return inputs
 
 
 def _step_key(previous: str, step: Step, params: dict[str, Any]) -> str:
@@ -488,71 +683,203 @@ def dry_run(
     overrides: Mapping[str, Any] | Sequence[str] = (),
     push_to_hub: str | None = None,
 ) -> str:
-    """The resolved plan of a recipe run, with the estimated tokens, steps and disk writes; runs and writes nothing."""
+    """The resolved plan of a recipe run, with the estimated tokens, steps and disk writes; runs and writes nothing.
+    It refuses what the run would refuse (`plan_steps`), so a dry run that passes is a run that starts every step."""
     from ..io.checkpoint import load_checkpoint
-    from ..plan import ModelView, PlanSummary, build_plan
 
     recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
     checkpoint = load_checkpoint(model)
-    view: ModelView | None = ModelView(checkpoint.config, checkpoint.tensors)  # no origin: a dry run loads nothing
-    state = RunState(str(checkpoint.path), Path("OUT"), dict(recipe.inputs), str(checkpoint.path),
-                     dict(checkpoint.config), dict(checkpoint.config), push_repo=push_to_hub)
-    state.inputs = resolve(state.inputs, state.scope())
+    planned, known = plan_steps(recipe, str(checkpoint.path), dict(checkpoint.config), checkpoint.tensors, Path("OUT"),
+                                push_to_hub)
     lines = [f"recipe {recipe.name}: {recipe.description}", f"model {checkpoint.path}"]
-    total_bytes = 0
-    for number, step in enumerate(recipe.steps, 1):
-        lines.append(f"{number}. {step.id} ({step.describe()})")
-        try:
-            params = resolve(step.params, state.scope())
-        except Unresolved as e:
-            lines.append(f"   values known only when run: {e}")
-            state.results[step.id] = {"output": f"OUT/{number:02d}-{step.id}"}
-            if step.kind == "patch":  # a finetune or an eval leaves the config as it was
-                state.model_config, view = Unknown(f"step {step.id}, whose values are not known before the run"), None
-            continue
-        lines += [f"   {key}: {json.dumps(value, default=str)}" for key, value in params.items()]
-        state.results[step.id] = {"output": f"OUT/{number:02d}-{step.id}"}
-        if step.kind == "patch":
-            try:
-                patcher = build_patcher(step, params)
-                if view is None:
-                    raise Unresolved("the model before it is known only when run")
-                if patcher.loads_model():  # a search or activations: a dry run loads nothing
-                    lines.append("   plan known only when run: this patch loads the model to compute its result")
-                    state.model_config, view = Unknown(f"step {step.id}, which loads the model to compute its result"), None
-                    continue
-                plan = build_plan(view, [patcher])
-            except Unresolved as e:
-                lines.append(f"   plan known only when run: {e}")
-                state.model_config, view = Unknown(f"step {step.id}"), None
-                continue
-            except RetrofitError as e:
-                raise type(e)(f"{recipe.source}:{step.line}: step {step.id}: {e}") from None
-            summary = PlanSummary.of(plan, view)
-            written = summary.bytes_to_write
-            total_bytes += written
-            lines.append(f"   writes {_size(written)}" + ("" if written else " (config only; weight files linked)"))
-            view = plan.view
-            state.model_config = dict(plan.config)
-        elif step.kind == "finetune":
-            settings = finetune_settings(params)
-            steps = settings.total_steps()
-            lines.append(f"   {steps} steps x {settings.tokens_per_step()} tokens = {steps * settings.tokens_per_step()} "
-                         "tokens per process")
-            if view is not None:
-                written = _finetune_bytes(settings, view)
-                total_bytes += written
-                lines.append(f"   writes {_size(written)}" + (" (adapter)" if settings.lora and not settings.lora.merge else ""))
-            else:
-                lines.append("   writes a model the size of the one before it")
-        elif step.kind == "eval":
-            lengths = params.get("lengths", [2048, 4096, 8192])
-            models = 2 if params.get("compare_base") else 1
-            lines.append(f"   {models} model(s) at lengths {lengths}: up to {max(lengths)} tokens per document per "
-                         f"model{', plus passkey prompts' if params.get('passkey') else ''}")
-        state.results[step.id].update({k: Unknown(f"the result of step {step.id}") for k in ("perplexity", "length")})
-    lines.append(f"total weights written: {_size(total_bytes)}" + (" (plus steps only known when run)" if view is None else ""))
+    for item in planned:
+        lines.append(f"{item.number}. {item.step.id} ({item.step.describe()})")
+        lines += [f"   {key}: {json.dumps(value, default=str)}" for key, value in item.params.items()
+                  if not _has_unknown(value)]
+        if item.unknown:
+            lines.append(f"   values known only when run: {'; '.join(dict.fromkeys(item.unknown))}")
+        lines += [f"   {note}" for note in item.notes]
+    total = sum(item.bytes_written for item in planned)
+    lines.append(f"total weights written: {_size(total)}" + ("" if known else " (plus steps only known when run)"))
     return "\n".join(lines)
+
+
+@dataclass
+class PlannedStep:
+    """A step as known before the run: its values (`Unknown` where known only when run) and what it will do."""
+
+    number: int
+    step: Step
+    params: dict[str, Any]
+    unknown: list[str]
+    """Why some values are known only when run."""
+    notes: list[str] = field(default_factory=list)
+    """The dry run's estimates: what a patch writes, a finetune's tokens, an evaluation's lengths."""
+    bytes_written: int = 0
+
+
+class _Pending(Mapping[str, Any]):
+    """`${steps.ID...}` of a step not run yet: its output directory is known, whatever it reports is not."""
+
+    def __init__(self, step_id: str, output: str) -> None:
+        self.step_id, self.output = step_id, output
+
+    def __getitem__(self, key: str) -> Any:
+        return self.output if key == "output" else Unknown(f"the result of step {self.step_id}")
+
+    def __contains__(self, key: object) -> bool:
+        return True  # which numbers a step reports is known when it has run; a misspelt one is refused then
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter(["output"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapping[str, Any] | None, output: Path,
+               push_repo: str | None) -> tuple[list[PlannedStep], bool]:
+    """Every step resolved and checked (`check_step`) in order, as far as it is known before anything runs, with
+    the dry run's estimates; the first error a run would meet in a value known now is raised here.
+
+    Patch steps are planned on the tensor metadata (`tensors`; None for an adapter input), which reads no weights
+    and makes the config after them known to later `${model...}`; after a patch that loads the model (a search) or
+    whose values are not known, the model is known only when run. Returns the steps, and whether the model after
+    the last one is known."""
+    from ..plan import ModelView, PlanSummary, build_plan
+
+    view = ModelView(config, tensors) if tensors is not None else None  # no origin: nothing is loaded
+    state = RunState(model, output, dict(recipe.inputs), model, dict(config), dict(config), push_repo=push_repo)
+    state.inputs = _resolve_inputs(recipe, state)
+    planned = []
+    for number, step in enumerate(recipe.steps, 1):
+        params, unknown = resolve_params(recipe, step, state.scope(), known_only=True)
+        check_step(recipe, step, params, push_repo)
+        item = PlannedStep(number, step, params, unknown)
+        planned.append(item)
+        state.results[step.id] = _Pending(step.id, str(output / f"{number:02d}-{step.id}"))  # type: ignore[assignment]
+        if step.kind == "patch":
+            patcher = None if unknown else build_patcher(step, params)
+            if patcher is None or patcher.loads_model() or view is None:
+                if patcher is None:
+                    why = "whose values are not known before the run"
+                elif patcher.loads_model():
+                    why = "which loads the model to compute its result"
+                    item.notes.append("plan known only when run: this patch loads the model to compute its result")
+                else:
+                    why = "whose input is known only when run"
+                    item.notes.append("plan known only when run: the model before it is known only when run")
+                state.model_config, view = Unknown(f"step {step.id}, {why}"), None
+                continue
+            try:
+                plan = build_plan(view, [patcher])
+            except RetrofitError as e:
+                raise RecipeError(f"{recipe.where(step)}: step {step.id}: {e}") from None
+            item.bytes_written = PlanSummary.of(plan, view).bytes_to_write
+            item.notes.append(f"writes {_size(item.bytes_written)}"
+                              + ("" if item.bytes_written else " (config only; weight files linked)"))
+            view, state.model_config = plan.view, dict(plan.config)
+        elif step.kind == "finetune" and not unknown:
+            settings = finetune_settings(params)
+            steps, per_step = settings.total_steps(), settings.tokens_per_step()
+            item.notes.append(f"{steps} steps x {per_step} tokens = {steps * per_step} tokens per process")
+            if view is not None:
+                item.bytes_written = _finetune_bytes(settings, view)
+                adapter = " (adapter)" if settings.lora and not settings.lora.merge else ""
+                item.notes.append(f"writes {_size(item.bytes_written)}{adapter}")
+            else:
+                item.notes.append("writes a model the size of the one before it")
+        elif step.kind == "eval" and not unknown:
+            from ..evaluation.perplexity import evaluate
+
+            settings = EvalSettings.read(params)
+            lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
+            models = 2 if settings.compare_base else 1
+            item.notes.append(f"{models} model(s) at lengths {lengths}: up to {max(lengths)} tokens per document per "
+                              f"model{', plus passkey prompts' if settings.passkey else ''}")
+    return planned, view is not None
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+
+
+def check_step(recipe: Recipe, step: Step, params: dict[str, Any], push_repo: str | None = None) -> None:
+    """Raise, naming the line, the error `step` would give when run, for every value known now.
+
+    Each value is read as the step's typed spec reads it: a patcher's dataclass fields as `--patch` reads them,
+    `FinetuneSettings` and `LoraSpec` fields, `EvalSettings` / `CardSettings` / `PushSettings`. Then the spec is
+    built whole, which checks the values together (one budget, a stride within the lengths); with an `Unknown`
+    value (known only when run) that waits for the run, except for a finetune (see `_finetune_stand_ins`).
+    """
+    def at(check: Callable[[], Any], *keys: Any) -> Any:
+        """check(), its error given the line of `keys` (of the step itself, with none)."""
+        try:
+            return check()
+        except RetrofitError as e:
+            raise RecipeError(f"{recipe.where(step, *keys)}: step {step.id}: {e}") from None
+
+    complete = not _has_unknown(params)
+    if step.kind == "patch":
+        from ..patchers import get_patcher
+
+        cls = at(lambda: get_patcher(step.patcher or ""))
+        for key, value in params.items():
+            if not _has_unknown(value):
+                at(lambda: patch_value(cls, key, value), key)
+        at(lambda: _require_patch_fields(cls, params))
+        if complete:
+            at(lambda: build_patcher(step, params))
+    elif step.kind == "finetune":
+        from ..training.finetune import FinetuneSettings
+        from ..training.lora import LoraSpec
+
+        for key, value in params.items():
+            if key == "lora" and not isinstance(value, (str, Unknown, type(None))):  # a spec text is read whole
+                for name, item in at(lambda: _lora_values(value), key).items():
+                    at(lambda: read_settings(LoraSpec, {name: item}, prefix="lora."), key, name)
+            else:
+                at(lambda: read_settings(FinetuneSettings, {key: value}), key)
+        at(lambda: finetune_settings(params if complete else _finetune_stand_ins(params)))
+    else:
+        settings = SETTINGS[step.kind]
+        for key, value in params.items():
+            at(lambda: read_settings(settings, {key: value}), key)
+        if complete:
+            at(lambda: settings.read(params))
+        if step.kind == "push" and not (params.get("repo_id") or push_repo):
+            raise RecipeError(f"{recipe.where(step)}: step {step.id}: push needs repo_id; add `repo_id: you/model` to "
+                              f"the step, or pass --set {step.id}.repo_id=you/model or --push-to-hub you/model.")
+
+
+def _finetune_stand_ins(params: dict[str, Any]) -> dict[str, Any]:
+    """A finetune step's known values for checking them together before the run, without those known only then.
+
+    What FinetuneSettings checks together is one budget (steps or tokens), s2_attn with a seq_len in 4 even groups,
+    and lora without train. An unknown budget stands in as 1 (it is given, so "steps and tokens" is still refused);
+    any other unknown value is left out, so its default stands in: seq_len 1024 suits s2_attn, no lora and train
+    `all` conflict with nothing. So no error here can come from a stand-in; the real values are checked when known.
+    """
+    known: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in ("steps", "tokens") and isinstance(value, Unknown):
+            known[key] = 1
+        elif isinstance(value, list):
+            items = [v for v in value if not _has_unknown(v)]
+            if items:
+                known[key] = items
+        elif not _has_unknown(value):
+            known[key] = value
+    return known
+
+
+def _has_unknown(value: Any) -> bool:
+    if isinstance(value, Unknown):
+        return True
+    if isinstance(value, dict):
+        return any(_has_unknown(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_unknown(v) for v in value)
+    return False
 
 
 def _finetune_bytes(settings: Any, view: Any) -> int:

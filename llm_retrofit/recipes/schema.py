@@ -14,31 +14,265 @@
 A step may carry `id:` (default: the patcher name, or the kind; a repeated one gets `-2`, `-3`), which `--set ID.KEY=V`
 and `${steps.ID.KEY}` use. Values are YAML values or `${expression}`s, resolved when the step runs (see `runner`).
 Unknown keys are refused with the line and the valid keys, which is what makes a misspelled `stpes:` an error
-rather than a silently ignored default.
+rather than a silently ignored default. The values are typed by the step's spec: a patch's by its patcher's fields,
+a finetune's by `FinetuneSettings` (and `LoraSpec`), the others by `EvalSettings`, `CardSettings`, `PushSettings`
+(`typed_value`; the runner checks them before the first step, see `runner.check_step`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ..errors import RetrofitError
 
+MAX_VALUES = 10_000
+"""The most values a recipe may hold once its YAML aliases are expanded (the built-in ones hold under 100)."""
 TOP_LEVEL = {"name": True, "description": False, "inputs": False, "steps": True}
 KINDS = ("patch", "finetune", "eval", "card", "push")
-EVAL_KEYS = ("data", "lengths", "max_docs", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths",
-             "passkey_trials", "batch_size", "compare_base", "plot", "dtype")
-CARD_KEYS = ("base_model", "repo_id")
-PUSH_KEYS = ("repo_id", "private", "revision", "create_pr", "commit_message")
 
 
 class RecipeError(RetrofitError):
     """A recipe cannot be read or run: bad YAML, an unknown key or step, a bad override, an unresolvable value."""
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A value not known before the run (the config after a patch that must search, a step's measured result)."""
+
+    why: str
+
+
+# ------------------------------------------------------------------------------------------------ typed values
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def typed_value(key: str, value: Any, annotation: Any, meta: typing.Mapping[str, Any] | None = None) -> Any:
+    """A YAML value read as a settings field's annotation says (int, float, bool, str, Literal, Optional,
+    `tuple[X, ...]`, `dict[str, X]`), or a RecipeError naming the key, the value and what is expected.
+
+    A scalar where a list goes is a list of one: `lengths: 512` is `[512]`, as `data: file.txt` already was, since
+    that is what it can only mean. Numbers written as text (`1e-4` is text to YAML) are read as numbers; a number is
+    not text (`data: 7` is refused, quote it if a file is called 7). An `Unknown` value or item passes as it is, to
+    be checked when it is known. `meta` (a field's metadata) may add a `check` of each item, the `expect`ed text
+    that replaces the annotation's, and an `example`."""
+    meta = meta or {}
+    try:
+        converted = _convert(value, annotation)
+        check = meta.get("check")
+        if check is not None:
+            for item in converted if isinstance(converted, tuple) else (converted,):
+                if item is not None and not isinstance(item, Unknown) and not check(item):
+                    raise _Mismatch
+    except _Mismatch:
+        expect = meta.get("expect") or _expected(annotation)
+        example = f", e.g. {meta['example']}" if meta.get("example") else ""
+        quote = "; quote it if it is text" if isinstance(value, (int, float)) and "string" in str(expect) else ""
+        raise RecipeError(f"{key}={value!r} is not valid; expected {expect() if callable(expect) else expect}"
+                          f"{example}{quote}.") from None
+    return converted
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    if isinstance(value, Unknown) or annotation is Any:
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise _Mismatch
+    if origin is tuple:
+        return tuple(_convert(item, args[0]) for item in (value if isinstance(value, (list, tuple)) else [value]))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {str(k): _convert(v, args[1]) for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if annotation in (int, float):
+        return _number(value, annotation)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    return value  # a type this reader does not know: the dataclass's own checks see it
+
+
+def _number(value: Any, kind: type) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Mismatch
+    if isinstance(value, str):
+        try:
+            value = int(value.strip()) if kind is int else float(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                raise _Mismatch from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Mismatch
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise _Mismatch
+        return int(value)
+    return float(value)
+
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "true/false values")}
+
+
+def _expected(annotation: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        text = " or ".join(_expected(a, plural) for a in args if a is not type(None))
+        return text + (" (or null)" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in args)
+    if origin is tuple:
+        return f"{_expected(args[0])} or a list of {_expected(args[0], plural=True)}"
+    if origin is dict:
+        return f"a mapping of names to {_expected(args[1], plural=True)}"
+    names = _NAMES.get(annotation, (getattr(annotation, "__name__", str(annotation)),) * 2)
+    return names[plural]
+
+
+def _setting(default: Any = None, check: Callable[[Any], bool] | None = None, expect: Any = None,
+             example: str | None = None) -> Any:
+    return field(default=default, metadata={"check": check, "expect": expect, "example": example})
+
+
+def _protocol_ok(value: str) -> bool:
+    from ..evaluation.perplexity import PROTOCOLS
+
+    return value in PROTOCOLS
+
+
+def _protocols() -> str:
+    from ..evaluation.perplexity import PROTOCOLS
+
+    return "one of " + ", ".join(PROTOCOLS)
+
+
+def _dtype_ok(value: str) -> bool:
+    from ..spec import DTYPES
+
+    return value.lower() in DTYPES
+
+
+def _dtypes() -> str:
+    from ..spec import DTYPES
+
+    return "one of " + ", ".join(DTYPES)
+
+
+def read_settings(cls: type, values: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Each of `values` read as the field of `cls` it names says (`typed_value`); Unknown values pass as they are."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise RecipeError(f"{prefix}{key} is not a setting; the settings are "
+                              f"{', '.join(prefix + k for k in fields)}.")
+    return {key: typed_value(prefix + key, value, hints[key], fields[key].metadata) for key, value in values.items()}
+
+
+class _Settings:
+    """Settings read from a step's YAML values: `cls.read(values)` checks each value, then (EvalSettings) the whole."""
+
+    @classmethod
+    def read(cls, values: typing.Mapping[str, Any]) -> Any:
+        return cls(**read_settings(cls, values))
+
+
+@dataclass(frozen=True)
+class EvalSettings(_Settings):
+    """An `eval` step's settings: those of `retrofit eval`, plus the base comparison and the plot; None leaves the
+    choice to `evaluate` (its defaults are not repeated here)."""
+
+    data: tuple[str, ...] = _setting(("bundled:python-docs",), example="data: [docs/, bundled:python-docs]")
+    lengths: tuple[int, ...] | None = _setting(None, lambda n: n >= 2, "an integer >= 2 or a list of them",
+                                               "lengths: [2048, 4096]")
+    max_docs: int | None = _setting(None, lambda n: n >= 1, "a positive integer (or null for all)")
+    protocol: str | None = _setting(None, _protocol_ok, _protocols, "protocol: sliding")
+    stride: int | None = _setting(None, lambda n: n >= 1, "a positive integer (or null)")
+    passkey: bool = False
+    passkey_lengths: tuple[int, ...] | None = _setting(None, lambda n: n >= 2, "an integer >= 2 or a list of them",
+                                                       "passkey_lengths: [4096]")
+    passkey_depths: tuple[float, ...] | None = _setting(None, lambda d: 0 <= d <= 1,
+                                                        "a number in [0, 1] or a list of them (0: the key first)",
+                                                        "passkey_depths: [0.25, 0.5, 0.75]")
+    passkey_trials: int | None = _setting(None, lambda n: n >= 1, "a positive integer")
+    batch_size: int | None = _setting(None, lambda n: n >= 1, "a positive integer")
+    compare_base: bool = False
+    plot: bool = True
+    dtype: str | None = _setting(None, _dtype_ok, _dtypes, "dtype: bfloat16")
+
+    @classmethod
+    def read(cls, values: typing.Mapping[str, Any]) -> EvalSettings:
+        settings = cls(**read_settings(cls, values))
+        from ..evaluation.perplexity import check_protocol, evaluate
+
+        lengths = settings.lengths or evaluate.__kwdefaults__["lengths"]
+        check_protocol(lengths, settings.protocol or evaluate.__kwdefaults__["protocol"], settings.stride)
+        return settings
+
+    def evaluate_options(self) -> dict[str, Any]:
+        """The keyword arguments of `evaluate` that were given (the others keep its defaults)."""
+        from ..spec import DTYPES
+
+        keys = ("lengths", "max_docs", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths",
+                "passkey_trials", "batch_size")
+        options = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+        return options | {"dtype": DTYPES[self.dtype.lower()] if self.dtype else None}
+
+
+@dataclass(frozen=True)
+class CardSettings(_Settings):
+    """A `card` step's settings (`retrofit card`'s options)."""
+
+    base_model: str | None = None
+    repo_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PushSettings(_Settings):
+    """A `push` step's settings (`retrofit push`'s options); `repo_id` may come from --push-to-hub instead."""
+
+    repo_id: str | None = _setting(None, None, "a Hub repo id such as you/model (a string)", "repo_id: you/model")
+    private: bool | None = None
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+
+
+SETTINGS: dict[str, type] = {"eval": EvalSettings, "card": CardSettings, "push": PushSettings}
+"""The settings of the step kinds whose settings are the recipe's own (a patch takes its patcher's dataclass fields,
+a finetune `FinetuneSettings`'s)."""
 
 
 @dataclass
@@ -62,6 +296,26 @@ class Recipe:
     source: str = "<recipe>"
     text: str = ""
     lines: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
+    overridden: dict[tuple[Any, ...], str] = field(default_factory=dict, repr=False)
+    """Paths whose values came from --set, with that --set: an error in one names it rather than a line."""
+
+    def where(self, step: Step | None = None, *keys: Any) -> str:
+        """`SOURCE:LINE` of a step's setting (`keys` inside its kind's mapping), of the step, or (no step) of the
+        input `keys[0]`; a value given by --set is named by its --set instead."""
+        if step is None:
+            path: tuple[Any, ...] = ("inputs", *keys)
+        else:
+            index = next((i for i, s in enumerate(self.steps) if s is step), None)
+            if index is None:
+                return self.source
+            path = ("steps", index) + ((("with" if step.kind == "patch" else step.kind), *keys) if keys else ())
+        for n in range(len(path), 1, -1):
+            if path[:n] in self.overridden:
+                return f"{self.source} ({self.overridden[path[:n]]})"
+        for n in range(len(path), 0 if step is None else 1, -1):  # not the `steps:` line: --push-to-hub adds a step
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]}"
+        return self.source
 
     def step(self, step_id: str) -> Step:
         for step in self.steps:
@@ -86,7 +340,14 @@ def recipe_text(name_or_path: str | Path) -> tuple[str, str]:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist; the built-in recipes are {', '.join(builtin_names())}.")
-        return str(path), path.read_text(encoding="utf-8")
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path} is not a recipe: byte {e.start} is not UTF-8 text, and a recipe is a YAML file "
+                              "(`retrofit recipes show llama-pro > my.yaml` gives one to edit).") from None
+        except OSError as e:
+            raise RecipeError(f"cannot read the recipe {path}: {e.strerror}; check that it is a readable file."
+                              ) from None
     builtin = builtin_directory() / f"{name_or_path}.yaml"
     if not builtin.is_file():
         raise RecipeError(
@@ -107,12 +368,25 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """YAML text -> a checked Recipe; every error names `source:LINE`."""
     try:
         node = yaml.compose(text)
+    except yaml.reader.ReaderError as e:  # a control character or a binary file: the reader has no line, a position
+        line = text[:e.position].count("\n") + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise RecipeError(f"{source}:{line}: not a YAML text: character U+{code:04X} is not allowed in YAML; a "
+                          "recipe is a text file (`retrofit recipes show llama-pro` prints one).") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else 0
         raise RecipeError(f"{source}:{line}: not valid YAML: {getattr(e, 'problem', e)}.") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not valid YAML: nested too deeply for a recipe.") from None
     lines: dict[tuple[Any, ...], int] = {}
-    data = _to_python(node, (), lines) if node is not None else None
+    try:
+        data = _to_python(node, (), lines, [MAX_VALUES]) if node is not None else None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply for a recipe; a recipe is a few levels of mappings and "
+                          "lists.") from None
+    except _ValueProblem as e:
+        raise RecipeError(f"{source}:{e.line}: {e}") from None
 
     def fail(path: tuple[Any, ...], message: str) -> RecipeError:
         return RecipeError(f"{source}:{lines.get(path, 1)}: {message}")
@@ -137,20 +411,51 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return Recipe(str(data["name"]), str(data.get("description") or ""), dict(inputs), steps, source, text, lines)
 
 
-def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> Any:
-    """A composed YAML node -> plain Python values, recording the line of every path in `lines`."""
-    lines[path] = node.start_mark.line + 1
+class _ValueProblem(Exception):
+    """A YAML value that is no recipe value (a Python tag, a list as a key...), at `line`."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], budget: list[int]) -> Any:
+    """A composed YAML node -> plain Python values, recording the line of every path in `lines`.
+
+    `budget` counts the values left: YAML aliases let a few lines expand to billions of values (a file of nine
+    anchors, each a list of ten of the one before, is 10^9), which would hang here rather than fail."""
+    line = node.start_mark.line + 1
+    lines[path] = line
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _ValueProblem(f"the recipe expands to more than {MAX_VALUES} values (YAML aliases repeated inside "
+                            "each other?); write the values out.", line)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node))
+            key = _scalar(key_node)
+            try:
+                hash(key)
+            except TypeError:
+                raise _ValueProblem(f"a key must be a word or a number, not {key!r}.", key_node.start_mark.line + 1)
             lines[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _to_python(value_node, path + (key,), lines)
+            out[key] = _to_python(value_node, path + (key,), lines, budget)
             lines[path + (key,)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, path + (i,), lines) for i, item in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+        return [_to_python(item, path + (i,), lines, budget) for i, item in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except yaml.YAMLError as e:  # a tag such as !!python/object: recipes hold plain values only
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    except (ValueError, TypeError, AttributeError, KeyError):  # PyYAML's constructors on `!!int abc`, `!!bool maybe`
+        problem = f"{node.tag} {node.value!r} is not a value of that type"
+    raise _ValueProblem(f"{problem}; a recipe holds plain values (numbers, text, lists, mappings), without tags.",
+                        node.start_mark.line + 1)
 
 
 def _step(raw: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], fail: Any) -> Step:
@@ -196,7 +501,7 @@ def step_keys(kind: str) -> list[str]:
         from ..training.finetune import FinetuneSettings
 
         return FinetuneSettings.keys()
-    return list({"eval": EVAL_KEYS, "card": CARD_KEYS, "push": PUSH_KEYS}[kind])
+    return [f.name for f in dataclasses.fields(SETTINGS[kind])]
 
 
 def _check_keys(params: dict[str, Any], valid: list[str], path: tuple[Any, ...], what: str, fail: Any) -> None:
