@@ -35,6 +35,17 @@ def test_evaluate_reports_the_nll_functions_numbers(result: EvalResult) -> None:
         assert math.isclose(ours.nll, reference.nll, rel_tol=1e-9)
     assert [r.skipped for r in result.models[0].perplexity] == [0, 1, 3]
     assert result.settings["documents"] == 3 and result.settings["protocol"] == "truncate"
+    # And against plain transformers: each document long enough, cut to the length, scored by `labels=ids`; every
+    # one has length - 1 predictions, so the perplexity is exp of the mean of their losses. Same float32 arithmetic
+    # over other slices (a chunked LM head): equal to rounding, 1e-5 relative.
+    for found in result.models[0].perplexity[:2]:
+        losses = []
+        with torch.no_grad():
+            for doc in ids:
+                if len(doc) >= found.length:
+                    window = doc[None, : found.length]
+                    losses.append(model(input_ids=window, labels=window).loss.item())
+        assert found.perplexity == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
 
 
 def test_bos_added_by_the_tokenizer_is_context_and_counts_towards_the_length() -> None:

@@ -1,4 +1,5 @@
-"""The finetune engine: freeze specs keep frozen tensors bit-identical, budgets, new-layer bookkeeping, 2 processes."""
+"""The finetune engine: freeze specs keep frozen tensors bit-identical (float32 and bfloat16 checkpoints), budgets,
+gradient accumulation and the schedule per optimizer step, new-layer bookkeeping, and 2 processes reading what 1 reads."""
 
 from __future__ import annotations
 
@@ -42,6 +43,57 @@ def test_training_only_new_layers_leaves_every_other_tensor_bit_identical(tmp_pa
     assert changed and all(name.startswith("model.layers.3.") for name in changed), sorted(changed)
     record = read_config(out.path)["retrofit_history"][-1]
     assert record["patch"] == "finetune" and record["finetune"]["steps"] == 3
+
+
+def test_frozen_tensors_of_a_bfloat16_checkpoint_stay_bit_identical(tmp_path: Path) -> None:
+    """Training runs in float32; bf16 -> fp32 -> bf16 is exact, so what was not trained goes back as it came."""
+    base = chars_model(tmp_path / "base")
+    bf16 = patch(base, "dtype:to=bfloat16", "expand:every=3", output=tmp_path / "bf16")  # layer 3 is new
+    out = finetune(bf16, tmp_path / "out", data=[str(corpus(tmp_path))], steps=3, seq_len=32, lr=1e-2,
+                   train=["new_layers"])
+    before, after = state_of(bf16), state_of(out.path)
+    assert before.keys() == after.keys() and {t.dtype for t in after.values()} == {torch.bfloat16}
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.layers.3.") for name in changed), sorted(changed)
+    assert read_config(out.path)["dtype"] == "bfloat16"
+
+
+def same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    """Two runs trained the same steps on the same rows. Their gradients are summed in another order (one batch of 2
+    rows, or 2 micro-batches, or 2 processes), so they differ by float32 rounding; Adam divides each gradient
+    component by its own magnitude, which turns that into at most a small fraction of lr = 1e-2 per step (measured:
+    ~5e-5). Other data or another number of optimizer steps moves weights by ~lr: 1e-3 tells the two apart."""
+    assert a.keys() == b.keys() == base.keys()
+    assert max((a[n] - base[n]).abs().max().item() for n in a) > 5e-3, "the runs did train"
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-3, msg=name)
+
+
+def test_gradient_accumulation_steps_the_optimizer_and_the_schedule_once_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = chars_model(tmp_path / "base")
+    learning_rates: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        learning_rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    common = dict(data=[str(corpus(tmp_path))], steps=3, seq_len=32, lr=1e-2, lr_schedule="linear", warmup_steps=0)
+    accumulated = finetune(base, tmp_path / "accumulated", batch_size=1, grad_accum=2, **common)
+    # A linear decay over 3 optimizer steps: lr * (3 - k) / 3 at step k. Stepped per micro-batch instead, the schedule
+    # would run out twice as fast (1e-2, 3.3e-3, 0) and the optimizer would step 6 times.
+    assert learning_rates == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+    learning_rates.clear()
+    batched = finetune(base, tmp_path / "batched", batch_size=2, grad_accum=1, **common)
+    assert learning_rates == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+
+    assert accumulated.tokens == batched.tokens == 3 * 2 * 32
+    # 2 micro-batches of 1 row == 1 batch of the same 2 rows: the mean of two row losses, either way.
+    assert accumulated.losses == pytest.approx(batched.losses, rel=1e-6)
+    same_training(state_of(accumulated.path), state_of(batched.path), state_of(base))
 
 
 def test_router_only_finetune_of_an_upcycled_moe_changes_only_routers(tmp_path: Path) -> None:
@@ -120,31 +172,42 @@ DDP = ("--multi_gpu",)  # on CPU, accelerate launches torchrun with the gloo bac
 FSDP = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_state_dict_type", "FULL_STATE_DICT")
 
 
-def launch_two_processes(tmp_path: Path, base: Path, out: Path, *options: str, strategy=DDP) -> subprocess.CompletedProcess:
+def accelerate_launch(
+    *arguments: str, strategy=DDP, processes: int = 2, program: tuple[str, ...] = ("-m", "llm_retrofit")
+) -> subprocess.CompletedProcess:
+    """`accelerate launch [strategy] -m llm_retrofit ARGUMENTS` (or another program) on CPU processes talking over
+    gloo; asserts success."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     with socket.socket() as free:  # a fresh port each launch: back-to-back launches on one port can collide
         free.bind(("127.0.0.1", 0))
         port = str(free.getsockname()[1])
-    command = [sys.executable, "-m", "accelerate.commands.launch", *strategy, "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *strategy, "--num_processes", str(processes),
                "--main_process_port", port,
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm_retrofit",
-               "finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2", "--seq-len", "32",
-               *options]
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *program, *arguments]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def launch_two_processes(tmp_path: Path, base: Path, out: Path, *options: str, strategy=DDP) -> subprocess.CompletedProcess:
+    done = accelerate_launch("finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2",
+                             "--seq-len", "32", *options, strategy=strategy)
     assert done.stdout.count("wrote") == 1  # only the main process writes and reports
     return done
 
 
-def test_two_process_accelerate_launch_on_cpu_trains_and_saves(tmp_path: Path) -> None:
+def test_two_processes_read_the_rows_one_process_reads(tmp_path: Path) -> None:
+    """Each of N processes reads its own rows of every micro-batch: 2 processes x 1 row read the rows 1 process x 2
+    rows reads, and DDP's gradient average over the processes is the batch mean, with accumulation on either side."""
     base = chars_model(tmp_path / "base")
-    out = tmp_path / "out"
-    done = launch_two_processes(tmp_path, base, out)
-    # Two processes each read their own sequences: 2 steps x 32 tokens x 2 processes.
-    assert "2 steps, 128 tokens" in done.stdout
-    before, after = state_of(base), state_of(out)
-    assert before.keys() == after.keys() and any(not torch.equal(before[n], after[n]) for n in before)
+    done = launch_two_processes(tmp_path, base, tmp_path / "two", "--batch-size", "1", "--grad-accum", "2",
+                                "--lr", "1e-2")
+    assert "2 steps, 256 tokens" in done.stdout  # 2 steps x 2 micro-batches x 32 tokens x 2 processes
+    one = finetune(base, tmp_path / "one", data=[str(corpus(tmp_path))], steps=2, seq_len=32, lr=1e-2, batch_size=2,
+                   grad_accum=2)
+    assert one.tokens == 2 * 32 * 2 * 2
+    same_training(state_of(tmp_path / "two"), state_of(one.path), state_of(base))
 
 
 def test_fsdp_across_two_processes_trains_exactly_what_ddp_trains(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The lora patcher: a peft adapter that reloads with vanilla peft and equals the merged model."""
+"""LoRA finetunes (a trained spec, not a patcher): a peft adapter that reloads with vanilla peft and equals the merged
+model."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from conftest import assert_same_tensors, read_config, snapshot, state_of
 from llm_retrofit import OutputError, PatchError, load_checkpoint, patch
 from llm_retrofit.io.checkpoint import SafetensorsFile
 from llm_retrofit.patchers.dtype import CastDtype
-from llm_retrofit.plan import ModelView, PlanSummary, build_plan
+from llm_retrofit.plan import ModelView, PlanSummary, build_plan, model_view
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     checkpoint = load_checkpoint(path)
@@ -148,3 +148,24 @@ def test_max_shard_size_reshards(tiny_llama: Path, tmp_path: Path) -> None:
         data_bytes = sum(e.end - e.start for e in extents.values())
         assert data_bytes <= 20_000 or len(extents) == 1, "only a tensor larger than the limit may overflow a shard"
     assert_same_tensors(state_of(output), state_of(patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "one")))
+
+
+@pytest.mark.parametrize("made", ["loaded from a bfloat16 checkpoint", "cast in memory with .to(bfloat16)"])
+@pytest.mark.parametrize("spec", ["expand:every=3", "moe:num_experts=2,top_k=1,noise=0.01", "yarn:factor=2"])
+def test_a_bfloat16_model_patched_in_memory_stays_bfloat16_and_equals_the_streamed_patch(
+    tiny_llama: Path, tmp_path: Path, made: str, spec: str
+) -> None:
+    bf16 = patch(tiny_llama, "dtype:to=bfloat16", output=tmp_path / "bf16")
+    if made.startswith("loaded"):
+        model = AutoModelForCausalLM.from_pretrained(bf16)
+    else:  # transformers leaves config.dtype at float32 here: the tensors, not the config, say what the model is
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+    in_memory = patch(model, spec)
+    streamed = patch(bf16, spec, output=tmp_path / "streamed")
+    assert {p.dtype for p in in_memory.state_dict().values()} == {torch.bfloat16}
+    assert in_memory.config.dtype == torch.bfloat16 and read_config(streamed)["dtype"] == "bfloat16"
+    # Exactly: both casts are torch's round-to-nearest-even, and the patch computes the same on the same bf16 tensors.
+    assert_same_tensors(state_of(streamed), model_view(in_memory)[1])
+    assert model.dtype == torch.bfloat16, "the input model is left as it was"

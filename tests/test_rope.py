@@ -68,6 +68,36 @@ def test_transformers_computes_the_same_frequencies(spec: str, factors, tiny_lla
     assert read_config(output)["max_position_embeddings"] == 4 * 256
 
 
+def llama3_reference(inv_freq: torch.Tensor, factor: float, low: float, high: float, original: int) -> torch.Tensor:
+    """Meta's own `apply_scaling` (llama-models, models/llama3/reference_impl/model.py), transcribed: wavelengths
+    shorter than original/high are kept, longer than original/low divided by the factor, a linear ramp between."""
+    scaled = []
+    for freq in inv_freq.tolist():
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            scaled.append(freq)
+        elif wavelength > original / low:
+            scaled.append(freq / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            scaled.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(scaled)
+
+
+def test_llama3_frequencies_are_metas_formula_as_transformers_computes_them(tiny_llama: Path, tmp_path: Path) -> None:
+    output = patch(tiny_llama, "llama3:factor=4,low_freq_factor=1,high_freq_factor=8", output=tmp_path / "out")
+    original, _ = inv_freq(tiny_llama)
+    patched, scaling = inv_freq(output)
+    expected = llama3_reference(original, factor=4.0, low=1.0, high=8.0, original=256)
+    # With wavelengths 2 pi 10000^(i/8) against 256/8 = 32 and 256: pairs 0-1 kept, 2-3 on the ramp, 4-7 divided by
+    # 4. Every branch of the formula is exercised, so a swapped low/high or a missing ramp would show.
+    ratio = (original / expected).tolist()
+    assert ratio[:2] == [1.0, 1.0] and all(1.0 < r < 4.0 for r in ratio[2:4]) and ratio[4:] == pytest.approx([4.0] * 4)
+    torch.testing.assert_close(patched, expected, rtol=1e-6, atol=0)  # float32 rounding of the same arithmetic
+    assert scaling == 1.0  # llama3 scales no attention
+    assert read_config(output)["max_position_embeddings"] == 4 * 256
+
+
 def test_rope_patches_rewrite_no_weights(tiny_llama: Path, tmp_path: Path) -> None:
     import os
 

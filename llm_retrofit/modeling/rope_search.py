@@ -48,8 +48,7 @@ log = logging.getLogger(__name__)
 SHORT_FACTOR_RULE = (
     "short_factor is 1.0 for every pair: below the original context the model keeps the frequencies it was trained "
     "with, and the only change there is transformers' attention factor sqrt(1 + ln s / ln L) (1.038 for 8k -> 16k), "
-    "which costs under 1% perplexity (measured in benchmarks/rope_extension.py); a short-factor search could only "
-    "win back part of that."
+    "whose cost benchmarks/rope_extension.py measures; a short-factor search could only win back part of it."
 )
 STATE_VERSION = 1
 
@@ -260,9 +259,7 @@ def search(
     resume: bool = False,
 ) -> SearchState:
     """Run (or resume) the evolutionary search; the state is saved to `state_path` after every generation."""
-    from accelerate import PartialState
-
-    distributed = PartialState()
+    distributed = distributed_state()
     shape = evaluator.shape
     scale = settings.target_length / shape.original_length
     if resume and state_path is not None and state_path.exists():
@@ -288,6 +285,19 @@ def search(
         _evaluate_generation(state, evaluator, children, distributed, f"generation {state.generation}")
         _finish_generation(state, rng, state_path, distributed)
     return state
+
+
+def distributed_state() -> Any:
+    """accelerate's view of the processes this search runs in (one, or those of `accelerate launch`).
+
+    `PartialState` alone does not read `ACCELERATE_USE_CPU` (only `AcceleratorState` does): without it, processes
+    launched on CPU each think they are alone, and each runs the whole search. Made before the model is placed, it
+    also sets each GPU process's current device to its own GPU, so that `cuda` means that one.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _evaluate_generation(

@@ -26,7 +26,7 @@ def get_patcher(name: str) -> type[Patcher]:
     try:
         return registry()[name]
     except KeyError:
-        if name == "lora":  # patchers/lora.py: an adapter is trained, not computed from the weights
+        if name == "lora":  # training/lora.py: an adapter is trained, not computed from the weights
             raise PatchSpecError(
                 "lora is trained, not computed from the weights: use `retrofit finetune MODEL --lora lora:r=16,...` "
                 "or a recipe's finetune step with `lora: {r: 16, ...}`."

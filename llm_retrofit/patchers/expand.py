@@ -13,6 +13,7 @@ pretraining, which the paper reports recovers quickly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,8 @@ from ..plan import ModelView, TensorPlan, TensorTask
 from ..spec import PatchCard, Patcher, register
 
 _OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
+# A Mixtral layer's MLP output: each expert's w2 (its down_proj). Zeroed in a new layer, as down_proj is.
+_EXPERT_OUTPUT_PROJECTION = re.compile(r"block_sparse_moe\.experts\.\d+\.w2\.weight")
 
 
 def _restack(model: ModelView, sources: list[int], zeroed: set[int]) -> TensorPlan:
@@ -38,7 +41,8 @@ def _restack(model: ModelView, sources: list[int], zeroed: set[int]) -> TensorPl
             per_layer.setdefault(located[0], []).append((located[1], name))
     for new_index, old_index in enumerate(sources):
         for suffix, old_name in per_layer[old_index]:
-            zero = new_index in zeroed and suffix in _OUTPUT_PROJECTIONS
+            is_output = suffix in _OUTPUT_PROJECTIONS or _EXPERT_OUTPUT_PROJECTION.fullmatch(suffix) is not None
+            zero = new_index in zeroed and is_output
             task = TensorTask(model.tensors[old_name], (old_name,), torch.zeros_like if zero else None)
             tensors[layer_name(new_index, suffix)] = task
     config = dict(model.config, num_hidden_layers=len(sources))
@@ -68,8 +72,12 @@ class ExpandBlocks(Patcher):
     def __post_init__(self) -> None:
         if (self.num_new_layers is None) == (self.every is None):
             raise PatchSpecError("expand: give exactly one of num_new_layers=P or every=N. Example: expand:every=4")
-        if (self.num_new_layers or 1) < 1 or (self.every or 1) < 1:
-            raise PatchSpecError("expand: num_new_layers and every must be positive.")
+        for key, meaning in (("num_new_layers", "the layers to add"), ("every", "original layers per added one")):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise PatchSpecError(
+                    f"expand: {key}={value} must be a positive integer ({meaning}), e.g. expand:{key}=4"
+                )
 
     def plan(self, model: ModelView) -> TensorPlan:
         layers = model.config["num_hidden_layers"]

@@ -89,8 +89,8 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 def gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
     """The string values of `keys` in a GGUF file's key-value header, read directly.
 
-    gguf's GGUFReader would take 4 s on SmolLM2 (it decodes the 100k-entry tokenizer arrays into Python objects);
-    skipping over them takes milliseconds. Layout: magic, version, tensor count, key-value count, then per pair a
+    gguf's GGUFReader decodes the 100k-entry tokenizer arrays of SmolLM2 into Python objects first (slow, see
+    docs/ARCHITECTURE.md); this skips over them. Layout: magic, version, tensor count, key-value count, then per pair a
     length-prefixed key, a value type and the value (arrays: element type, count, elements).
     """
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:

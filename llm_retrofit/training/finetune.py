@@ -10,7 +10,7 @@ What trains is a *freeze spec* (`train`): `all`, or a list of aliases and regexe
 `new_layers` means the layers the `expand`/`dus` history of the checkpoint says are new (LLaMA-Pro trains only
 those), `router` the MoE routers and `experts` the experts. Everything else keeps `requires_grad=False` and is saved
 bit-identical. `lr_groups` gives parameters matching an alias or regex their own learning rate. Or a `lora` spec
-(patchers/lora.py) trains a peft adapter, merged into the weights or saved as an adapter directory.
+(training/lora.py) trains a peft adapter, merged into the weights or saved as an adapter directory.
 
 Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP when configured
 with `accelerate config`); only the main process writes the output, atomically (a staging directory renamed at the
@@ -316,6 +316,7 @@ def finetune(
 
     settings = settings or FinetuneSettings(**options)
     checkpoint = load_checkpoint(model)
+    checkpoint.require_complete()  # transformers would train randomly initialised weights in place of missing ones
     history = checkpoint.history
     precision = _mixed_precision(settings.bf16)
     from accelerate.utils import DistributedDataParallelKwargs
@@ -445,6 +446,9 @@ def _save(
     finetune_facts = {k: v for k, v in settings.to_json().items() if k != "lora"} | facts
     record = make_records([(record_name, {"params": params, "finetune": finetune_facts})], checkpoint.source, source_hash)
     with staged_directory(target, in_place=False) as staging:
+        # The tokenizer first: the source's files linked in below are the source's own, and saving over a link
+        # would rewrite the source's tokenizer.
+        tokenizer.save_pretrained(staging)
         if lora is not None and not lora.merge:
             network.peft_config["default"].base_model_name_or_path = _base_reference(checkpoint)
             network.save_pretrained(staging)
@@ -460,7 +464,6 @@ def _save(
             for auxiliary in checkpoint.auxiliary_files():
                 if not (staging / auxiliary.name).exists() and auxiliary.name != "README.md":
                     link_or_copy(auxiliary, staging / auxiliary.name)
-        tokenizer.save_pretrained(staging)
     log.info("finetune: wrote %s", target)
 
 
