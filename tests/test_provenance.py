@@ -219,3 +219,26 @@ def test_the_identity_is_taken_before_the_fingerprint_so_a_change_during_the_pat
     monkeypatch.setattr(SafetensorsFile, "read_raw", touching)
     output = patch(stamped, "dtype:to=float32", output=tmp_path / "again")
     assert STAMP_KEY not in last_record(output)
+
+
+def test_a_finetune_of_a_stamped_checkpoint_reuses_its_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finetune after a config-only patch (the long-context recipe's order) records the stamped fingerprint
+    instead of reading the weights once more for it; transformers' own load does not go through our reader."""
+    from conftest import char_tokenizer, save_tiny
+    from llm_retrofit.training.finetune import finetune
+
+    base = save_tiny(tmp_path / "base", max_position_embeddings=512)
+    char_tokenizer().save_pretrained(base)
+    extended = patch(age(base), "yarn:factor=2", output=tmp_path / "extended")
+    expected = last_record(extended)[STAMP_KEY]["xxh3"]
+
+    def forbidden(self: SafetensorsFile, name: str) -> None:
+        raise AssertionError(f"read the data of {name} of {self.path} for the fingerprint")
+
+    monkeypatch.setattr(SafetensorsFile, "read_raw", forbidden)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = finetune(extended, tmp_path / "tuned", data=[str(corpus)], steps=1, seq_len=32)
+    assert last_record(out.path)["source_weights_xxh3"] == expected

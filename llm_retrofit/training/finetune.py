@@ -434,9 +434,11 @@ def _save(
 ) -> None:
     """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record."""
     from ..io.commit import link_or_copy, staged_directory
-    from ..io.provenance import HISTORY_KEY, Fingerprinter, make_records
+    from ..io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records
 
-    source_hash = Fingerprinter(checkpoint.tensors, checkpoint.read_raw).result()
+    # After a config-only patch (the usual step before a finetune) the weights' fingerprint is stamped: not re-read.
+    known = WeightFiles(checkpoint).recorded_fingerprint(checkpoint.history)
+    source_hash = Fingerprinter(checkpoint.tensors, checkpoint.read_raw, known=known).result()
     lora = settings.lora
     record_name = "lora" if lora is not None else "finetune"
     params = lora.params() if lora is not None else {
