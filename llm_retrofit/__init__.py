@@ -39,6 +39,7 @@ from .publishing.hub import push  # noqa: E402
 from .recipes import RecipeError, run_recipe  # noqa: E402
 
 __all__ = [
+    "__version__",
     "Checkpoint",
     "CheckpointError",
     "DataError",

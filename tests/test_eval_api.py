@@ -11,7 +11,8 @@ import torch
 
 from conftest import char_tokenizer, tiny_model
 from llm_retrofit import EvalResult, EvaluationError, evaluate
-from llm_retrofit.evaluation.perplexity import perplexity, token_nll
+from llm_retrofit.evaluation.perplexity import perplexity
+from llm_retrofit.modeling.nll import token_nll
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. "
 DOCS = [TEXT * 3, TEXT[:100], TEXT * 2]  # 330, 100 and 220 characters = tokens

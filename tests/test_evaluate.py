@@ -18,17 +18,14 @@ import torch
 from conftest import tiny_model
 from llm_retrofit import EvaluationError
 from llm_retrofit.evaluation.perplexity import (
-    NLL,
     Window,
-    check_head,
     document_nll,
     iter_document_nll,
     perplexity,
-    sequence_nll,
     shares_prefixes,
-    token_nll,
     windows,
 )
+from llm_retrofit.modeling.nll import NLL, check_head, sequence_nll, token_nll
 
 
 def random_ids(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -102,7 +99,7 @@ def test_peak_memory_holds_a_chunk_of_logits_not_all_of_them() -> None:
         import sys, torch
         sys.path.insert(0, "tests")
         from conftest import tiny_model
-        from llm_retrofit.evaluation.perplexity import token_nll
+        from llm_retrofit.modeling.nll import token_nll
         def peak(): return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         model = tiny_model(vocab_size=32768, max_position_embeddings=8192)
         ids = torch.randint(0, 32768, (1, 8192))

@@ -16,7 +16,8 @@ from llm_retrofit import run_recipe
 from llm_retrofit.cli import main
 from llm_retrofit.recipes import RecipeError, apply_overrides, builtin_names, dry_run, load_recipe, parse_recipe
 from llm_retrofit.recipes import runner
-from llm_retrofit.recipes.runner import evaluate_expression, finetune_settings
+from llm_retrofit.recipes.expressions import evaluate_expression
+from llm_retrofit.recipes.runner import finetune_settings
 from llm_retrofit.recipes.schema import EvalSettings
 from test_finetune import chars_model, corpus
 from test_hub import hub  # noqa: F401 - the test Hub fixture
@@ -96,7 +97,7 @@ def test_an_expression_that_would_compute_for_hours_is_refused_at_once() -> None
     import sys
 
     # In a process of its own: before the bound, 9**9**9 (370 million digits) ran for as long as one let it.
-    code = "from llm_retrofit.recipes.runner import evaluate_expression as e; e('9**9**9', {})"
+    code = "from llm_retrofit.recipes.expressions import evaluate_expression as e; e('9**9**9', {})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "RecipeError: ${9**9**9}: 9 ** 387420489 has about 369,693,100 digits" in done.stderr

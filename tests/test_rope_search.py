@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import char_tokenizer, read_config, save_tiny, tiny_model
 from llm_retrofit import patch
-from llm_retrofit.evaluation.perplexity import token_nll
+from llm_retrofit.modeling.nll import token_nll
 from llm_retrofit.modeling.rope import RopeShape
 from llm_retrofit.modeling.rope_search import FactorEvaluator, SearchError, SearchSettings, search, segment_nll, write_factors
 

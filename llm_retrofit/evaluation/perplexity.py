@@ -26,7 +26,6 @@ the original context length) are not, and models using them are run once per len
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import EvaluationError
-from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll, token_nll
+from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
 from ..modeling.rope import rope_depends_on_length
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult

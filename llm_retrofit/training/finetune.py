@@ -30,18 +30,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..modeling import shifted_sparse_attention
 from ..errors import DataError, RetrofitError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-    from .lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
