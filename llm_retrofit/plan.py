@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .architectures import Architecture, architecture_of
 from .io.checkpoint import (
@@ -39,6 +38,7 @@ from .io.checkpoint import (
     refuse_incomplete_output,
 )
 from .io.commit import crash_test_point, link_or_copy, staged_directory
+from .io.progress import Progress
 from .errors import OutputError, PatchError
 from .io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records, with_stamp
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
@@ -333,7 +333,7 @@ def write_weights(
     metas = {name: task.meta for name, task in plan.tensors.items()}
     layout = layout_shards(metas, max_shard_bytes)
     total = sum(meta.nbytes for meta in metas.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=None) as progress:
+    with Progress(total, "writing weights", "B", unit_scale=True) as progress:
         for file_name, names in layout.items():
             with SafetensorsWriter(directory / file_name, {name: metas[name] for name in names}) as writer:
                 for name in names:

@@ -142,13 +142,13 @@ def passkey_trials(
     progress: bool = False,
 ) -> list[PasskeyTrial]:
     """Every (length, depth) cell `trials` times, each with its own random 5-digit key (the same for every model)."""
-    from tqdm.auto import tqdm
+    from ..io.progress import Progress
 
     rng = random.Random(seed)
     cells = [(length, depth) for length in lengths for depth in depths for _ in range(trials)]
     keys = [str(rng.randint(10_000, 99_999)) for _ in cells]
     results: list[PasskeyTrial] = []
-    bar = tqdm(total=sum(length for length, _ in cells), unit="tok", unit_scale=True, desc="passkey", disable=not progress)
+    bar = Progress(sum(length for length, _ in cells), "passkey", "tok", unit_scale=True, enabled=progress)
     was_training = model.training
     model.eval()
     try:

@@ -192,7 +192,7 @@ def perplexity(
     Windows of equal length are run `batch_size` at a time. With "truncate", each document is run once (see
     "Shared prefixes" above) unless the model's RoPE depends on the sequence length.
     """
-    from tqdm.auto import tqdm
+    from ..io.progress import Progress
 
     lengths = sorted({int(n) for n in lengths})
     check_protocol(lengths, protocol, stride)
@@ -206,8 +206,8 @@ def perplexity(
     jobs = _plan([len(d) for d in docs], lengths, protocol, stride, share)
     totals: dict[int, dict[int, NLL]] = {n: {} for n in lengths}
     forwarded = 0
-    bar = tqdm(total=sum(j.window.end - j.window.start for j in jobs), unit="tok", unit_scale=True, desc=description,
-               disable=not progress)
+    bar = Progress(sum(j.window.end - j.window.start for j in jobs), f"eval {description}", "tok", unit_scale=True,
+                   enabled=progress)
     start = time.perf_counter()
     try:
         for batch in _batches(jobs, batch_size):
@@ -301,17 +301,20 @@ def load_model(
 
     from ..io.checkpoint import load_checkpoint
 
+    from ..io.progress import quiet_libraries
+
     target = resolve_device(device)
     checkpoint = load_checkpoint(source, revision)
     checkpoint.require_complete()
     path = checkpoint.path
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    model.to(target).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # no tokenizer files: fine if the caller passes token ids
-        log.info("%s has no usable tokenizer (%s)", path, e)
-        tokenizer = None
+    with quiet_libraries():  # no weight-loading bar or library warnings for our own load
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        model.to(target).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:  # no tokenizer files: fine if the caller passes token ids
+            log.info("%s has no usable tokenizer (%s)", path, e)
+            tokenizer = None
     return model, tokenizer
 
 

@@ -30,12 +30,15 @@ def calibration_model(view: ModelView, needed_by: str) -> tuple[PreTrainedModel,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..io.progress import quiet_libraries
+
     if view.origin is None:
         raise PatchError(f"{needed_by} runs the model to compute its result; make it the first patch of the chain.")
-    if isinstance(view.origin, Path):
-        model = AutoModelForCausalLM.from_pretrained(view.origin, dtype=torch.float32)
-        return model.eval(), AutoTokenizer.from_pretrained(view.origin)
-    return view.origin, AutoTokenizer.from_pretrained(view.origin.name_or_path)
+    with quiet_libraries():  # our own load: no weight-loading bar, no library warnings
+        if isinstance(view.origin, Path):
+            model = AutoModelForCausalLM.from_pretrained(view.origin, dtype=torch.float32)
+            return model.eval(), AutoTokenizer.from_pretrained(view.origin)
+        return view.origin, AutoTokenizer.from_pretrained(view.origin.name_or_path)
 
 
 def mean_mlp_inputs(network: PreTrainedModel, tokenizer: Any, prompts: Sequence[str]) -> dict[int, torch.Tensor]:

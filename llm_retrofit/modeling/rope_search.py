@@ -259,19 +259,35 @@ def search(
     resume: bool = False,
 ) -> SearchState:
     """Run (or resume) the evolutionary search; the state is saved to `state_path` after every generation."""
+    from ..io.progress import Progress
+
     distributed = distributed_state()
     shape = evaluator.shape
     scale = settings.target_length / shape.original_length
+    children = settings.mutations + settings.crossovers
     if resume and state_path is not None and state_path.exists():
         state = SearchState.load(state_path, settings, shape)
         rng = random.Random()
         rng.setstate(state.rng)
         log.info("resuming the search at generation %d of %d", state.generation, settings.iterations)
+        progress = Progress((settings.iterations - state.generation) * children, "search-rope", "candidate",
+                            enabled=distributed.is_main_process)
     else:
         state = SearchState(settings=settings, shape=asdict(shape))
         rng = random.Random(settings.seed)
-        _evaluate_generation(state, evaluator, initial_population(shape, scale, settings, rng), distributed, "initial")
+        initial = initial_population(shape, scale, settings, rng)
+        # At most this many candidates (a repeated one is not evaluated again): the ETA covers the whole search.
+        progress = Progress(len(initial) + settings.iterations * children, "search-rope", "candidate",
+                            enabled=distributed.is_main_process)
+        _evaluate_generation(state, evaluator, initial, distributed, "initial", progress)
         _finish_generation(state, rng, state_path, distributed)
+    with progress:
+        _generations(state, evaluator, settings, rng, scale, state_path, distributed, progress)
+    return state
+
+
+def _generations(state: SearchState, evaluator: FactorEvaluator, settings: SearchSettings, rng: random.Random,
+                 scale: float, state_path: Path | None, distributed: Any, progress: Any) -> None:
     while state.generation < settings.iterations:
         parents = state.population[: settings.parents]
         children = [
@@ -282,9 +298,8 @@ def search(
             for _ in range(settings.crossovers if len(parents) > 1 else 0)
         ]
         state.generation += 1
-        _evaluate_generation(state, evaluator, children, distributed, f"generation {state.generation}")
+        _evaluate_generation(state, evaluator, children, distributed, f"generation {state.generation}", progress)
         _finish_generation(state, rng, state_path, distributed)
-    return state
 
 
 def distributed_state() -> Any:
@@ -301,10 +316,10 @@ def distributed_state() -> Any:
 
 
 def _evaluate_generation(
-    state: SearchState, evaluator: FactorEvaluator, candidates: list[Candidate], distributed: Any, label: str
+    state: SearchState, evaluator: FactorEvaluator, candidates: list[Candidate], distributed: Any, label: str,
+    progress: Any,
 ) -> None:
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     settings = state.settings
     full = len(state.population) >= settings.population
@@ -317,15 +332,15 @@ def _evaluate_generation(
     fresh = list({c.key: c for c in candidates if c.key not in state.evaluated}.values())  # each once, ever
     started = time.perf_counter()
     scored: list[Candidate] = []
+    progress.update(len(candidates) - len(fresh))  # repeats: not evaluated again
     with distributed.split_between_processes(fresh) as mine:
-        progress = tqdm(mine, desc=f"search-rope {label}", disable=None if distributed.is_main_process else True)
-        for candidate in progress:
+        for candidate in mine:
             result = evaluator.score(candidate.factors, reject)
             result.origin = candidate.origin
             scored.append(result)
             best = min((c.nll for c in state.population + scored if c.nll is not None), default=math.inf)
-            rate = len(scored) / (time.perf_counter() - started)
-            progress.set_postfix(best_ppl=f"{math.exp(best):.3f}", evals_per_s=f"{rate:.4f}")
+            progress.set_postfix(at=label, best_ppl=f"{math.exp(best):.3f}")
+            progress.update(distributed.num_processes)  # each process scores its share at the same time
     if distributed.num_processes > 1:
         scored = gather_object(scored)
     for candidate in scored:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
+from ..io.progress import Progress, quietly
 from ..modeling import shifted_sparse_attention
 from ..errors import DataError, RetrofitError
 
@@ -293,6 +293,7 @@ def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------- loop
 
 
+@quietly  # our own loads and saves: no library bars or deprecation warnings
 def finetune(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -357,8 +358,8 @@ def finetune(
     eval_losses: list[tuple[int, float]] = []
     started = time.perf_counter()
     network.train()
-    progress = tqdm(range(total), desc="finetune", unit="step", disable=None if accelerator.is_main_process else True)
-    for step in progress:
+    progress = Progress(total, "finetune", "step", enabled=accelerator.is_main_process)
+    for step in range(total):
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(settings.grad_accum):
             rows = _batch_rows(train_rows.shape[0], step, micro, settings, accelerator.process_index,
@@ -377,9 +378,11 @@ def finetune(
         elapsed = time.perf_counter() - started
         progress.set_postfix(loss=f"{losses[-1]:.4f}",
                              tok_s=f"{(step + 1) * settings.tokens_per_step(accelerator.num_processes) / elapsed:.0f}")
+        progress.update()
         if held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
             eval_losses.append((step + 1, _eval_loss(network, eval_rows, accelerator)))
             log.info("finetune: step %d eval loss %.4f", step + 1, eval_losses[-1][1])
+    progress.close()
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     target = Path(output).expanduser()

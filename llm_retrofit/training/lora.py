@@ -150,5 +150,7 @@ def load_merged_adapter(path: str | os.PathLike[str], dtype: Any = None) -> PreT
     """A peft adapter directory loaded onto its base model and merged into it (for evaluating an adapter)."""
     from peft import AutoPeftModelForCausalLM
 
-    with _quiet_peft():
+    from ..io.progress import quiet_libraries
+
+    with _quiet_peft(), quiet_libraries():
         return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").merge_and_unload()
