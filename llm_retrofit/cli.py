@@ -63,7 +63,7 @@ def _dtype(_ctx: click.Context, _param: click.Parameter, value: str | None) -> A
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="llm-retrofit")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More of llm-retrofit's log output (-vv for debug).")
 def main(verbose: int) -> None:
     """Rewrite a Hugging Face Llama or Mistral checkpoint into a better one.
 
@@ -76,10 +76,10 @@ def main(verbose: int) -> None:
       retrofit eval smollm2/ --data bundled:python-docs --lengths 2k,8k --plot ppl.png
       retrofit push smollm2-bf16/ my-name/smollm2-bf16  # model card + upload to the Hub
     """
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # -v / -vv raise llm-retrofit's own log level only: the HTTP libraries' debug logs print request and response
+    # headers, where a Hub token can appear.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llm_retrofit").setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
 
 
 @main.command()
@@ -163,9 +163,11 @@ class _PatchCommand(click.Command):
 @click.option("--max-shard-size", default=None, help="Largest weight file when weights are rewritten. [default: 5GB]")
 @click.option("--force", is_flag=True, help="Apply a patch even if it is the one applied last.")
 @click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --recipe: print the final results (perplexity, passkey, paths) as JSON on stdout, nothing else.")
 def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tuple[str, ...], push_to_hub: str | None,
           resume: bool, output: str | None, in_place: bool, dry_run: bool, max_shard_size: str | None, force: bool,
-          revision: str | None) -> None:
+          revision: str | None, as_json: bool) -> None:
     """Apply one or more patches, or a recipe, to MODEL (a checkpoint directory or Hub repo id).
 
     Weights are streamed one tensor at a time, so memory stays at a few tensors whatever the model size. With
@@ -184,10 +186,10 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
       retrofit patch smollm2/ --recipe long-context -o smollm2-16k/ --resume --push-to-hub me/smollm2-16k
     """
     if recipe is not None:
-        _run_recipe(model, recipe, overrides, push_to_hub, resume, output, in_place, dry_run, specs)
+        _run_recipe(model, recipe, overrides, push_to_hub, resume, output, in_place, dry_run, specs, as_json)
         return
-    if overrides or push_to_hub or resume:
-        raise click.UsageError("--set, --push-to-hub and --resume go with --recipe.")
+    if overrides or push_to_hub or resume or as_json:
+        raise click.UsageError("--set, --push-to-hub, --resume and --json go with --recipe.")
     if not specs:
         raise click.UsageError("pass --patch NAME[:KEY=VALUE,...] (repeatable) or --recipe NAME.")
     from .io.checkpoint import load_checkpoint
@@ -211,21 +213,28 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
 
 
 def _run_recipe(model: str, recipe: str, overrides: tuple[str, ...], push_to_hub: str | None, resume: bool,
-                output: str | None, in_place: bool, dry_run: bool, specs: tuple[str, ...]) -> None:
+                output: str | None, in_place: bool, dry_run: bool, specs: tuple[str, ...], as_json: bool = False) -> None:
     from .recipes import dry_run as plan_recipe
     from .recipes import run_recipe
+    from .recipes.runner import render_summary
 
     if specs or in_place:
         raise click.UsageError("--recipe runs its own patches into -o OUTPUT; drop --patch / --in-place.")
     if dry_run:
+        if as_json:
+            raise click.UsageError("--json prints the results of a run; drop --dry-run or --json.")
         click.echo(plan_recipe(model, recipe, overrides=list(overrides), push_to_hub=push_to_hub))
         return
     if not output:
         raise click.UsageError("--recipe needs -o/--output DIR (every step's output is kept there).")
     run = run_recipe(model, recipe, output=output, overrides=list(overrides), push_to_hub=push_to_hub, resume=resume)
+    summary = run.summary()
+    if as_json:  # stdout holds the JSON only; the progress lines are on stderr
+        click.echo(json.dumps(summary, indent=2))
+        return
     if run.skipped:
         click.echo(f"resumed: {', '.join(run.skipped)} already done")
-    click.echo(f"wrote {run.output} (model: {run.model})")
+    click.echo(render_summary(summary))
 
 
 @main.group()

@@ -348,6 +348,82 @@ class RecipeRun:
     results: dict[str, dict[str, Any]]
     ran: list[str]
     skipped: list[str]
+    recipe: str = ""
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """What the run ends with (`retrofit patch --recipe ... --json`): each step and its wall time, each eval step's
+        perplexity per length per model (and passkey accuracy if measured), and the paths of the final model, its
+        card, the plot and the eval JSON (None where the run wrote none)."""
+        manifest = _read_manifest(self.output / MANIFEST)
+        skipped = set(self.skipped)
+        steps, evaluations = [], []
+        for number, entry in enumerate(manifest["steps"], 1):
+            steps.append({"id": entry["id"], "kind": entry["kind"], "seconds": entry["result"].get("seconds"),
+                          "skipped": entry["id"] in skipped})
+            if entry["kind"] == "eval" and entry.get("eval_results"):
+                card_eval = Path(entry["eval_results"])
+                found = json.loads(card_eval.read_text())
+                evaluations.append({"step": entry["id"], "dataset": found.get("dataset", {}).get("name"),
+                                    "perplexity": found.get("perplexity", {}), "passkey": found.get("passkey"),
+                                    "eval_json": _existing(card_eval.parent / "eval.json"),
+                                    "card_eval_json": _existing(card_eval), "plot": _existing(entry.get("plot"))})
+        return {"recipe": self.recipe or manifest.get("recipe"), "output": str(self.output), "model": str(self.model),
+                "card": _existing(self.model / "README.md"), "seconds": round(self.seconds, 3), "steps": steps,
+                "evaluations": evaluations}
+
+
+def _existing(path: str | os.PathLike[str] | None) -> str | None:
+    return str(path) if path is not None and Path(path).exists() else None
+
+
+def render_summary(summary: Mapping[str, Any]) -> str:
+    """`RecipeRun.summary()` as the table a person reads at the end of a run."""
+    lines = [f"recipe {summary['recipe']} finished in {_duration(summary['seconds'])}: {summary['output']}"]
+    for item in summary["evaluations"]:
+        models = list(item["perplexity"])
+        lengths = sorted({int(n) for table in item["perplexity"].values() for n in table})
+        lines += ["", f"{item['step']}: perplexity on {item['dataset']} (lower is better)",
+                  "  " + f"{'length':>8}" + "".join(f"{m:>12}" for m in models)]
+        for n in lengths:
+            cells = [item["perplexity"][m].get(str(n)) for m in models]
+            lines.append("  " + f"{n:>8}" + "".join(f"{c:>12.3f}" if c is not None else f"{'-':>12}" for c in cells))
+        for model, table in (item.get("passkey") or {}).items():
+            found = ", ".join(f"{n}: {100 * a:.0f}%" for n, a in sorted(table.items(), key=lambda kv: int(kv[0])))
+            lines.append(f"  passkey {model}: {found}")
+    files = [("model", summary["model"]), ("card", summary["card"])]
+    for item in summary["evaluations"]:
+        files += [("plot", item["plot"]), ("eval json", item["eval_json"])]
+    lines += ["", "files:"] + [f"  {name:<10} {path}" for name, path in files if path]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    from ..io.progress import duration
+
+    return duration(seconds)
+
+
+def _what(step: Step, params: dict[str, Any]) -> str:
+    """A step's start line: what it is about to do."""
+    try:
+        if step.kind == "finetune":
+            settings = finetune_settings(params)
+            return (f"{settings.total_steps()} steps x {settings.tokens_per_step()} tokens at seq_len "
+                    f"{settings.seq_len}" + (" (LoRA)" if settings.lora else ""))
+        if step.kind == "eval":
+            from ..evaluation.perplexity import evaluate
+
+            settings = EvalSettings.read(params)
+            lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
+            models = "before and after" if settings.compare_base else "1 model"
+            return f"{models} at lengths {lengths}" + (", plus passkey" if settings.passkey else "")
+        if step.kind == "patch":
+            shown = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict)))
+            return f"patch {step.patcher}" + (f" ({shown})" if shown else "")
+    except RetrofitError:
+        pass
+    return step.describe()
 
 
 def run_recipe(
@@ -361,8 +437,19 @@ def run_recipe(
 ) -> RecipeRun:
     """Run `recipe` (a built-in name, a YAML file or a Recipe) on the checkpoint `model`, keeping every step's output
     under `output`. With `resume`, steps already completed there (same values) are skipped."""
-    from ..io.checkpoint import resolve_checkpoint_dir
+    from ..io.progress import quiet_libraries
 
+    with quiet_libraries():  # our own loads and saves: no library bars, warnings or deprecation notes
+        return _run_recipe(model, recipe, output=output, overrides=overrides, push_to_hub=push_to_hub, resume=resume)
+
+
+def _run_recipe(model: str | os.PathLike[str], recipe: str | os.PathLike[str] | Recipe, *,
+                output: str | os.PathLike[str], overrides: Mapping[str, Any] | Sequence[str], push_to_hub: str | None,
+                resume: bool) -> RecipeRun:
+    from ..io.checkpoint import resolve_checkpoint_dir
+    from ..io.progress import duration, note
+
+    run_started = time.perf_counter()
     recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
     out = Path(output).expanduser().resolve()
     manifest = _earlier_run(out, resume)
@@ -386,14 +473,17 @@ def run_recipe(
         if entry is not None and (step.kind not in WRITES_DIRECTORY or directory.is_dir()) and not ran:
             outcome = StepOutcome(entry["result"], entry.get("model"), entry.get("eval_results"), entry.get("plot"))
             skipped.append(step.id)
-            log.info("recipe: step %s already done, skipped", step.id)
+            note(f"step {number}/{len(recipe.steps)} {step.id}: already done in {directory}, skipped (--resume)")
         else:
             if directory.exists():
                 shutil.rmtree(directory)  # an earlier, different run of this step; it is redone
-            log.info("recipe %s: step %d/%d %s", recipe.name, number, len(recipe.steps), step.describe())
+            where = f" -> {directory}" if step.kind in WRITES_DIRECTORY else ""
+            note(f"step {number}/{len(recipe.steps)} {step.id}: {_what(step, params)}{where}")
             started = time.perf_counter()
             outcome = STEP_RUNNERS[step.kind](step, params, state, directory)
             outcome.result["seconds"] = round(time.perf_counter() - started, 3)
+            note(f"step {number}/{len(recipe.steps)} {step.id}: done in {duration(outcome.result['seconds'])}"
+                 + _reported(outcome.result))
             ran.append(step.id)
         _advance(state, step, outcome)
         entries.append({"id": step.id, "kind": step.kind, "key": key, "params": params, "result": outcome.result,
@@ -404,7 +494,17 @@ def run_recipe(
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.relpath(state.model, out) if Path(state.model).is_relative_to(out) else state.model)
-    return RecipeRun(out, Path(state.model), state.results, ran, skipped)
+    return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name,
+                     time.perf_counter() - run_started)
+
+
+def _reported(result: Mapping[str, Any]) -> str:
+    """The numbers a step's end line shows: a finetune's final loss, an eval's perplexity at its longest length."""
+    if "final_loss" in result:
+        return f" (final loss {result['final_loss']:.4f})"
+    if "perplexity" in result and "length" in result:
+        return f" (perplexity {result['perplexity']:.3f} at {result['length']})"
+    return ""
 
 
 def with_push(recipe: Recipe, repo: str | None) -> Recipe:
@@ -421,11 +521,13 @@ def _earlier_run(out: Path, resume: bool) -> dict[str, Any]:
         raise RecipeError(f"-o {out} is a file; a recipe run writes a directory (a folder per step and the result), "
                           "so name a new or empty directory.")
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
+    # recipe.yaml is written before the first step and the manifest after it: a run stopped during its first step
+    # has the one without the other, and resumes with nothing done.
+    if manifest_path.is_file() or (out / "recipe.yaml").is_file():
         if not resume:
             raise RecipeError(f"{out} holds an earlier recipe run; pass --resume (resume=True) to continue it, or "
                               "choose another output directory.")
-        return _read_manifest(manifest_path)
+        return _read_manifest(manifest_path) if manifest_path.is_file() else {}
     try:
         holds_something = out.exists() and any(out.iterdir())
     except OSError as e:
@@ -719,6 +821,11 @@ def check_step(recipe: Recipe, step: Step, params: dict[str, Any], push_repo: st
         if step.kind == "push" and not (params.get("repo_id") or push_repo):
             raise RecipeError(f"{recipe.where(step)}: step {step.id}: push needs repo_id; add `repo_id: you/model` to "
                               f"the step, or pass --set {step.id}.repo_id=you/model or --push-to-hub you/model.")
+        repo_id = params.get("repo_id") or push_repo
+        if step.kind == "push" and isinstance(repo_id, str):  # refused now, not after the steps before the push
+            from ..publishing.hub import check_repo_id
+
+            at(lambda: check_repo_id(repo_id), "repo_id")
 
 
 def _finetune_stand_ins(params: dict[str, Any]) -> dict[str, Any]:
