@@ -38,6 +38,17 @@ WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.
 LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token (token=) with a token that has write access"
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse, before anything is written (the card) or sent."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PublishError(f"{repo_id!r} is not a Hub repo id ({e}); use owner/name, e.g. alice/smollm2-16k.") from None
+
+
 def push(
     path: str | os.PathLike[str],
     repo_id: str,
@@ -73,6 +84,7 @@ def push(
         )
     if create_pr and revision not in (None, "main"):
         raise PublishError(f"a pull request is opened against main; drop --revision {revision} or --create-pr.")
+    check_repo_id(repo_id)
     token = token or get_token()
     if not token:
         raise PublishError(f"no Hugging Face token found: {LOGIN_HINT}.")

@@ -50,6 +50,8 @@ BAD_STEPS = [
                  id="finetune-data-a-number"),
     pytest.param("  - push: {private: true}\n", "r.yaml:8: step push: push needs repo_id; add `repo_id: you/model`",
                  id="push-without-repo-id"),
+    pytest.param("  - push: {repo_id: not a repo id}\n", "r.yaml:8: step push: 'not a repo id' is not a Hub repo id",
+                 id="push-to-an-invalid-repo-id"),
     pytest.param("  - finetune: {steps: 2, tokens: 100}\n",
                  "r.yaml:8: step finetune: finetune: give exactly one budget", id="finetune-two-budgets"),
     pytest.param("  - eval: {lengths: [64], stride: 8}\n",
