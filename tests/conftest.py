@@ -181,3 +181,20 @@ def save_adapter(base: Path, path: Path, seed: int = 1) -> Path:
                 param.copy_(torch.randn_like(param) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+# Files of the user's own in a checkpoint directory (a git clone of a Hub repo, a folder of original weights): an
+# in-place rewrite must keep them, whatever instant it is stopped at.
+USER_FILES = {".git/HEAD": b"ref: refs/heads/main\n", ".git/objects/ab/cd": b"blob", ".gitattributes": b"*.bin lfs\n",
+              "original/consolidated.00.pth": b"x\n", "original/params.json": b"{}\n"}
+
+
+def add_user_files(directory: Path) -> None:
+    for name, content in USER_FILES.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(content)
+
+
+def user_files_in(*directories: Path) -> dict[str, bytes]:
+    """The user's files found in any of the directories (the target, and the staging directory mid-switch)."""
+    return {name: (d / name).read_bytes() for d in directories for name in USER_FILES if (d / name).is_file()}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_same_tensors, state_of
+from conftest import USER_FILES, add_user_files, assert_same_tensors, state_of, user_files_in
 from llm_retrofit import load_checkpoint, patch
 from llm_retrofit.io.commit import MARKER, staging_dir
 
@@ -50,21 +50,6 @@ def clean(directory: Path) -> bool:
     """No staging, old or lock entry of ours beside the directory, and no marker in it."""
     siblings = [p for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}.retrofit")]
     return not siblings and not (directory / MARKER).exists()
-
-
-USER_FILES = {".git/HEAD": b"ref: refs/heads/main\n", ".git/objects/ab/cd": b"blob", ".gitattributes": b"*.bin lfs\n",
-              "original/consolidated.00.pth": b"x\n", "original/params.json": b"{}\n"}
-
-
-def add_user_files(directory: Path) -> None:
-    for name, content in USER_FILES.items():
-        (directory / name).parent.mkdir(parents=True, exist_ok=True)
-        (directory / name).write_bytes(content)
-
-
-def user_files_in(*directories: Path) -> dict[str, bytes]:
-    """The user's files found in any of the directories (the target, and the staging directory mid-switch)."""
-    return {name: (d / name).read_bytes() for d in directories for name in USER_FILES if (d / name).is_file()}
 
 
 @pytest.fixture

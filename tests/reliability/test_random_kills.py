@@ -39,7 +39,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny, state_of
+from conftest import USER_FILES, add_user_files, save_tiny, state_of, user_files_in
 from harness import leftovers, tree_state
 from llm_retrofit import load_checkpoint, patch
 from llm_retrofit.cli import main
@@ -49,9 +49,6 @@ SEED = 20240917
 FAST_PATCH_TRIALS, SLOW_PATCH_TRIALS = 3, 24
 FAST_RECIPE_TRIALS, SLOW_RECIPE_TRIALS = 2, 12
 PATCHES = ["dtype:to=bfloat16", "expand:every=2"]  # both rewrite every weight file
-
-USER_FILES = {".git/HEAD": b"ref: refs/heads/main\n", ".git/objects/ab/cd": b"blob", ".gitattributes": b"*.bin lfs\n",
-              "original/consolidated.00.pth": b"x\n", "original/params.json": b"{}\n"}
 
 RECIPE = """\
 name: kills
@@ -90,16 +87,6 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def ours_beside(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.parent.iterdir() if p.name.startswith(f".{directory.name}.retrofit"))
-
-
-def add_user_files(directory: Path) -> None:
-    for name, content in USER_FILES.items():
-        (directory / name).parent.mkdir(parents=True, exist_ok=True)
-        (directory / name).write_bytes(content)
-
-
-def user_files_in(*directories: Path) -> dict[str, bytes]:
-    return {name: (d / name).read_bytes() for d in directories for name in USER_FILES if (d / name).is_file()}
 
 
 @dataclass
