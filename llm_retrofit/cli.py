@@ -102,8 +102,7 @@ def convert(source: str, output: str, dtype: Any, max_shard_size: str | None) ->
     """
     from .convert import convert as run_convert
 
-    with _writing(output):
-        path = run_convert(source, output, dtype=dtype, max_shard_size=max_shard_size)
+    path = run_convert(source, output, dtype=dtype, max_shard_size=max_shard_size)  # write errors: staged_directory
     click.echo(f"wrote {path}")
 
 
@@ -205,10 +204,9 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
         return
     if bool(output) == in_place:
         raise click.UsageError("pass either -o/--output DIR or --in-place.")
-    with _writing(output or checkpoint.path):
-        path = apply_to_checkpoint(
-            checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
-        )
+    path = apply_to_checkpoint(  # a full or read-only disk is an OutputError naming the output (staged_directory)
+        checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
+    )
     click.echo(f"wrote {path}")
 
 

@@ -108,12 +108,12 @@ def _token_at(tokenizer: Any, encoding: Any, text: str, char: int) -> int:
 
 def greedy_answer(model: Any, input_ids: list[int], new_tokens: int = ANSWER_TOKENS) -> list[int]:
     """Greedy decoding with the KV cache; only the last position's logits are ever computed (`logits_to_keep=1`)."""
+    from transformers import DynamicCache
+
     ids = torch.tensor([input_ids], device=model.device)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = set(eos if isinstance(eos, list) else [eos]) - {None}
     answer: list[int] = []
-    from transformers import DynamicCache
-
     cache = cache_argument(model, DynamicCache(config=model.config))  # filled in place by every call
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)

@@ -172,6 +172,8 @@ class PerplexityRun:
     seconds: float
     tokens_forwarded: int
     tokens_scored: int
+    shared_prefixes: bool = False
+    """Whether shorter lengths were read off the passes of longer ones (truncate, RoPE independent of the length)."""
 
 
 def perplexity(
@@ -231,7 +233,8 @@ def perplexity(
             length, total.total, total.tokens, skipped=len(docs) - len(per_doc),
             documents=[DocumentNLL(names[d], per_doc[d].total, per_doc[d].tokens) for d in sorted(per_doc)],
         ))
-    return PerplexityRun(results, seconds, forwarded, sum(r.tokens for r in results))
+    return PerplexityRun(results, seconds, forwarded, sum(r.tokens for r in results),
+                         shared_prefixes=protocol == "truncate" and share)
 
 
 def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
@@ -300,7 +303,6 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..io.checkpoint import load_checkpoint
-
     from ..io.progress import quiet_libraries
 
     target = resolve_device(device)
@@ -434,7 +436,7 @@ def evaluate(
         "rope_parameters": getattr(config, "rope_parameters", None),
         "bos": _bos(tokenizer),
         "chunk_size": default_chunk_size(model),
-        "shared_prefixes": protocol == "truncate" and shares_prefixes(model, lengths),
+        "shared_prefixes": run.shared_prefixes,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,

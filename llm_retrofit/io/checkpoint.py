@@ -50,7 +50,7 @@ BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Files that hold weights (in any format). They are never copied blindly into a rewritten checkpoint: the output's
 # own weight files replace them, and a stale copy of the old weights in another format would shadow or confuse.
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.index\.json$")
-_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class SafetensorsFile:
                 if len(prefix) < 8:
                     raise self._corrupt(f"only {size} bytes long")
                 header_len = int.from_bytes(prefix, "little")
-                if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                if header_len > min(MAX_HEADER_BYTES, size - 8):
                     raise self._corrupt(f"its header claims {header_len} bytes but the file has {size}")
                 header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

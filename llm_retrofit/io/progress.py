@@ -126,7 +126,7 @@ class Progress:
         elif self._mode == "lines":
             elapsed = time.perf_counter() - self.started
             rate = f", {self._rate(elapsed)}" if self.n else ""
-            self._write(f"{desc_done(self.desc)}: {_amount(self.n, self.unit_scale)} {self.unit} in "
+            self._write(f"{self.desc}: done: {_amount(self.n, self.unit_scale)} {self.unit} in "
                         f"{duration(elapsed)}{rate}{self._postfix()}")
 
     def _rate(self, elapsed: float) -> str:
@@ -153,34 +153,23 @@ class Progress:
         print(f"retrofit: {line}", file=self._stream, flush=True)
 
 
-def desc_done(desc: str) -> str:
-    return f"{desc}: done"
-
-
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """For one of our own calls: no transformers / huggingface_hub progress bars or warnings, no deprecation
     warnings, no tokenizers fork warning. The caller's settings are restored afterwards (an API user who wants the
-    bars elsewhere keeps them)."""
+    bars elsewhere keeps them). Also a decorator, as every `contextmanager`: `@quiet_libraries()`."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
     restore: list[Any] = []
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        hf_logging = None
-    if hf_logging is not None:
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        restore.append(lambda: hf_logging.set_verbosity(verbosity))
-        restore.append(lambda: hf_logging.enable_progress_bar() if bars else hf_logging.disable_progress_bar())
-    try:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        hub_disabled = are_progress_bars_disabled()
-        disable_progress_bars()
-        restore.append(lambda: None if hub_disabled else enable_progress_bars())
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    restore.append(lambda: hf_logging.set_verbosity(verbosity))
+    restore.append(lambda: hf_logging.enable_progress_bar() if bars else hf_logging.disable_progress_bar())
+    hub_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    restore.append(lambda: None if hub_disabled else enable_progress_bars())
     hub_logger = logging.getLogger("huggingface_hub")
     hub_level = hub_logger.level
     hub_logger.setLevel(max(hub_level, logging.ERROR))
@@ -197,15 +186,3 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for undo in reversed(restore):
             undo()
-
-
-def quietly(function: Any) -> Any:
-    """`function` run under `quiet_libraries`."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with quiet_libraries():
-            return function(*args, **kwargs)
-
-    return wrapper

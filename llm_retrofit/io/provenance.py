@@ -33,7 +33,7 @@ import torch
 from xxhash import xxh3_128
 
 from .._version import __version__
-from .checkpoint import _MAX_HEADER_BYTES, Checkpoint, TensorMeta
+from .checkpoint import MAX_HEADER_BYTES, Checkpoint, TensorMeta
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _identity(path: Path) -> dict[str, Any] | None:
             info = os.fstat(f.fileno())
             if path.name.endswith(".safetensors"):
                 prefix = f.read(8)
-                header = prefix + f.read(min(int.from_bytes(prefix, "little"), _MAX_HEADER_BYTES))
+                header = prefix + f.read(min(int.from_bytes(prefix, "little"), MAX_HEADER_BYTES))
             elif path.name.endswith(".index.json"):
                 header = f.read()
             else:

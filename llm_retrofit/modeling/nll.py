@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 # vocabulary, 256 of a 128k one. Big enough that the LM head's matrix products run at full speed, small enough to
 # vanish next to the activations of a long sequence.
 LOGITS_BUDGET_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class NLL:
     """A summed negative log-likelihood: `total` nats over `tokens` predicted tokens."""

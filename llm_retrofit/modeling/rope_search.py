@@ -202,9 +202,9 @@ def segment_nll(model: Any, ids: torch.Tensor, segments: int) -> Iterator[float]
     from transformers import DynamicCache
 
     from .kv_cache import cache_argument
-    from .nll import default_chunk_size, head_nll
+    from .nll import decoder_and_head, default_chunk_size, head_nll
 
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder, head = decoder_and_head(model)
     chunk = default_chunk_size(model)
     ids = ids.to(model.device)
     bounds = [round(len(ids) * k / segments) for k in range(segments + 1)]

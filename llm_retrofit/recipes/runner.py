@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from ..errors import RetrofitError
+from ..io.progress import quiet_libraries
 from .expressions import Unresolved, resolve
 from .schema import (SETTINGS, EvalSettings, Recipe, RecipeError, Step, Unknown, load_recipe, parse_recipe,
                      read_settings)
@@ -322,10 +323,7 @@ def _card_step(step: Step, params: dict[str, Any], state: RunState, directory: P
 def _push_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
     from ..publishing.hub import push
 
-    repo_id = params.get("repo_id") or state.push_repo
-    if not repo_id:
-        raise RecipeError(f"step {step.id}: push needs repo_id (in the recipe, --set {step.id}.repo_id=..., "
-                          "or --push-to-hub REPO).")
+    repo_id = params.get("repo_id") or state.push_repo  # there is one: check_step ran before this step
     info = push(state.model, repo_id, **{k: v for k, v in params.items() if k != "repo_id"})
     return StepOutcome({"output": str(info), "repo_id": repo_id})
 
@@ -426,6 +424,7 @@ def _what(step: Step, params: dict[str, Any]) -> str:
     return step.describe()
 
 
+@quiet_libraries()  # our own loads and saves: no library bars, warnings or deprecation notes
 def run_recipe(
     model: str | os.PathLike[str],
     recipe: str | os.PathLike[str] | Recipe,
@@ -437,15 +436,6 @@ def run_recipe(
 ) -> RecipeRun:
     """Run `recipe` (a built-in name, a YAML file or a Recipe) on the checkpoint `model`, keeping every step's output
     under `output`. With `resume`, steps already completed there (same values) are skipped."""
-    from ..io.progress import quiet_libraries
-
-    with quiet_libraries():  # our own loads and saves: no library bars, warnings or deprecation notes
-        return _run_recipe(model, recipe, output=output, overrides=overrides, push_to_hub=push_to_hub, resume=resume)
-
-
-def _run_recipe(model: str | os.PathLike[str], recipe: str | os.PathLike[str] | Recipe, *,
-                output: str | os.PathLike[str], overrides: Mapping[str, Any] | Sequence[str], push_to_hub: str | None,
-                resume: bool) -> RecipeRun:
     from ..io.checkpoint import resolve_checkpoint_dir
     from ..io.progress import duration, note
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..io.progress import Progress, quietly
+from ..io.progress import Progress, quiet_libraries
 from ..modeling import shifted_sparse_attention
 from ..errors import DataError, RetrofitError
 
@@ -293,7 +293,7 @@ def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------- loop
 
 
-@quietly  # our own loads and saves: no library bars or deprecation warnings
+@quiet_libraries()  # our own loads and saves: no library bars or deprecation warnings
 def finetune(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],

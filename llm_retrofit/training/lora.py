@@ -17,15 +17,13 @@ are peft `modules_to_save`: full copies trained and saved with the adapter. With
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import PatchSpecError
+from ..io.progress import quiet_libraries
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -102,7 +100,7 @@ class LoraSpec:
         from peft import get_peft_model
 
         try:
-            with _quiet_peft():
+            with quiet_libraries():  # peft reads transformers' deprecated `is_gradient_checkpointing` alias
                 return get_peft_model(model, self.peft_config(model))
         except ValueError as e:  # peft: target modules not found in the base model, and similar
             raise PatchSpecError(f"lora: peft refused {self.spec()}: {e}") from None
@@ -137,20 +135,9 @@ def _typed(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft reads transformers' deprecated `is_gradient_checkpointing` alias while wrapping a model, which warns on
-    transformers 5.24; the warning is about peft's code, not the user's, so it is not shown."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
 def load_merged_adapter(path: str | os.PathLike[str], dtype: Any = None) -> PreTrainedModel:
     """A peft adapter directory loaded onto its base model and merged into it (for evaluating an adapter)."""
     from peft import AutoPeftModelForCausalLM
 
-    from ..io.progress import quiet_libraries
-
-    with _quiet_peft(), quiet_libraries():
+    with quiet_libraries():
         return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").merge_and_unload()
