@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,18 @@ def add_user_files(directory: Path) -> None:
 def user_files_in(*directories: Path) -> dict[str, bytes]:
     """The user's files found in any of the directories (the target, and the staging directory mid-switch)."""
     return {name: (d / name).read_bytes() for d in directories for name in USER_FILES if (d / name).is_file()}
+
+
+def start_paused(args: list[str], pause_at: str, *, env: dict[str, str] | None = None,
+                 **extra_env: str) -> subprocess.Popen[str]:
+    """Start `retrofit ARGS` in a child process that stops at the crash-test point `pause_at` and waits there (to be
+    killed, or let go through LLM_RETROFIT_RESUME_WHEN); `env` replaces the inherited environment."""
+    env = {**(os.environ if env is None else env), "LLM_RETROFIT_PAUSE_AT": pause_at, **extra_env}
+    child = subprocess.Popen([sys.executable, "-m", "llm_retrofit", *map(str, args)], env=env,
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert child.stderr is not None
+    for line in child.stderr:
+        if f"paused at {pause_at}" in line:
+            return child
+    child.wait()
+    pytest.fail(f"`retrofit {' '.join(map(str, args))}` finished (exit {child.returncode}) without reaching {pause_at}")

@@ -3,32 +3,22 @@ finishes or rolls back the interrupted switch, and no file of the user's (a `.gi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import USER_FILES, add_user_files, assert_same_tensors, state_of, user_files_in
+from conftest import USER_FILES, add_user_files, assert_same_tensors, start_paused, state_of, user_files_in
 from llm_retrofit import load_checkpoint, patch
 from llm_retrofit.io.commit import MARKER, staging_dir
 
 
-def start_paused(directory: Path, pause_at: str, **extra_env: str) -> subprocess.Popen[str]:
+def pause_in_place_rewrite(directory: Path, pause_at: str, **extra_env: str) -> subprocess.Popen[str]:
     """Start `retrofit patch --in-place` in a child process that stops at `pause_at` and waits to be killed."""
-    env = {**os.environ, "LLM_RETROFIT_PAUSE_AT": pause_at, **extra_env}
-    command = [sys.executable, "-m", "llm_retrofit", "patch", str(directory), "-p", "dtype:to=bfloat16", "--in-place"]
-    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert child.stderr is not None
-    for line in child.stderr:
-        if f"paused at {pause_at}" in line:
-            return child
-    child.wait()
-    pytest.fail(f"the rewrite finished (exit {child.returncode}) without reaching {pause_at}")
+    return start_paused(["patch", directory, "-p", "dtype:to=bfloat16", "--in-place"], pause_at, **extra_env)
 
 
 def kill(child: subprocess.Popen[str]) -> None:
@@ -69,7 +59,7 @@ def test_sigkill_during_an_in_place_rewrite_leaves_old_or_new(
 ) -> None:
     old, new = old_and_new
     add_user_files(tiny_sharded)
-    kill(start_paused(tiny_sharded, pause_at))
+    kill(pause_in_place_rewrite(tiny_sharded, pause_at))
 
     # Before any recovery, vanilla transformers sees one whole model, never a mix, and each of the user's files is
     # in the checkpoint or, moved already, in the staging directory the next run switches in.
@@ -88,7 +78,7 @@ def test_a_complete_staging_directory_is_switched_in_by_the_next_run(
 ) -> None:
     """Killed after the marker says 'complete' but before the exchange: the work is kept, not thrown away."""
     _, new = old_and_new
-    kill(start_paused(tiny_sharded, "staged"))
+    kill(pause_in_place_rewrite(tiny_sharded, "staged"))
     (staging_dir(tiny_sharded) / MARKER).touch()  # what the killed process was about to do next
     load_checkpoint(tiny_sharded)
     assert clean(tiny_sharded)
@@ -101,7 +91,7 @@ def test_without_directory_exchange_a_crash_between_renames_is_finished(
     """File systems without renameat2(RENAME_EXCHANGE) use two renames; the gap between them is repaired."""
     _, new = old_and_new
     add_user_files(tiny_sharded)
-    kill(start_paused(tiny_sharded, "half-switched", LLM_RETROFIT_NO_EXCHANGE="1"))
+    kill(pause_in_place_rewrite(tiny_sharded, "half-switched", LLM_RETROFIT_NO_EXCHANGE="1"))
     assert not tiny_sharded.exists()  # the documented window of the fallback
     assert user_files_in(staging_dir(tiny_sharded)) == USER_FILES  # moved over before the first rename
     load_checkpoint(tiny_sharded)
@@ -112,7 +102,7 @@ def test_without_directory_exchange_a_crash_between_renames_is_finished(
 
 def test_recovery_leaves_a_running_rewrite_alone(tiny_sharded: Path, old_and_new: tuple[dict, dict]) -> None:
     old, _ = old_and_new
-    child = start_paused(tiny_sharded, "shard-written")
+    child = pause_in_place_rewrite(tiny_sharded, "shard-written")
     try:
         load_checkpoint(tiny_sharded)  # another process opens the checkpoint meanwhile
         assert staging_dir(tiny_sharded).exists(), "the live rewrite's staging directory must not be rolled back"
@@ -123,7 +113,7 @@ def test_recovery_leaves_a_running_rewrite_alone(tiny_sharded: Path, old_and_new
 
 def test_after_recovery_the_rewrite_can_simply_be_run_again(tiny_sharded: Path, old_and_new: tuple[dict, dict]) -> None:
     _, new = old_and_new
-    kill(start_paused(tiny_sharded, "shard-written"))
+    kill(pause_in_place_rewrite(tiny_sharded, "shard-written"))
     patch(tiny_sharded, "dtype:to=bfloat16", in_place=True)
     assert clean(tiny_sharded)
     assert_same_tensors(loaded_state(tiny_sharded), new)

@@ -39,7 +39,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from conftest import USER_FILES, add_user_files, save_tiny, state_of, user_files_in
+from conftest import USER_FILES, add_user_files, save_tiny, start_paused, state_of, user_files_in
 from harness import leftovers, tree_state
 from llm_retrofit import load_checkpoint, patch
 from llm_retrofit.cli import main
@@ -329,13 +329,8 @@ def resume(world: dict, run: Path):
 
 def test_a_recipe_killed_in_its_first_step_can_be_resumed(recipe_world: dict) -> None:
     run = recipe_world["work"] / "killed-in-step-1"
-    env = {**child_env(), "LLM_RETROFIT_PAUSE_AT": "shard-written"}
-    command = retrofit_command("patch", recipe_world["base"], "--recipe", recipe_world["recipe"], "-o", run)
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert child.stderr is not None
-    for line in child.stderr:
-        if "paused at shard-written" in line:
-            break
+    child = start_paused(["patch", recipe_world["base"], "--recipe", recipe_world["recipe"], "-o", run],
+                         "shard-written", env=child_env())
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (run / "manifest.json").exists(), "killed in the first step, as meant"

@@ -19,7 +19,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_same_tensors, char_tokenizer, png_bytes, read_config, save_tiny, state_of
+from conftest import assert_same_tensors, char_tokenizer, png_bytes, read_config, save_tiny, start_paused, state_of
 from harness import leftovers, tree_state
 from llm_retrofit import load_checkpoint, patch, run_recipe
 from llm_retrofit.cli import main
@@ -67,19 +66,6 @@ def umask_022() -> Iterator[None]:
     previous = os.umask(0o022)
     yield
     os.umask(previous)
-
-
-def start_paused(args: list[str], pause_at: str, **extra_env: str) -> subprocess.Popen[str]:
-    """Start `retrofit ARGS` in a child process that stops at `pause_at`."""
-    env = {**os.environ, "LLM_RETROFIT_PAUSE_AT": pause_at, **extra_env}
-    child = subprocess.Popen([sys.executable, "-m", "llm_retrofit", *args], env=env, stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, text=True)
-    assert child.stderr is not None
-    for line in child.stderr:
-        if f"paused at {pause_at}" in line:
-            return child
-    child.wait()
-    pytest.fail(f"`retrofit {' '.join(args)}` finished (exit {child.returncode}) without reaching {pause_at}")
 
 
 def finish(child: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
