@@ -362,7 +362,10 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
             f"wrote {output}: perplexity {found['perplexity_at_target']:.4f} at {target_length} tokens after "
             f"{state.evaluations} evaluations ({state.rejected_early} stopped early) in {state.seconds:.0f} s"
         )
-    distributed.destroy_process_group()  # as finetune: torch's exit without it can abort a worker after a good run
+    # As finetune: every process waits for the main one to have written, then leaves the process group; torch's
+    # exit without both can abort a worker after a good run.
+    distributed.wait_for_everyone()
+    distributed.destroy_process_group()
 
 
 @main.command()
