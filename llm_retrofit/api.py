@@ -61,6 +61,21 @@ def expand_blocks(model: Any, num_new_layers: int | None = None, every: int | No
     return patch(model, ExpandBlocks(num_new_layers=num_new_layers, every=every), **patch_options)
 
 
+def pool_kv_heads(
+    model: Any, num_key_value_heads: int, method: str = "fit", calibration: str | None = None, **options: Any
+) -> Any:
+    """GQA/MQA pooling of a loaded model or checkpoint path to `num_key_value_heads` KV heads; see `patchers.gqa`.
+
+    `method` is mean, first or fit (fitted on `calibration`, any source `retrofit eval` reads; default the bundled
+    Python docs). Options are `calibration_tokens`, plus `output` or `in_place` for a checkpoint on disk.
+    """
+    from .patchers.gqa import PoolKVHeads
+
+    patch_options = {k: options.pop(k) for k in ("output", "in_place", "max_shard_size", "force") if k in options}
+    patcher = PoolKVHeads(num_key_value_heads=num_key_value_heads, method=method, calibration=calibration, **options)
+    return patch(model, patcher, **patch_options)
+
+
 def extend_context(
     model: Any, target_length: int, method: str = "longrope", factors: str | os.PathLike[str] | None = None, **patch_options: Any
 ) -> Any:

@@ -50,6 +50,7 @@ PATCHES: list[Row] = [
     row("moe:num_experts=4,top_k=2,split=true,partition=cluster", ("tiny_llama",)),
     row("expand:num_new_layers=3", ALL_LAYOUTS, keeps_function=True),
     row("dus:m=1", ("tiny_llama", "tiny_mistral")),
+    row("gqa:num_key_value_heads=1,method=mean", ALL_LAYOUTS),  # fit needs a tokenizer: tests/test_gqa.py
     # Context extension: config-only plans.
     row("linear:factor=2", ("tiny_llama", "tiny_sharded")),
     row("ntk:factor=2", ("tiny_llama",)),
@@ -69,6 +70,7 @@ CHAINS: list[Row] = [
     row(("expand:every=3", "moe:num_experts=3,top_k=1,noise=0.01,drop=0.3"), ("tiny_mistral",)),
     row(("moe:num_experts=2,top_k=1", "expand:num_new_layers=3"), ("tiny_llama", "tiny_mistral"), keeps_function=True),
     row(("moe:num_experts=4,top_k=2", "dtype:to=bfloat16"), ("tiny_mistral",)),
+    row(("gqa:num_key_value_heads=1,method=first", "dtype:to=bfloat16"), ("tiny_llama", "tiny_sharded")),
     row(("yarn:target_length=1024", "expand:num_new_layers=3", "dtype:to=float16"), ("tiny_llama", "tiny_sharded")),
     row(("dus:m=1", "expand:every=2"), ("tiny_llama",)),
     row((LONGROPE, "moe:num_experts=2,top_k=2,split=true"), ("tiny_llama",)),

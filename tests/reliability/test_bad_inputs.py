@@ -271,6 +271,17 @@ CASES = [
                  "integer (the layers to add)", id="expand-num-new-layers-0"),
     pytest.param(None, "patch {m} -p expand:every=0 -o {out}", "expand: every=0 must be a positive integer (original "
                  "layers per added one)", id="expand-every-0"),
+    pytest.param(None, "patch {m} -p gqa:num_key_value_heads=3 -o {out}", "gqa: num_key_value_heads=3 must be fewer "
+                 "than this model's 2 key/value heads and divide them; use one of [1]", id="gqa-heads-not-a-divisor"),
+    pytest.param(None, "patch {m} -p gqa:num_key_value_heads=2,method=mean -o {out}", "gqa: num_key_value_heads=2 "
+                 "must be fewer than this model's 2 key/value heads", id="gqa-as-many-heads-as-before"),
+    pytest.param(None, "patch {m} -p gqa:num_key_value_heads=1,method=mean,calibration={docs} -o {out}",
+                 "gqa: calibration and calibration_tokens are read only by method=fit", id="gqa-calibration-with-mean"),
+    pytest.param(None, "patch {m} -p gqa:num_key_value_heads=1,calibration={tmp}/nowhere.txt -o {out}",
+                 "{tmp}/nowhere.txt", id="gqa-calibration-source-missing"),
+    pytest.param(None, "patch {m} -p dtype:to=bfloat16 -p gqa:num_key_value_heads=1 -o {out}",
+                 "gqa: method=fit runs the model to compute its result; make it the first patch of the chain",
+                 id="gqa-fit-after-another-patch"),
     pytest.param(None, "patch {m} -p yarn:factor=inf -o {out}", "patch 'yarn': factor='inf' is not valid; expected a "
                  "finite number", id="yarn-factor-inf"),
     pytest.param(None, "patch {m} -p linear:factor=nan -o {out}", "patch 'linear': factor='nan' is not valid; expected "
