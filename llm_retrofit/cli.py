@@ -392,6 +392,11 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
               help="What trains: all, new_layers, router, experts, embed_tokens, norm, lm_head, or a regex. Repeatable.")
 @click.option("--lora", default=None, metavar="SPEC", help="Train a LoRA adapter instead, e.g. lora:r=16,merge=false.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--distill", default=None, metavar="SPEC",
+              help="Distil a teacher, e.g. teacher=base,temperature=2,alpha=0.5: the loss is (1 - alpha) * LM + "
+                   "alpha * T^2 * KL(teacher || student). Keys: teacher (PATH, a Hub id, or base: the model before "
+                   "the patch), temperature, alpha, top_k (keep the teacher's K likeliest tokens), cache (true: "
+                   "top-k log-probs kept in OUTPUT.distill-cache/, the teacher runs once per row; or a DIR).")
 @click.option("--s2-attn", is_flag=True,
               help="Train with LongLoRA's shifted sparse attention (groups of seq-len/4): ~4x less attention work at "
                    "long lengths; the saved model keeps full attention.")
@@ -401,7 +406,7 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, tokens: int | None, seq_len: int,
              batch_size: int, grad_accum: int, lr: float, lr_schedule: str, warmup_steps: int,
              lr_groups: dict[str, float], bf16: str, train: tuple[str, ...], lora: str | None,
-             gradient_checkpointing: bool, s2_attn: bool, eval_every: int, seed: int) -> None:
+             gradient_checkpointing: bool, distill: str | None, s2_attn: bool, eval_every: int, seed: int) -> None:
     """A short finetune of MODEL (a checkpoint directory) after a patch; writes OUTPUT.
 
     Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP via `accelerate config`).
@@ -411,6 +416,7 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
     Examples:
       retrofit finetune smollm2-pro/ --train new_layers --steps 200 --seq-len 1024 -o smollm2-pro-ft/
       retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 16384 --s2-attn --steps 50 -o out/
+      retrofit finetune smollm2-moe/ --distill teacher=base,temperature=2,alpha=0.9,top_k=64,cache=true --steps 200 -o out/
       accelerate launch --num_processes 2 -m llm_retrofit finetune smollm2/ --steps 100 -o out/
     """
     from .training.finetune import FinetuneSettings
@@ -419,15 +425,16 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
     settings = FinetuneSettings(data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                                 lr_groups=lr_groups, bf16={"true": True, "false": False}.get(bf16, "auto"),
-                                train=train, lora=lora,
+                                train=train, lora=lora, distill=distill,
                                 gradient_checkpointing=gradient_checkpointing, s2_attn=s2_attn, eval_every=eval_every,
                                 seed=seed)
     result = run_finetune(model, output, settings)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
+        kl = f", kl {result.kl_losses[0]:.4f} -> {result.kl_losses[-1]:.4f}" if result.kl_losses else ""
         click.echo(f"wrote {result.path}: {result.steps} steps, {result.tokens} tokens, "
-                   f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {result.tokens_per_second:.0f} tokens/s")
+                   f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}{kl}, {result.tokens_per_second:.0f} tokens/s")
     # Leave the process group before exiting: torch's exit without it can abort a worker after a successful run.
     PartialState().destroy_process_group()
 

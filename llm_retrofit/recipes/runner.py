@@ -208,7 +208,7 @@ def _require_patch_fields(cls: Any, values: Mapping[str, Any]) -> None:
 def _finetune_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
     from ..training.finetune import finetune
 
-    result = finetune(state.model, directory, finetune_settings(params))
+    result = finetune(state.model, directory, finetune_settings(params), base=state.base)  # distill's `teacher: base`
     return StepOutcome(result.to_json() | {"output": str(result.path)}, model=str(result.path))
 
 
@@ -802,6 +802,12 @@ def check_step(recipe: Recipe, step: Step, params: dict[str, Any], push_repo: st
             else:
                 at(lambda: read_settings(FinetuneSettings, {key: value}), key)
         at(lambda: finetune_settings(params if complete else _finetune_stand_ins(params)))
+        distill = params.get("distill")
+        # A missing teacher is refused before the first step; one that is an earlier step's output exists once it ran.
+        if distill is not None and not _has_unknown(distill) and "${steps." not in str(step.params.get("distill")):
+            from ..training.distill import check_teacher, parse_distill
+
+            at(lambda: check_teacher(parse_distill(distill).teacher), "distill")
     else:
         settings = SETTINGS[step.kind]
         for key, value in params.items():

@@ -15,8 +15,8 @@ A step may carry `id:` (default: the patcher name, or the kind; a repeated one g
 and `${steps.ID.KEY}` use. Values are YAML values or `${expression}`s, resolved when the step runs (see `runner`).
 Unknown keys are refused with the line and the valid keys, which is what makes a misspelled `stpes:` an error
 rather than a silently ignored default. The values are typed by the step's spec: a patch's by its patcher's fields,
-a finetune's by `FinetuneSettings` (and `LoraSpec`), the others by `EvalSettings`, `CardSettings`, `PushSettings`
-(`typed_value`; the runner checks them before the first step, see `runner.check_step`).
+a finetune's by `FinetuneSettings` (and `LoraSpec`, `DistillSpec`), the others by `EvalSettings`, `CardSettings`,
+`PushSettings` (`typed_value`; the runner checks them before the first step, see `runner.check_step`).
 """
 
 from __future__ import annotations
@@ -493,6 +493,10 @@ def _step(raw: Any, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int], fa
 
         lora_keys = [f.name for f in dataclasses.fields(LoraSpec)]
         _check_keys(params["lora"], lora_keys, path + (kind, "lora"), "lora", fail)
+    if kind == "finetune" and isinstance(params.get("distill"), dict):
+        from ..training.distill import DistillSpec
+
+        _check_keys(params["distill"], DistillSpec.keys(), path + (kind, "distill"), "distill", fail)
     return Step(kind, str(raw.get("id") or kind), dict(params), None, lines.get(path, 0))
 
 

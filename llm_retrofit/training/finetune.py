@@ -10,7 +10,9 @@ What trains is a *freeze spec* (`train`): `all`, or a list of aliases and regexe
 `new_layers` means the layers the `expand`/`dus` history of the checkpoint says are new (LLaMA-Pro trains only
 those), `router` the MoE routers and `experts` the experts. Everything else keeps `requires_grad=False` and is saved
 bit-identical. `lr_groups` gives parameters matching an alias or regex their own learning rate. Or a `lora` spec
-(training/lora.py) trains a peft adapter, merged into the weights or saved as an adapter directory.
+(training/lora.py) trains a peft adapter, merged into the weights or saved as an adapter directory. A `distill`
+spec (training/distill.py) adds a teacher: the loss mixes the LM loss with the KL to the teacher's next-token
+distributions (`teacher: base` is the model before the patch), optionally from top-k teacher log-probs cached on disk.
 
 Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP when configured
 with `accelerate config`); only the main process writes the output, atomically (a staging directory renamed at the
@@ -81,6 +83,9 @@ class FinetuneSettings:
     s2_attn: bool = False
     """Train with LongLoRA's shifted sparse attention (groups of seq_len/4): ~4x less attention work at long lengths;
     the saved model keeps full attention."""
+    distill: Any = None
+    """A DistillSpec, a mapping {teacher, temperature, alpha, top_k, cache} or `teacher=base,alpha=0.5` text; None
+    for no teacher (training/distill.py: loss = (1 - alpha) * LM + alpha * T^2 * KL(teacher || student))."""
     bf16: Literal["auto", True, False] = "auto"
     eval_every: int = 0
     eval_sequences: int = 4
@@ -112,6 +117,10 @@ class FinetuneSettings:
             object.__setattr__(self, "lora", parse_lora(self.lora))
             if tuple(self.train) != ("all",):
                 raise FinetuneError("finetune: with lora, what trains is the adapter (and lora's `trainable`); drop `train`.")
+        if self.distill is not None:
+            from .distill import parse_distill
+
+            object.__setattr__(self, "distill", parse_distill(self.distill))
 
     def _coerce_numbers(self) -> None:
         """YAML reads `1e-4` (no dot) as a string and `--set` values may be text: numbers are converted, or named."""
@@ -146,6 +155,7 @@ class FinetuneSettings:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["data"], values["train"] = list(self.data), list(self.train)
         values["lora"] = self.lora.params() if self.lora is not None else None
+        values["distill"] = self.distill.params() if self.distill is not None else None
         return values
 
     @classmethod
@@ -163,6 +173,12 @@ class FinetuneResult:
     losses: list[float]
     eval_losses: list[tuple[int, float]]
     trainable_parameters: int
+    lm_losses: list[float] = field(default_factory=list)
+    """With distill: the LM part of each step's loss (`losses` is the mixed total)."""
+    kl_losses: list[float] = field(default_factory=list)
+    """With distill: each step's T^2 * KL to the teacher."""
+    distill: dict[str, Any] | None = None
+    """With distill: its settings, the teacher's path, the teacher's mean tail mass (top_k) and the cache's counts."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -174,7 +190,12 @@ class FinetuneResult:
             "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
             "first_loss": self.losses[0] if self.losses else None, "final_loss": self.losses[-1] if self.losses else None,
             "eval_losses": self.eval_losses, "trainable_parameters": self.trainable_parameters,
-        }
+        } | ({"distill": self.distill | _ends("lm_loss", self.lm_losses) | _ends("kl", self.kl_losses)}
+             if self.distill is not None else {})
+
+
+def _ends(name: str, values: list[float]) -> dict[str, float | None]:
+    return {f"first_{name}": values[0] if values else None, f"final_{name}": values[-1] if values else None}
 
 
 # ------------------------------------------------------------------------------------------------ freeze specs
@@ -298,12 +319,15 @@ def finetune(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],
     settings: FinetuneSettings | None = None,
+    *,
+    base: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> FinetuneResult:
     """Finetune the checkpoint at `model` and write the result to `output` (a new directory).
 
     `settings` or keyword options are the `FinetuneSettings` fields (e.g. `steps=200, train=["new_layers"]`). Under
-    `accelerate launch` every process calls this; only the main one writes.
+    `accelerate launch` every process calls this; only the main one writes. `base` is what `distill: {teacher:
+    base}` names (a recipe passes its input model); without it, the checkpoint the last patch was applied to.
     """
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
@@ -314,6 +338,10 @@ def finetune(
     checkpoint = load_checkpoint(model)
     checkpoint.require_complete()  # transformers would train randomly initialised weights in place of missing ones
     history = checkpoint.history
+    if settings.distill is not None:
+        from .distill import resolve_teacher
+
+        resolve_teacher(settings.distill.teacher, history, None if base is None else os.fspath(base))  # fail first
     precision = _mixed_precision(settings.bf16)
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -345,8 +373,25 @@ def finetune(
         log.warning("finetune: %d sequences are too few to hold %d out for eval; no eval loss", data.shape[0],
                     settings.eval_sequences)
 
+    distiller = chunk = None
+    if settings.distill is not None:
+        from accelerate.utils import DistributedType
+
+        from .distill import Distiller, chunk_size
+
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
+            raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
+                                "--multi_gpu) or one process.")
+        distiller = Distiller(settings.distill, dict(checkpoint.config), history, train_rows, Path(output),
+                              accelerator.device, torch.bfloat16 if precision == "bf16" else torch.float32, base)
+        chunk = chunk_size(network.config.get_text_config().vocab_size)
+        log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
+                 settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
+
     optimizer = torch.optim.AdamW(parameter_groups(network, settings, history))
     network, optimizer = accelerator.prepare(network, optimizer)
+    student = accelerator.unwrap_model(network)
     total = settings.total_steps(accelerator.num_processes)
     scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total)
@@ -355,18 +400,27 @@ def finetune(
              precision)
 
     losses: list[float] = []
+    lm_losses: list[float] = []
+    kl_losses: list[float] = []
     eval_losses: list[tuple[int, float]] = []
     started = time.perf_counter()
     network.train()
     progress = Progress(total, "finetune", "step", enabled=accelerator.is_main_process)
     for step in range(total):
         step_loss = torch.zeros((), device=accelerator.device)
+        step_parts = torch.zeros(2, device=accelerator.device)  # with distill: (lm, kl)
         for micro in range(settings.grad_accum):
             rows = _batch_rows(train_rows.shape[0], step, micro, settings, accelerator.process_index,
                                accelerator.num_processes)
             batch = train_rows[rows].to(accelerator.device)
             with accelerator.accumulate(network):
-                loss = network(input_ids=batch, labels=batch).loss
+                if distiller is not None:
+                    with accelerator.autocast():  # the head runs outside the (autocast) forward
+                        parts = distiller.loss(network, student, batch, rows, chunk)
+                    loss = parts.total
+                    step_parts += torch.stack([parts.lm, parts.kl]).detach().float() / settings.grad_accum
+                else:
+                    loss = network(input_ids=batch, labels=batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm:
                     accelerator.clip_grad_norm_(network.parameters(), settings.max_grad_norm)
@@ -375,8 +429,14 @@ def finetune(
             step_loss += loss.detach() / settings.grad_accum
         scheduler.step()
         losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+        shown = {"loss": f"{losses[-1]:.4f}"}
+        if distiller is not None:
+            lm, kl = accelerator.reduce(step_parts, reduction="mean").tolist()
+            lm_losses.append(lm)
+            kl_losses.append(kl)
+            shown |= {"lm": f"{lm:.4f}", "kl": f"{kl:.4f}"}
         elapsed = time.perf_counter() - started
-        progress.set_postfix(loss=f"{losses[-1]:.4f}",
+        progress.set_postfix(**shown,
                              tok_s=f"{(step + 1) * settings.tokens_per_step(accelerator.num_processes) / elapsed:.0f}")
         progress.update()
         if held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
@@ -388,14 +448,18 @@ def finetune(
     target = Path(output).expanduser()
     if model_attention is not None:
         transformers_model.set_attn_implementation(model_attention)  # the saved model runs full attention
+    distilled = None
+    facts: dict[str, Any] = {"steps": total, "tokens": total * settings.tokens_per_step(accelerator.num_processes),
+                             "final_loss": round(losses[-1], 5)}
+    if distiller is not None:
+        distilled = distiller.summary()
+        facts |= {"final_lm_loss": round(lm_losses[-1], 5), "final_kl": round(kl_losses[-1], 5), "distill": distilled}
     if accelerator.is_main_process:
-        _save(accelerator.unwrap_model(network), tokenizer, checkpoint, target, settings, saved_dtype,
-              {"steps": total, "tokens": total * settings.tokens_per_step(accelerator.num_processes),
-               "final_loss": round(losses[-1], 5)})
+        _save(accelerator.unwrap_model(network), tokenizer, checkpoint, target, settings, saved_dtype, facts)
     accelerator.wait_for_everyone()
     return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, total,
                           total * settings.tokens_per_step(accelerator.num_processes), seconds, losses, eval_losses,
-                          trainable)
+                          trainable, lm_losses, kl_losses, distilled)
 
 
 def _mixed_precision(bf16: Any) -> str:
@@ -443,7 +507,11 @@ def _save(
         "train": list(settings.train), "data": list(settings.data), "steps": facts["steps"], "seq_len": settings.seq_len,
         "lr": settings.lr,
     }
-    finetune_facts = {k: v for k, v in settings.to_json().items() if k != "lora"} | facts
+    if "distill" in facts:  # the card lists a record's params: the teacher and the final KL are shown there
+        distill = facts["distill"]
+        params["distill"] = {"teacher": distill["teacher_path"], "temperature": distill["temperature"],
+                             "alpha": distill["alpha"], "top_k": distill["top_k"], "final_kl": facts["final_kl"]}
+    finetune_facts = {k: v for k, v in settings.to_json().items() if k not in ("lora", "distill")} | facts
     record = make_records([(record_name, {"params": params, "finetune": finetune_facts})], checkpoint.source, source_hash)
     with staged_directory(target, in_place=False) as staging:
         # The tokenizer first: the source's files linked in below are the source's own, and saving over a link

@@ -69,6 +69,21 @@ BAD_STEPS = [
                  id="patch-value-a-list"),
     pytest.param("  - patch: dtype\n", "r.yaml:8: step dtype-2: patch 'dtype' needs to (under `with:`)",
                  id="patch-without-a-required-value"),
+    pytest.param("  - finetune: {steps: 2, distill: {teacher: base, temprature: 2}}\n",
+                 "r.yaml:8: distill has no setting 'temprature'; its settings are teacher, temperature, alpha, top_k, "
+                 "cache", id="distill-unknown-key"),
+    pytest.param("  - finetune: {steps: 2, distill: {teacher: base, temperature: 0}}\n",
+                 "r.yaml:8: step finetune: distill: temperature=0 must be above 0", id="distill-temperature-0"),
+    pytest.param("  - finetune: {steps: 2, distill: {teacher: base, alpha: 1.5}}\n",
+                 "r.yaml:8: step finetune: distill: alpha=1.5 must be in [0, 1]", id="distill-alpha-above-1"),
+    pytest.param("  - finetune: {steps: 2, distill: {alpha: 0.5}}\n",
+                 "r.yaml:8: step finetune: distill: give the teacher", id="distill-without-a-teacher"),
+    pytest.param("  - finetune:\n      steps: 2\n      distill: {teacher: /nowhere/teacher}\n",
+                 "r.yaml:10: step finetune: distill: teacher=/nowhere/teacher does not exist; give a checkpoint "
+                 "directory, a Hub repo id, or base", id="distill-teacher-path-missing"),
+    pytest.param("  - finetune: {steps: 2, distill: {teacher: base, cache: true}}\n",
+                 "r.yaml:8: step finetune: distill: cache: true stores the teacher's top_k log-probs",
+                 id="distill-cache-without-top-k"),
     # 4.6: raw tracebacks
     pytest.param("  - finetune:\n      steps: 2\n      lora: {r: abc, alpha: 32}\n",
                  "r.yaml:10: step finetune: lora.r='abc' is not valid; expected an integer",
@@ -119,10 +134,18 @@ def test_a_bad_recipe_text_is_refused(text: str, expect: str, base: Path, tmp_pa
            absent=[tmp_path / "out"])
 
 
+def _line_of(text: str) -> int:
+    """The line of the built-in long-context recipe that starts with `text` (where its errors point)."""
+    from llm_retrofit.recipes.schema import builtin_directory
+
+    lines = (builtin_directory() / "long-context.yaml").read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if line.startswith(text))
+
+
 @pytest.mark.parametrize("setting, expect", [
     # long-context's finetune and eval hold values known only after its LongRoPE search; the rest is checked first
-    pytest.param("finetune.tokens=100", "long-context.yaml:19: step finetune: finetune: give exactly one budget",
-                 id="two-budgets-beside-a-value-known-only-when-run"),
+    pytest.param("finetune.tokens=100", f"long-context.yaml:{_line_of('  - finetune:')}: step finetune: finetune: "
+                 "give exactly one budget", id="two-budgets-beside-a-value-known-only-when-run"),
     pytest.param("eval.protocol=chunked", "long-context.yaml (--set eval.protocol): step eval: protocol='chunked' is "
                  "not valid", id="protocol-beside-lengths-known-only-when-run"),
     pytest.param("finetune.steps=[", "--set finetune.steps=[: '[' is not a YAML value", id="set-value-not-yaml"),
