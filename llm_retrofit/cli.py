@@ -14,6 +14,14 @@ from typing import Any
 import click
 
 from .errors import RetrofitError
+from .modeling.precision import AUTOCAST_CHOICES
+
+
+_autocast_option = click.option(
+    "--autocast", type=click.Choice(AUTOCAST_CHOICES), default="auto", show_default=True,
+    help="Arithmetic of a float32 model: bf16 autocast (matrix products and attention in bfloat16, the rest float32) "
+    "where the hardware has bf16 units (GPUs, CPUs with AMX/AVX512-BF16: 2.3x faster on such a CPU), float32 elsewhere; "
+    "bf16 forces it, off keeps float32 throughout.")
 
 
 class _Group(click.Group):
@@ -319,9 +327,11 @@ def _lr_groups(_ctx: click.Context, param: click.Parameter, values: tuple[str, .
               help="Load the weights in this dtype. bfloat16 is fast on GPUs and on CPUs with AVX512-BF16/AMX; on other "
               "CPUs it can be several times slower than float32. [default: the checkpoint's]")
 @click.option("--device", default=None, help="cpu, cuda... [default: cuda if available, else cpu]")
+@_autocast_option
 def search_rope(model: str, target_length: int, data: tuple[str, ...], output: str, population: int, iterations: int,
                 mutations: int, crossovers: int, parents: int, segments: int, max_docs: int | None, seed: int,
-                resume_path: str | None, attention_factor: float | None, dtype: Any, device: str | None) -> None:
+                resume_path: str | None, attention_factor: float | None, dtype: Any, device: str | None,
+                autocast: str) -> None:
     """Search LongRoPE factors for MODEL at --target-length; writes the JSON that `longrope:factors=FILE` reads.
 
     An evolutionary search (LongRoPE, arXiv 2402.13753) over one factor per RoPE frequency, seeded with PI, NTK
@@ -353,7 +363,7 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
     network, tokenizer = load_model(model, dtype=dtype, device=device)
     ids, _ = tokenize(tokenizer, load_documents(data, max_docs=max_docs))
     shape = RopeShape.of(network.config.to_dict())
-    evaluator = FactorEvaluator(network, ids, shape, target_length, segments, attention_factor)
+    evaluator = FactorEvaluator(network, ids, shape, target_length, segments, attention_factor, autocast)
     state_path = Path(resume_path or f"{output}.state.json")
     state = search(evaluator, settings, state_path=state_path, resume=resume_path is not None)
     if distributed.is_main_process:  # every process holds the same result: one writes and reports it
@@ -469,11 +479,12 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: cuda if available, else cpu]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Windows of equal length run together in one forward pass.")
+@_autocast_option
 def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], protocol: str | None,
           stride: int | None, max_docs: int | None, passkey: bool, passkey_lengths: list[int] | None,
           passkey_depths: list[float], passkey_trials: int,
           json_path: str | None, markdown: str | None, plot: str | None, passkey_plot: str | None, dtype: Any,
-          device: str | None, batch_size: int) -> None:
+          device: str | None, batch_size: int, autocast: str) -> None:
     """Perplexity vs context length (and passkey retrieval) of one or more MODELS, side by side.
 
     Each MODEL is a checkpoint directory or Hub repo id, checked as `retrofit patch` checks it before it loads; the
@@ -520,8 +531,7 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
         results.append(evaluate(
             model, documents, lengths=lengths, protocol=protocol, stride=stride, max_docs=max_docs,
             batch_size=batch_size, dtype=dtype, device=device, passkey=passkey, passkey_lengths=passkey_lengths,
-            passkey_depths=passkey_depths,
-            passkey_trials=passkey_trials,
+            passkey_depths=passkey_depths, passkey_trials=passkey_trials, autocast=autocast,
         ))
         gc.collect()  # the model is no longer referenced: free it before loading the next one
         if torch.cuda.is_available():

@@ -21,9 +21,9 @@ DOCS = [TEXT * 3, TEXT[:100], TEXT * 2]  # 330, 100 and 220 characters = tokens
 @pytest.fixture(scope="module")
 def result() -> EvalResult:
     a = evaluate(tiny_model(seed=0), DOCS, lengths=[64, 128, 512], tokenizer=char_tokenizer(), name="a", progress=False,
-                 passkey=True, passkey_lengths=[400, 500], passkey_depths=[0.0, 1.0])
+                 autocast="off", passkey=True, passkey_lengths=[400, 500], passkey_depths=[0.0, 1.0])
     b = evaluate(tiny_model(seed=1), DOCS, lengths=[64, 128, 512], tokenizer=char_tokenizer(), name="b", progress=False,
-                 passkey=True, passkey_lengths=[400, 500], passkey_depths=[0.0, 1.0])
+                 autocast="off", passkey=True, passkey_lengths=[400, 500], passkey_depths=[0.0, 1.0])
     return EvalResult.merge([a, b])
 
 
@@ -51,7 +51,7 @@ def test_evaluate_reports_the_nll_functions_numbers(result: EvalResult) -> None:
 
 def test_bos_added_by_the_tokenizer_is_context_and_counts_towards_the_length() -> None:
     model, tokenizer = tiny_model(), char_tokenizer(bos=True)
-    found = evaluate(model, [TEXT], lengths=[64], tokenizer=tokenizer, progress=False).models[0]
+    found = evaluate(model, [TEXT], lengths=[64], tokenizer=tokenizer, progress=False, autocast="off").models[0]
     ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]])
     assert ids[0, 0] == tokenizer.bos_token_id
     assert found.perplexity[0].tokens == 63, "64 tokens with the BOS, 63 predictions"
@@ -63,7 +63,7 @@ def test_bos_added_by_the_tokenizer_is_context_and_counts_towards_the_length() -
 
 
 def test_evaluate_loads_a_checkpoint_directory(tiny_llama_chars: Path) -> None:
-    found = evaluate(tiny_llama_chars, DOCS, lengths=[64], progress=False)
+    found = evaluate(tiny_llama_chars, DOCS, lengths=[64], progress=False, autocast="off")
     model = found.models[0]
     assert model.name == str(tiny_llama_chars) and model.info["dtype"] == "float32" and model.info["device"] == "cpu"
     reference = token_nll(tiny_model(max_position_embeddings=512), torch.tensor(char_tokenizer()(DOCS[0])["input_ids"][:64]))
@@ -129,3 +129,19 @@ def test_results_with_different_settings_are_not_put_side_by_side(result: EvalRe
         EvalResult.merge([result, other])
     with pytest.raises(EvaluationError, match="no passkey results"):
         other.plot_passkey("unused.png")
+
+
+def test_bf16_autocast_is_recorded_and_close_to_float32() -> None:
+    model = tiny_model(seed=0)
+    exact = evaluate(model, DOCS, lengths=[64], tokenizer=char_tokenizer(), progress=False, autocast="off").models[0]
+    fast = evaluate(model, DOCS, lengths=[64], tokenizer=char_tokenizer(), progress=False, autocast="bf16").models[0]
+    assert exact.info["arithmetic"] == "float32" and fast.info["arithmetic"] == "float32 weights, bfloat16 autocast"
+    assert exact.perplexity[0].nll != fast.perplexity[0].nll, "bf16 products round differently"
+    # bf16 keeps 8 bits of mantissa; accumulation and the softmax stay float32: the NLL moves by well under 1%.
+    assert fast.perplexity[0].nll == pytest.approx(exact.perplexity[0].nll, rel=1e-2)
+    assert model.dtype == torch.float32, "autocast leaves the weights as they are"
+
+
+def test_autocast_choices_are_checked_before_anything_runs() -> None:
+    with pytest.raises(EvaluationError, match="autocast 'fp8' is not one of auto, bf16, off"):
+        evaluate(tiny_model(), DOCS, lengths=[64], tokenizer=char_tokenizer(), progress=False, autocast="fp8")

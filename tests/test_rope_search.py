@@ -91,7 +91,9 @@ def test_the_search_finds_the_best_candidate_it_evaluated(
     import llm_retrofit.modeling.rope_search as rope_search
 
     model = AutoModelForCausalLM.from_pretrained(rope_sensitive).eval()
-    evaluator = FactorEvaluator(model, documents, RopeShape.of(model.config.to_dict()), TARGET, segments=3)
+    # float32 throughout, as the vanilla reference computes (bf16 autocast would round differently from it)
+    evaluator = FactorEvaluator(model, documents, RopeShape.of(model.config.to_dict()), TARGET, segments=3,
+                                autocast="off")
     seen_by_generation: list[list[str]] = []
     finish = rope_search._finish_generation
 

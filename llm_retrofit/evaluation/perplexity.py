@@ -37,6 +37,7 @@ import torch
 
 from ..errors import EvaluationError
 from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
+from ..modeling.precision import arithmetic, check_autocast, inference_autocast
 from ..modeling.rope import rope_depends_on_length
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
@@ -377,6 +378,7 @@ def evaluate(
     passkey_trials: int = 1,
     name: str | None = None,
     progress: bool = True,
+    autocast: str = "auto",
 ) -> EvalResult:
     """Perplexity at each length (and, with `passkey=True`, passkey retrieval accuracy) of one model.
 
@@ -385,12 +387,14 @@ def evaluate(
     token ids. Passkey prompts are made at `passkey_lengths` (default: `lengths`) and `passkey_depths`. Results of
     several models are put side by side with `EvalResult.merge`. A path is loaded with `load_model`'s checks; a run
     that would measure nothing (no document as long as the shortest length, no passkey) is an EvaluationError.
+    `autocast` (auto, bf16, off) is the arithmetic of a float32 model: see `modeling.precision`.
     """
     from .._version import __version__
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
 
     lengths = sorted({int(n) for n in lengths})
     check_protocol(lengths, protocol, stride)
+    check_autocast(autocast)
     if isinstance(model_or_path, (str, os.PathLike)):
         model, loaded_tokenizer = load_model(model_or_path, dtype=dtype, device=device)
         tokenizer = tokenizer or loaded_tokenizer
@@ -398,24 +402,26 @@ def evaluate(
     else:
         model = model_or_path
         name = name or getattr(model, "name_or_path", "") or type(model).__name__
-    check_head(model)
-    documents = list(documents)[:max_docs]
-    ids, names = tokenize(tokenizer, documents)
-    if not passkey and all(len(i) < lengths[0] for i in ids):  # a report of nothing but skipped documents
-        longest = max((len(i) for i in ids), default=0)
-        raise EvaluationError(
-            f"nothing to measure: none of the {len(ids)} document(s) is as long as the shortest length, {lengths[0]} "
-            f"tokens (the longest has {longest}). Pass shorter lengths (--lengths) or longer documents."
-        )
-    run = perplexity(model, ids, lengths, protocol=protocol, stride=stride, batch_size=batch_size, names=names,
-                     progress=progress, description=os.path.basename(str(name).rstrip("/")) or str(name))
-    depths = list(passkey_depths if passkey_depths is not None else DEFAULT_DEPTHS)
-    key_lengths = sorted({int(n) for n in passkey_lengths}) if passkey_lengths else lengths
-    trials = []
-    if passkey:
-        if tokenizer is None:
-            raise EvaluationError("passkey retrieval needs the model's tokenizer; pass tokenizer=.")
-        trials = run_passkey(model, tokenizer, key_lengths, depths, passkey_trials, progress=progress)
+
+    with inference_autocast(model, autocast):  # one arithmetic for the perplexity and the passkey
+        check_head(model)
+        documents = list(documents)[:max_docs]
+        ids, names = tokenize(tokenizer, documents)
+        if not passkey and all(len(i) < lengths[0] for i in ids):  # a report of nothing but skipped documents
+            longest = max((len(i) for i in ids), default=0)
+            raise EvaluationError(
+                f"nothing to measure: none of the {len(ids)} document(s) is as long as the shortest length, "
+                f"{lengths[0]} tokens (the longest has {longest}). Pass shorter lengths (--lengths) or longer documents."
+            )
+        run = perplexity(model, ids, lengths, protocol=protocol, stride=stride, batch_size=batch_size, names=names,
+                         progress=progress, description=os.path.basename(str(name).rstrip("/")) or str(name))
+        depths = list(passkey_depths if passkey_depths is not None else DEFAULT_DEPTHS)
+        key_lengths = sorted({int(n) for n in passkey_lengths}) if passkey_lengths else lengths
+        trials = []
+        if passkey:
+            if tokenizer is None:
+                raise EvaluationError("passkey retrieval needs the model's tokenizer; pass tokenizer=.")
+            trials = run_passkey(model, tokenizer, key_lengths, depths, passkey_trials, progress=progress)
     config = model.config.get_text_config()
     settings = {
         "lengths": lengths,
@@ -431,6 +437,7 @@ def evaluate(
     }
     info = {
         "dtype": str(model.dtype).removeprefix("torch."),
+        "arithmetic": arithmetic(model, autocast),
         "device": str(model.device),
         "context_length": getattr(config, "max_position_embeddings", None),
         "rope_parameters": getattr(config, "rope_parameters", None),

@@ -162,7 +162,9 @@ class EvalResult:
         how = "each document cut to the length, one forward pass" if s["protocol"] == "truncate" else (
             f"sliding window of the length, stride {s['stride'] or 'half the length'}, only new tokens scored"
         )
-        return f"{s['protocol']} ({how}); {s['documents']} document{'s' if s['documents'] != 1 else ''}; BOS: {s['bos']}"
+        arithmetic = sorted({m.info["arithmetic"] for m in self.models if m.info.get("arithmetic")})
+        return (f"{s['protocol']} ({how}); {s['documents']} document{'s' if s['documents'] != 1 else ''}; BOS: {s['bos']}"
+                + (f"; {' / '.join(arithmetic)}" if arithmetic else ""))
 
     def to_markdown(self, path: str | os.PathLike[str] | None = None) -> str:
         """Markdown tables for a model card: perplexity by length, documents skipped, and passkey accuracy."""

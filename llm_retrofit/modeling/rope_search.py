@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..errors import RetrofitError
+from .precision import arithmetic, check_autocast, inference_autocast
 from .rope import RopeShape, longrope_attention_factor, ntk_factors, pi_factors, yarn_factors
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,11 @@ class FactorEvaluator:
         target_length: int,
         segments: int = 4,
         attention_factor: float | None = None,
+        autocast: str = "auto",
     ):
+        check_autocast(autocast)
         self.model = model
+        self.autocast = autocast
         self.shape = shape
         self.segments = segments
         self.scale = target_length / shape.original_length
@@ -182,12 +186,13 @@ class FactorEvaluator:
         candidate = Candidate(list(factors))
         total = 0.0
         try:
-            for ids in self.documents:
-                for nll in segment_nll(self.model, ids, self.segments):
-                    total += nll
-                    candidate.checkpoints.append(total)
-                    if reject is not None and reject(len(candidate.checkpoints) - 1, total):
-                        return candidate  # rejected early: nll stays None
+            with inference_autocast(self.model, self.autocast):
+                for ids in self.documents:
+                    for nll in segment_nll(self.model, ids, self.segments):
+                        total += nll
+                        candidate.checkpoints.append(total)
+                        if reject is not None and reject(len(candidate.checkpoints) - 1, total):
+                            return candidate  # rejected early: nll stays None
         finally:
             self.use(None)
         candidate.nll = total / self.tokens
@@ -376,6 +381,7 @@ def write_factors(path: Path, state: SearchState, evaluator: FactorEvaluator, so
         "short_factor_rule": SHORT_FACTOR_RULE,
         "attention_factor": evaluator.attention_factor,
         "perplexity_at_target": math.exp(best.nll),  # type: ignore[arg-type]
+        "arithmetic": arithmetic(evaluator.model, evaluator.autocast),
         "origin": best.origin,
         "search": {
             **asdict(state.settings),

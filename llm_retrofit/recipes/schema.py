@@ -34,6 +34,7 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import RetrofitError
+from ..modeling.precision import AUTOCAST_CHOICES
 
 MAX_VALUES = 10_000
 """The most values a recipe may hold once its YAML aliases are expanded (the built-in ones hold under 100)."""
@@ -229,8 +230,13 @@ class EvalSettings(_Settings):
     passkey_trials: int | None = _setting(None, lambda n: n >= 1, "a positive integer")
     batch_size: int | None = _setting(None, lambda n: n >= 1, "a positive integer")
     compare_base: bool = False
+    baselines: tuple[str, ...] = _setting((), example="baselines: [\"yarn:factor=2\"]")
+    """Patch specs applied to the base model in memory and evaluated beside it: the free alternatives (a config-only
+    YaRN at the same factor, say) that the recipe's work has to beat. Each column is named by its patch."""
     plot: bool = True
     dtype: str | None = _setting(None, _dtype_ok, _dtypes, "dtype: bfloat16")
+    autocast: str | None = _setting(None, lambda c: c in AUTOCAST_CHOICES, "one of " + ", ".join(AUTOCAST_CHOICES),
+                                    "autocast: off")
 
     @classmethod
     def read(cls, values: typing.Mapping[str, Any]) -> EvalSettings:
@@ -246,7 +252,7 @@ class EvalSettings(_Settings):
         from ..spec import DTYPES
 
         keys = ("lengths", "max_docs", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths",
-                "passkey_trials", "batch_size")
+                "passkey_trials", "batch_size", "autocast")
         options = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
         return options | {"dtype": DTYPES[self.dtype.lower()] if self.dtype else None}
 
