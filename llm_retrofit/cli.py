@@ -560,14 +560,15 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--eval", "eval_results", type=click.Path(exists=True, dir_okay=False),
-              help="Evaluation results JSON (perplexity and/or passkey by context length) for the tables.")
-@click.option("--plot", type=click.Path(exists=True, dir_okay=False),
-              help="A PNG plot: copied beside the card and embedded in it.")
+@click.option("--eval", "eval_results", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="Evaluation results JSON (perplexity and/or passkey by context length) for the tables. Repeat it "
+              "for evaluations on several data sets: a section each.")
+@click.option("--plot", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="A PNG plot: copied beside the card and embedded in it. Repeatable.")
 @click.option("--base-model", default=None, metavar="REPO_ID",
               help="The Hub id of the model this one was made from, when the history only names a local path.")
 @click.option("--repo-id", default=None, help="Where the model is (or will be) on the Hub, for the loading snippet.")
-def card(directory: str, eval_results: str | None, plot: str | None, base_model: str | None,
+def card(directory: str, eval_results: tuple[str, ...], plot: tuple[str, ...], base_model: str | None,
          repo_id: str | None) -> None:
     """Write or refresh DIRECTORY/README.md, the model card of a checkpoint or peft adapter.
 
@@ -584,7 +585,8 @@ def card(directory: str, eval_results: str | None, plot: str | None, base_model:
     """
     from .publishing.card import render_card
 
-    path = render_card(directory, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model)
+    path = render_card(directory, eval_results=list(eval_results) or None, plot=list(plot) or None, repo_id=repo_id,
+                       base_model=base_model)
     click.echo(f"wrote {path}")
 
 

@@ -42,6 +42,19 @@ def test_bundled_python_docs_are_long_and_cover_every_topic() -> None:
     assert all(text.strip() in joined for text in topics.values())
 
 
+def test_bundled_python_source_is_code_long_enough_for_16k_and_holds_every_top_level_module() -> None:
+    import sysconfig
+
+    documents = load_documents(["bundled:python-source[:2]"])
+    assert [d.name for d in documents] == ["bundled:python-source[0]", "bundled:python-source[1]"]
+    assert all(len(d.text) >= BUNDLED_MIN_CHARS for d in documents)
+    assert documents[0].text.startswith("# file: __future__.py\n"), "modules in file-name order"
+    everything = "".join(d.text for d in bundled_documents("bundled:python-source"))
+    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    assert len(modules) > 50 and all(f"# file: {m.name}\n" in everything for m in modules)
+    assert "import " in documents[0].text and "def " in documents[0].text, "code, unlike python-docs' prose"
+
+
 def test_a_selection_picks_documents_by_position_so_one_corpus_gives_train_and_held_out_sets(tmp_path: Path) -> None:
     documents = bundled_documents()
     assert load_documents(["bundled:python-docs[1:]"]) == documents[1:]

@@ -233,7 +233,9 @@ def test_llama_pro_recipe_trains_only_the_new_blocks(tmp_path: Path) -> None:
 
 def test_moe_upcycle_recipe_makes_and_trains_a_mixtral(tmp_path: Path) -> None:
     base = chars_model(tmp_path / "base")
-    done = run_recipe(base, "moe-upcycle", output=tmp_path / "run", overrides=tiny_budget(corpus(tmp_path)))
+    # float32 throughout, as the plain-transformers reference below computes
+    overrides = tiny_budget(corpus(tmp_path)) | {"eval.autocast": "off"}
+    done = run_recipe(base, "moe-upcycle", output=tmp_path / "run", overrides=overrides)
     config = read_config(done.model)
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
     assert [r["patch"] for r in config["retrofit_history"]] == ["moe", "finetune"]
@@ -264,9 +266,23 @@ def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path:
     assert [r["patch"] for r in config["retrofit_history"]] == ["longrope", "lora"]
     assert done.results["finetune"]["tokens"] == 2 * 512  # trained at the new length
     card = json.loads((tmp_path / "run" / "03-eval" / "card-eval.json").read_text())
-    assert set(card["perplexity"]) == {"before", "after"} and set(card["perplexity"]["after"]) == {"128", "256", "384", "512"}
+    assert list(card["perplexity"]) == ["before", "yarn", "after"]
+    assert set(card["perplexity"]["after"]) == {"128", "256", "384", "512"}
     assert set(card["passkey"]["after"]) == {"512"}  # the recipe hides its key at the new length only
-    assert "Passkey" in (done.model / "README.md").read_text()
+    # The free alternative is YaRN at the same factor on the base model, config only: its column is that model's.
+    from llm_retrofit import evaluate, patch
+    from llm_retrofit.evaluation.documents import load_documents
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    yarn = patch(AutoModelForCausalLM.from_pretrained(base), "yarn:factor=2")
+    documents = load_documents([str(corpus(tmp_path))], max_docs=1)
+    alone = evaluate(yarn, documents, lengths=[128, 256, 384, 512], tokenizer=AutoTokenizer.from_pretrained(base),
+                     progress=False).models[0]
+    assert {str(r.length): r.perplexity for r in alone.perplexity} == pytest.approx(card["perplexity"]["yarn"])
+    other = json.loads((tmp_path / "run" / "04-eval-code" / "card-eval.json").read_text())
+    assert other["dataset"]["name"] == "bundled:python-source[:1]" and "passkey" not in other
+    readme = (done.model / "README.md").read_text()
+    assert "Passkey" in readme and "### On bundled:python-source[:1]" in readme and readme.count(".png)") == 2
 
 
 def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from test_finetune import chars_model, corpus
 
+STEPS = ["longrope", "finetune", "eval", "eval-code", "card"]
 SETS = ["--set", "finetune.steps=2", "--set", "finetune.eval_every=0",
         "--set", "finetune.seq_len=${model.max_position_embeddings}"]
 
@@ -44,10 +45,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_the_log_has_step_lines_progress_with_an_eta_and_no_library_noise(runs: dict) -> None:
     _, _, log = runs["table"]
-    for number, step in enumerate(["longrope", "finetune", "eval", "card"], 1):
-        assert re.search(rf"^retrofit: step {number}/4 {step}: \S", log, re.M), log
-        assert re.search(rf"^retrofit: step {number}/4 {step}: done in \d", log, re.M), log
-    assert "step 2/4 finetune: 2 steps x 512 tokens" in log
+    for number, step in enumerate(STEPS, 1):
+        assert re.search(rf"^retrofit: step {number}/5 {step}: \S", log, re.M), log
+        assert re.search(rf"^retrofit: step {number}/5 {step}: done in \d", log, re.M), log
+    assert "step 2/5 finetune: 2 steps x 512 tokens" in log
+    assert "step 3/5 eval: before, yarn, after on " in log
     for what in ("search-rope", "finetune", "eval after"):  # the interval is 0: every update is a line
         assert re.search(rf"^retrofit: {what}: \d+.*ETA \d", log, re.M), (what, log)
     assert "Loading weights" not in log and "Writing model shards" not in log and "%|" not in log, log
@@ -57,34 +59,45 @@ def test_the_log_has_step_lines_progress_with_an_eta_and_no_library_noise(runs: 
 
 def test_the_final_table_shows_the_numbers_and_names_files_that_exist(runs: dict) -> None:
     stdout, out, _ = runs["table"]
-    card = json.loads((out / "03-eval" / "card-eval.json").read_text())
-    assert re.search(r"^\s+length\s+before\s+after$", stdout, re.M), stdout
-    for length, value in card["perplexity"]["after"].items():
-        row = re.search(rf"^\s+{length}\s+(\S+)\s+(\S+)$", stdout, re.M)
-        assert row and float(row[2]) == pytest.approx(value, abs=1e-3), stdout
-        assert float(row[1]) == pytest.approx(card["perplexity"]["before"][length], abs=1e-3)
-    assert "passkey after: 512:" in stdout
-    files = dict(re.findall(r"^  (model|card|plot|eval json)\s+(\S+)$", stdout, re.M))
-    assert set(files) == {"model", "card", "plot", "eval json"}, stdout
-    assert all(Path(path).exists() for path in files.values()), files
-    assert files["card"].endswith("README.md") and files["plot"].endswith(".png")
-    assert files["eval json"] == str(out / "03-eval" / "eval.json")
+    tables = stdout.split("perplexity on ")[1:]
+    assert len(tables) == 2, stdout
+    for table, step in zip(tables, ["03-eval", "04-eval-code"]):
+        card = json.loads((out / step / "card-eval.json").read_text())
+        assert re.search(r"^\s+length\s+before\s+yarn\s+after$", table, re.M), stdout
+        for length, value in card["perplexity"]["after"].items():
+            row = re.search(rf"^\s+{length}\s+(\S+)\s+(\S+)\s+(\S+)$", table, re.M)
+            assert row and float(row[3]) == pytest.approx(value, abs=1e-3), stdout
+            assert float(row[1]) == pytest.approx(card["perplexity"]["before"][length], abs=1e-3)
+            assert float(row[2]) == pytest.approx(card["perplexity"]["yarn"][length], abs=1e-3)
+    assert "passkey after: 512:" in tables[0] and "passkey" not in tables[1].split("files:")[0]
+    files = re.findall(r"^  (model|card|plot|eval json)\s+(\S+)$", stdout, re.M)
+    assert [name for name, _ in files] == ["model", "card", "plot", "eval json", "plot", "eval json"], stdout
+    assert all(Path(path).exists() for _, path in files), files
+    paths = dict(files[:2])
+    assert paths["card"].endswith("README.md") and all(p.endswith(".png") for n, p in files if n == "plot")
+    assert [p for n, p in files if n == "eval json"] == [str(out / s / "eval.json") for s in ("03-eval", "04-eval-code")]
+    # The GPU-sized budget is one --set away, and the run says which.
+    assert re.search(r"^profile gpu \(--set profile=gpu\): longrope\.population=16 .*finetune\.steps=100", stdout,
+                     re.M), stdout
 
 
 def test_json_is_all_of_stdout_and_matches_the_eval_json(runs: dict) -> None:
     stdout, out, log = runs["json"]
     summary = json.loads(stdout)  # fails if anything but the JSON is on stdout
-    card = json.loads((out / "03-eval" / "card-eval.json").read_text())
-    full = json.loads((out / "03-eval" / "eval.json").read_text())
-    (evaluation,) = summary["evaluations"]
-    assert evaluation["perplexity"] == card["perplexity"] and evaluation["passkey"] == card["passkey"]
-    assert set(evaluation["perplexity"]) == {"before", "after"}
-    assert full["models"][-1]["name"] == "after"
-    for key in ("eval_json", "card_eval_json", "plot"):
-        assert Path(evaluation[key]).is_file(), key
+    assert [e["step"] for e in summary["evaluations"]] == ["eval", "eval-code"]
+    for evaluation, step in zip(summary["evaluations"], ["03-eval", "04-eval-code"]):
+        card = json.loads((out / step / "card-eval.json").read_text())
+        full = json.loads((out / step / "eval.json").read_text())
+        assert evaluation["perplexity"] == card["perplexity"] and evaluation["passkey"] == card.get("passkey")
+        assert list(evaluation["perplexity"]) == ["before", "yarn", "after"]
+        assert [m["name"] for m in full["models"]] == ["before", "yarn", "after"]
+        for key in ("eval_json", "card_eval_json", "plot"):
+            assert Path(evaluation[key]).is_file(), key
+    assert summary["evaluations"][1]["dataset"] == "bundled:python-source[:1]"
     assert Path(summary["card"]).is_file() and Path(summary["model"]).is_dir()
-    assert [s["id"] for s in summary["steps"]] == ["longrope", "finetune", "eval", "card"]
-    assert "step 4/4 card: done" in log  # the progress lines went to stderr
+    assert [s["id"] for s in summary["steps"]] == STEPS
+    assert summary["profile"] is None and summary["profiles"]["gpu"]["finetune.steps"] == 100
+    assert "step 5/5 card: done" in log  # the progress lines went to stderr
 
 
 def test_progress_lines_come_at_most_every_interval_and_quiet_restores_settings(monkeypatch, capsys) -> None:

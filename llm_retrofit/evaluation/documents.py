@@ -27,7 +27,13 @@ TEXT_FIELD = "text"
 # about 465k characters of English technical prose, joined in a fixed order into documents of at least this many
 # characters (20k to 33k SmolLM2 tokens each), so that lengths up to 16k have real text to read.
 BUNDLED_MIN_CHARS = 80_000
-BUNDLED = {"bundled:python-docs": "the Python standard library's documentation topics (pydoc_data), in ~80k-character documents"}
+# A second domain, for a held-out evaluation on text unlike the training text: the standard library's own Python
+# source (code, not prose), its top-level modules in file-name order, each after a `# file: NAME` line.
+BUNDLED = {
+    "bundled:python-docs": "the Python standard library's documentation topics (pydoc_data), in ~80k-character documents",
+    "bundled:python-source": "the Python standard library's source code (its top-level modules), in ~80k-character "
+                             "documents: code, another domain than python-docs",
+}
 # `SOURCE[i]` or `SOURCE[start:stop]` picks documents of a source by position (Python slice rules), so that one
 # corpus can give disjoint training and held-out sets: `bundled:python-docs[1:]` to train, `[:1]` to evaluate.
 SELECTION = re.compile(r"^(?P<source>.+)\[(?P<start>-?\d*)(?P<colon>:?)(?P<stop>-?\d*)\]$")
@@ -45,9 +51,9 @@ def load_documents(sources: Iterable[str | os.PathLike[str]], max_docs: int | No
     """Read every source in order, stopping after `max_docs` documents.
 
     A source is a text file, a JSONL file (one JSON object per line with a `text` field), a directory (its text and
-    JSONL files, recursively, in sorted order), a saved `datasets` directory, `bundled:python-docs`, or, where the
-    `datasets` package is installed, a dataset name `NAME[:CONFIG][@SPLIT]` (split `test` unless given). Any source
-    followed by `[i]` or `[start:stop]` gives only those of its documents (`bundled:python-docs[1:]`).
+    JSONL files, recursively, in sorted order), a saved `datasets` directory, a bundled corpus (BUNDLED:
+    `bundled:python-docs`, `bundled:python-source`), or, where the `datasets` package is installed, a dataset name
+    `NAME[:CONFIG][@SPLIT]` (split `test` unless given). Any source followed by `[i]` or `[start:stop]` gives only those of its documents (`bundled:python-docs[1:]`).
     """
     sources = [str(source) for source in sources]
     documents: list[Document] = []
@@ -93,21 +99,30 @@ def _select(source: str, start: str, colon: str, stop: str) -> list[Document]:
 
 
 def bundled_documents(name: str = "bundled:python-docs") -> list[Document]:
-    """The Python documentation topics joined (sorted by topic name) into documents of >= BUNDLED_MIN_CHARS."""
+    """A bundled corpus (BUNDLED), its pieces joined in a fixed order into documents of >= BUNDLED_MIN_CHARS."""
     if name not in BUNDLED:
         raise DataError(f"no bundled documents {name!r}; the bundled ones are {', '.join(BUNDLED)}.")
-    from pydoc_data.topics import topics
-
     documents: list[str] = []
     current: list[str] = []
-    for key in sorted(topics):
-        current.append(topics[key].strip())
+    for piece in _bundled_pieces(name):
+        current.append(piece)
         if sum(map(len, current)) >= BUNDLED_MIN_CHARS:
             documents.append("\n\n".join(current))
             current = []
     if current:  # the remainder is too short to stand alone; it lengthens the last document
         documents[-1] = "\n\n".join([documents[-1], *current]) if documents else "\n\n".join(current)
     return [Document(f"{name}[{i}]", text) for i, text in enumerate(documents)]
+
+
+def _bundled_pieces(name: str) -> Iterable[str]:
+    if name == "bundled:python-docs":
+        from pydoc_data.topics import topics
+
+        return [topics[key].strip() for key in sorted(topics)]
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [f"# file: {path.name}\n{_read_text(path).strip()}" for path in sorted(stdlib.glob("*.py"))]
 
 
 def _read_text(path: Path) -> str:

@@ -25,7 +25,8 @@ but at least one of `perplexity` and `passkey` must be there:
 
 Perplexity and passkey map a model label to {context length in tokens: value}; passkey values are retrieval accuracy
 in [0, 1]. The card shows one table per measure (rows: lengths, columns: models) and puts this model's numbers in the
-`model-index` metadata.
+`model-index` metadata. Several such files (evaluations on several data sets, as the long-context recipe makes: its
+training domain and another one) give a section each, in the order given.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 _STATE = re.compile(r"<!-- llm-retrofit-card (\{.*?\}) -->", re.S)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+EvalSource = str | os.PathLike[str] | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -242,15 +246,15 @@ def read_existing_card(directory: Path) -> ExistingCard:
 def render_card(
     path: str | os.PathLike[str],
     *,
-    eval_results: str | os.PathLike[str] | Mapping[str, Any] | None = None,
-    plot: str | os.PathLike[str] | None = None,
+    eval_results: EvalSource | list[EvalSource] | None = None,
+    plot: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
 ) -> Path:
     """Write (or refresh) the README.md model card of a checkpoint or adapter directory; returns its path.
 
-    `eval_results` is a JSON file (or dict) of the shape in this module's docstring; `plot` a PNG, copied beside the
-    card and embedded. `repo_id` is where the model is (or will be) on the Hub, for the loading snippet; `base_model`
+    `eval_results` is a JSON file (or dict) of the shape in this module's docstring, or a list of them (one section
+    each); `plot` a PNG, or a list of them, copied beside the card and embedded. `repo_id` is where the model is (or will be) on the Hub, for the loading snippet; `base_model`
     overrides the base model's repo id when the history names only a local path. What is not given is carried over
     from the card already there if llm-retrofit wrote it for this same state of the model (see the module docstring);
     a card of another state lends only its license. The file is rewritten only if its content changes.
@@ -267,8 +271,8 @@ def render_card(
 def card_content(
     model: ModelDirectory,
     *,
-    eval_results: str | os.PathLike[str] | Mapping[str, Any] | None = None,
-    plot: str | os.PathLike[str] | None = None,
+    eval_results: EvalSource | list[EvalSource] | None = None,
+    plot: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
 ) -> str:
@@ -280,7 +284,7 @@ def card_content(
     # A card made for another state of the model (patched since, or copied from the source by `retrofit patch`)
     # lends nothing but its license: its evaluation, repo id and base model may belong to another model.
     carried = previous if previous.get("state_xxh3") == model.state_hash else {}
-    if previous and not carried and (previous.get("evaluation") or previous.get("plot")) and eval_results is None:
+    if previous and not carried and _carried_evaluations(previous) and eval_results is None:
         log.warning("the evaluation in %s describes another state of the model; it is left out: evaluate this "
                     "model and pass the results", model.path / CARD_FILE)
     repo_id = repo_id or carried.get("repo_id")
@@ -290,23 +294,24 @@ def card_content(
                            "this one was made from.")
     if repo_id and not re.match(r"^([A-Za-z0-9][\w.-]*/)?[\w.-]+$", repo_id):
         raise PublishError(f"{repo_id!r} is not a Hub repo id; pass owner/name.")
-    evaluation = load_evaluation(eval_results) if eval_results is not None else (
-        load_evaluation(carried["evaluation"]) if carried.get("evaluation") else None
-    )
-    plot_name = _place_plot(model.path, plot) if plot is not None else (
-        carried.get("plot") if carried.get("plot") and (model.path / carried["plot"]).is_file() else None
-    )
+    evaluations = [load_evaluation(e) for e in _as_list(eval_results)] if eval_results is not None else [
+        load_evaluation(e) for e in _carried_evaluations(carried)
+    ]
+    plots = [_place_plot(model.path, p) for p in _as_list(plot)] if plot is not None else [
+        name for name in _carried_plots(carried) if (model.path / name).is_file()
+    ]
     facts = _facts(model, existing, repo_id, base_override)
-    data = _card_data(facts, evaluation)
+    data = _card_data(facts, evaluations)
     state = {
         "state_xxh3": model.state_hash,
         "repo_id": repo_id,
         "base_model": base_override,
-        "evaluation": evaluation.to_json() if evaluation else None,
-        "plot": plot_name,
+        "evaluations": [e.to_json() for e in evaluations],
+        "plots": plots,
     }
+    sections = [{"evaluation": e, "tables": _tables(e)} for e in evaluations]
     body = _environment().get_template("README.md.j2").render(
-        **facts, evaluation=evaluation, tables=_tables(evaluation), plot=plot_name, state=_comment_json(state)
+        **facts, evaluations=sections, plots=plots, state=_comment_json(state)
     )
     try:
         card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")  # parses the YAML and the model-index back
@@ -370,10 +375,21 @@ def _source_label(source: str | None) -> str | None:
     return Path(source).name
 
 
-def _tables(evaluation: Evaluation | None) -> list[dict[str, Any]]:
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _carried_evaluations(state: Mapping[str, Any]) -> list[Any]:
+    """The evaluations a card's state remembers (cards written by llm-retrofit 0.1.0 remembered one, as `evaluation`)."""
+    return list(state.get("evaluations") or ([state["evaluation"]] if state.get("evaluation") else []))
+
+
+def _carried_plots(state: Mapping[str, Any]) -> list[str]:
+    return list(state.get("plots") or ([state["plot"]] if state.get("plot") else []))
+
+
+def _tables(evaluation: Evaluation) -> list[dict[str, Any]]:
     """Markdown tables, one per measure: a row per context length, a column per model."""
-    if evaluation is None:
-        return []
     measures = [
         ("Perplexity by context length (lower is better)", evaluation.perplexity, lambda v: f"{v:.2f}"),
         ("Passkey retrieval accuracy by context length", evaluation.passkey, lambda v: f"{v:.0%}"),
@@ -454,11 +470,11 @@ def _versions(model: ModelDirectory, history: list[dict[str, Any]]) -> list[str]
     return lines
 
 
-def _card_data(facts: dict[str, Any], evaluation: Evaluation | None) -> Any:
+def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> Any:
     from huggingface_hub import EvalResult, ModelCardData
 
     results = []
-    if evaluation is not None:
+    for evaluation in evaluations:
         for length, value in sorted(evaluation.perplexity.get(evaluation.model, {}).items()):
             results.append(EvalResult(
                 task_type="text-generation", task_name="Long-context language modeling",

@@ -60,7 +60,7 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
     `finetune.lora.r=8`); a patch step's parameters are addressed directly (`expand.every=2`). Values given as text
     are read as YAML (`200` is a number, `[a, b]` a list). The result is checked like a recipe file.
     """
-    pairs = _override_pairs(overrides)
+    pairs = _with_profiles(recipe, _override_pairs(overrides))
     if not pairs:
         return recipe  # the text as written, comments and all, is what is kept beside the model
     data = yaml.safe_load(recipe.text)
@@ -110,6 +110,21 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
     return result
 
 
+def _with_profiles(recipe: Recipe, pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """`profile=NAME` replaced by the settings of the recipe's profile NAME, where it stands (a later --set wins)."""
+    expanded: list[tuple[str, Any]] = []
+    for key, value in pairs:
+        if key != "profile":
+            expanded.append((key, value))
+            continue
+        if str(value) not in recipe.profiles:
+            known = ", ".join(recipe.profiles) or "none"
+            raise RecipeError(f"--set profile={value}: {recipe.source} has no profile {str(value)!r}; its profiles: "
+                              f"{known}.")
+        expanded += [(str(k), v) for k, v in recipe.profiles[str(value)].items()]
+    return expanded
+
+
 def _override_pairs(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[str, Any]]:
     if isinstance(overrides, Mapping):
         return [(key, os.fspath(value) if isinstance(value, os.PathLike) else value) for key, value in overrides.items()]
@@ -142,8 +157,9 @@ class RunState:
     model_config: dict[str, Any] | Unknown
     base_config: dict[str, Any]
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eval_results: str | None = None
-    plot: str | None = None
+    eval_results: list[str] = field(default_factory=list)
+    """Every eval step's card results so far, in order: the card shows a section for each."""
+    plots: list[str] = field(default_factory=list)
     push_repo: str | None = None
     recipe_text: str = ""
 
@@ -250,10 +266,19 @@ def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: P
     options = settings.evaluate_options()
     directory.mkdir(parents=True)
     results = []
-    if settings.compare_base:
-        results.append(evaluate(state.base, documents, name="before", **options))
+    if settings.compare_base or settings.baselines:
+        from ..plan import apply_to_model
+
+        base, base_tokenizer = _loadable(state.base, options["dtype"])
+        if settings.compare_base:
+            results.append(evaluate(base, documents, tokenizer=base_tokenizer, name="before", **options))
+        for label, patcher in settings.baseline_patchers():
+            alternative = apply_to_model(base, [patcher])
+            results.append(evaluate(alternative, documents, tokenizer=base_tokenizer, name=label, **options))
+            del alternative
+        del base
     model, tokenizer = _loadable(state.model, options["dtype"])
-    results.append(evaluate(model, documents, tokenizer=tokenizer, name="after" if settings.compare_base else "model",
+    results.append(evaluate(model, documents, tokenizer=tokenizer, name=settings.labels()[-1],
                             **options))
     result = EvalResult.merge(results)
     result.to_json(directory / "eval.json")
@@ -315,7 +340,7 @@ def _card_step(step: Step, params: dict[str, Any], state: RunState, directory: P
         made = str(model_dir)
     # Files of a model written by an earlier step may be hard links to the input's: replace them, never write into them.
     replace_file(model_dir / RECIPE_FILE, state.recipe_text)
-    path = render_card(model_dir, eval_results=state.eval_results, plot=state.plot,
+    path = render_card(model_dir, eval_results=state.eval_results or None, plot=state.plots or None,
                        repo_id=params.get("repo_id") or state.push_repo, base_model=params.get("base_model"))
     return StepOutcome({"output": str(path)}, model=made)
 
@@ -348,6 +373,9 @@ class RecipeRun:
     skipped: list[str]
     recipe: str = ""
     seconds: float = 0.0
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The recipe's profiles, and which one this run used (`applied`): the end of a run names the others."""
+    profile: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """What the run ends with (`retrofit patch --recipe ... --json`): each step and its wall time, each eval step's
@@ -368,7 +396,7 @@ class RecipeRun:
                                     "card_eval_json": _existing(card_eval), "plot": _existing(entry.get("plot"))})
         return {"recipe": self.recipe or manifest.get("recipe"), "output": str(self.output), "model": str(self.model),
                 "card": _existing(self.model / "README.md"), "seconds": round(self.seconds, 3), "steps": steps,
-                "evaluations": evaluations}
+                "evaluations": evaluations, "profile": self.profile, "profiles": self.profiles}
 
 
 def _existing(path: str | os.PathLike[str] | None) -> str | None:
@@ -393,6 +421,10 @@ def render_summary(summary: Mapping[str, Any]) -> str:
     for item in summary["evaluations"]:
         files += [("plot", item["plot"]), ("eval json", item["eval_json"])]
     lines += ["", "files:"] + [f"  {name:<10} {path}" for name, path in files if path]
+    for name, settings in (summary.get("profiles") or {}).items():
+        if name != summary.get("profile"):
+            shown = " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
+            lines += ["", f"profile {name} (--set profile={name}): {shown}"]
     return "\n".join(lines)
 
 
@@ -414,8 +446,8 @@ def _what(step: Step, params: dict[str, Any]) -> str:
 
             settings = EvalSettings.read(params)
             lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
-            models = "before and after" if settings.compare_base else "1 model"
-            return f"{models} at lengths {lengths}" + (", plus passkey" if settings.passkey else "")
+            return f"{', '.join(settings.labels())} on {', '.join(settings.data)} at lengths {lengths}" + (
+                ", plus passkey" if settings.passkey else "")
         if step.kind == "patch":
             shown = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict)))
             return f"patch {step.patcher}" + (f" ({shown})" if shown else "")
@@ -484,8 +516,13 @@ def run_recipe(
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.relpath(state.model, out) if Path(state.model).is_relative_to(out) else state.model)
-    return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name,
-                     time.perf_counter() - run_started)
+    return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name, profiles=recipe.profiles,
+                     profile=_profile_of(overrides), seconds=time.perf_counter() - run_started)
+
+
+def _profile_of(overrides: Mapping[str, Any] | Sequence[str] | None) -> str | None:
+    found = [str(value) for key, value in _override_pairs(overrides or []) if key == "profile"]
+    return found[-1] if found else None
 
 
 def _reported(result: Mapping[str, Any]) -> str:
@@ -625,7 +662,9 @@ def _advance(state: RunState, step: Step, outcome: StepOutcome) -> None:
         state.model = outcome.model
         state.model_config = _config(outcome.model)
     if outcome.eval_results:
-        state.eval_results, state.plot = outcome.eval_results, outcome.plot
+        state.eval_results.append(outcome.eval_results)
+        if outcome.plot:
+            state.plots.append(outcome.plot)
 
 
 def _write_manifest(out: Path, recipe: Recipe, base: str, entries: list[dict[str, Any]]) -> None:
@@ -756,8 +795,8 @@ def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapp
 
             settings = EvalSettings.read(params)
             lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
-            models = 2 if settings.compare_base else 1
-            item.notes.append(f"{models} model(s) at lengths {lengths}: up to {max(lengths)} tokens per document per "
+            models = len(settings.labels())
+            item.notes.append(f"{models} model(s) ({', '.join(settings.labels())}) at lengths {lengths}: up to {max(lengths)} tokens per document per "
                               f"model{', plus passkey prompts' if settings.passkey else ''}")
     return planned, view is not None
 

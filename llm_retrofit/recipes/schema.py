@@ -38,7 +38,7 @@ from ..modeling.precision import AUTOCAST_CHOICES
 
 MAX_VALUES = 10_000
 """The most values a recipe may hold once its YAML aliases are expanded (the built-in ones hold under 100)."""
-TOP_LEVEL = {"name": True, "description": False, "inputs": False, "steps": True}
+TOP_LEVEL = {"name": True, "description": False, "inputs": False, "profiles": False, "steps": True}
 KINDS = ("patch", "finetune", "eval", "card", "push")
 
 
@@ -245,7 +245,23 @@ class EvalSettings(_Settings):
 
         lengths = settings.lengths or evaluate.__kwdefaults__["lengths"]
         check_protocol(lengths, settings.protocol or evaluate.__kwdefaults__["protocol"], settings.stride)
+        settings.baseline_patchers()  # a bad spec is refused before the run
         return settings
+
+    def labels(self) -> list[str]:
+        """The models this step evaluates, in the order of its table's columns."""
+        before = ["before"] if self.compare_base else []
+        alternatives = [label for label, _ in self.baseline_patchers()]
+        return before + alternatives + ["after" if before or alternatives else "model"]
+
+    def baseline_patchers(self) -> list[tuple[str, Any]]:
+        """(column label, patcher) of each baseline: the patch's name, or its whole spec where two share a name."""
+        from ..patchers import parse_spec
+
+        patchers = [parse_spec(spec) for spec in self.baselines]
+        names = [p.name for p in patchers]
+        return [(p.name if names.count(p.name) == 1 and p.name not in ("before", "after") else p.spec(), p)
+                for p in patchers]
 
     def evaluate_options(self) -> dict[str, Any]:
         """The keyword arguments of `evaluate` that were given (the others keep its defaults)."""
@@ -304,6 +320,8 @@ class Recipe:
     lines: dict[tuple[Any, ...], int] = field(default_factory=dict, repr=False)
     overridden: dict[tuple[Any, ...], str] = field(default_factory=dict, repr=False)
     """Paths whose values came from --set, with that --set: an error in one names it rather than a line."""
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named sets of --set overrides (`--set profile=gpu`): a recipe's budget for other hardware, one switch away."""
 
     def where(self, step: Step | None = None, *keys: Any) -> str:
         """`SOURCE:LINE` of a step's setting (`keys` inside its kind's mapping), of the step, or (no step) of the
@@ -410,11 +428,16 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         raise fail(("inputs",), "inputs must be a mapping of NAME: default value.")
     if not isinstance(data["steps"], list) or not data["steps"]:
         raise fail(("steps",), "steps must be a non-empty list, e.g. `- patch: expand`.")
+    profiles = data.get("profiles") or {}
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) and p for p in profiles.values()):
+        raise fail(("profiles",), "profiles must map a NAME to the settings it sets, as --set takes them, e.g. "
+                   "`profiles: {gpu: {finetune.steps: 100}}`; `--set profile=gpu` applies one.")
     steps: list[Step] = []
     for index, raw in enumerate(data["steps"]):
         steps.append(_step(raw, ("steps", index), lines, fail))
     _number_ids(steps, lines, fail)
-    return Recipe(str(data["name"]), str(data.get("description") or ""), dict(inputs), steps, source, text, lines)
+    return Recipe(str(data["name"]), str(data.get("description") or ""), dict(inputs), steps, source, text, lines,
+                  profiles={str(k): dict(v) for k, v in profiles.items()})
 
 
 class _ValueProblem(Exception):
