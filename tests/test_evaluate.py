@@ -163,6 +163,26 @@ def test_sliding_with_stride_equal_to_length_equals_truncate() -> None:
     assert math.isclose(sliding.total, slices.total, rel_tol=1e-6)
 
 
+def test_longrope_shares_a_pass_within_each_side_of_its_switch_and_equals_separate_passes() -> None:
+    """LongRoPE's short factors hold up to the original context and its long ones past it: two groups of lengths,
+    each run once at its longest, every length as exact as its own pass."""
+    from llm_retrofit.modeling.rope import rope_length_classes
+
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,
+                "short_factor": [1.0] * 8, "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.0]}  # head_dim 16
+    model = tiny_model(max_position_embeddings=512, rope_parameters=longrope)  # 128 -> 512
+    assert rope_length_classes(model, [64, 128, 384, 512]) == [[512, 384], [128, 64]]
+    dynamic = tiny_model(max_position_embeddings=128, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                        "rope_theta": 10000.0})
+    assert rope_length_classes(dynamic, [64, 192, 256]) == [[256], [192], [64]]
+    doc = random_ids(512, seed=6)
+    run = perplexity(model, [doc], [64, 128, 384, 512])
+    assert run.tokens_forwarded == 128 + 512 and run.shared_prefixes
+    for result in run.lengths:
+        alone = token_nll(model, doc[: result.length])
+        assert math.isclose(result.nll, alone.double().sum().item(), rel_tol=1e-6), result.length
+
+
 @pytest.mark.parametrize("protocol", ["truncate", "sliding"])
 def test_short_documents_are_skipped_and_counted(protocol: str) -> None:
     model = tiny_model()

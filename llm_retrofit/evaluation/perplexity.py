@@ -18,9 +18,10 @@ re-inserted), as in the Hugging Face guide.
 
 Shared prefixes. With "truncate", the first L tokens of a document are a prefix of its first L' > L tokens, and a
 causal model's predictions for a prefix do not depend on what follows. So each document is run once, at the largest
-length it is long enough for, and every smaller length is read off the same per-token NLL. This is exact only if
-positions are encoded the same way whatever the sequence length: dynamic NTK and LongRoPE (whose factors switch at
-the original context length) are not, and models using them are run once per length.
+length it is long enough for, and every smaller length is read off the same per-token NLL. This is exact only among
+lengths at which positions are encoded the same way: each group of such lengths (`rope_length_classes`) gets its own
+pass. LongRoPE (factors that switch at the original context length) has two groups, lengths up to the original
+context and lengths past it; dynamic NTK gives every length past the original context its own pass.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from ..errors import EvaluationError
 from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
 from ..modeling.precision import arithmetic, check_autocast, inference_autocast
-from ..modeling.rope import rope_depends_on_length
+from ..modeling.rope import rope_depends_on_length, rope_length_classes
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
 
@@ -151,15 +152,18 @@ class _Job:
 
 
 def _plan(
-    sizes: Sequence[int], lengths: Sequence[int], protocol: str, stride: int | None, share: bool
+    sizes: Sequence[int], lengths: Sequence[int], protocol: str, stride: int | None, classes: Sequence[Sequence[int]]
 ) -> list[_Job]:
+    """The passes: with truncate, one per document per group of `classes` (lengths whose prefixes share a pass)."""
     jobs = []
     for doc, size in enumerate(sizes):
-        fitting = [n for n in lengths if size >= n]
-        if protocol == "truncate" and share and fitting:
-            jobs.append(_Job(doc, Window(0, max(fitting), 1), tuple((n, n) for n in fitting)))
+        if protocol == "truncate":
+            for group in classes:
+                fitting = [n for n in group if size >= n]
+                if fitting:
+                    jobs.append(_Job(doc, Window(0, max(fitting), 1), tuple((n, n) for n in sorted(fitting))))
             continue
-        for n in fitting:
+        for n in (n for n in lengths if size >= n):
             jobs += [_Job(doc, w, ((n, w.end),)) for w in windows(size, n, protocol, stride)]
     # Longest windows first (peak memory shows at once), equal lengths together (so that they can share a batch).
     return sorted(jobs, key=lambda job: (-(job.window.end - job.window.start), job.document, job.window.start))
@@ -174,7 +178,7 @@ class PerplexityRun:
     tokens_forwarded: int
     tokens_scored: int
     shared_prefixes: bool = False
-    """Whether shorter lengths were read off the passes of longer ones (truncate, RoPE independent of the length)."""
+    """Whether shorter lengths were read off the passes of longer ones (truncate, lengths with the same RoPE angles)."""
 
 
 def perplexity(
@@ -203,10 +207,11 @@ def perplexity(
         raise EvaluationError(f"batch_size {batch_size} must be at least 1.")
     docs = [torch.as_tensor(d, dtype=torch.long) for d in documents]
     names = list(names) if names is not None else [f"document {i}" for i in range(len(docs))]
-    share = shares_prefixes(model, lengths)
-    if protocol == "truncate" and not share:
-        log.info("the model's RoPE depends on the sequence length: each length gets its own forward pass")
-    jobs = _plan([len(d) for d in docs], lengths, protocol, stride, share)
+    classes = rope_length_classes(model, lengths) if protocol == "truncate" else [[n] for n in lengths]
+    share = any(len(group) > 1 for group in classes)
+    if protocol == "truncate" and len(classes) > 1:
+        log.info("the model's RoPE depends on the sequence length: lengths %s get a forward pass each", classes)
+    jobs = _plan([len(d) for d in docs], lengths, protocol, stride, classes)
     totals: dict[int, dict[int, NLL]] = {n: {} for n in lengths}
     forwarded = 0
     bar = Progress(sum(j.window.end - j.window.start for j in jobs), f"eval {description}", "tok", unit_scale=True,

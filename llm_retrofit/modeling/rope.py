@@ -76,24 +76,37 @@ def longrope_attention_factor(scale: float, original_length: int) -> float:
     return math.sqrt(1 + math.log(scale) / math.log(original_length)) if scale > 1 else 1.0
 
 
-def rope_depends_on_length(model: torch.nn.Module, lengths: Sequence[int]) -> bool:
-    """Whether the model's rotary embedding gives position p other angles in sequences of different lengths.
+def rope_length_classes(model: torch.nn.Module, lengths: Sequence[int]) -> list[list[int]]:
+    """`lengths` grouped so that, within a group, position p gets the same rotary angles whatever the length.
 
-    Asked of the model itself rather than read off rope type names: transformers' dynamic NTK and LongRoPE (short
-    factors below the original context, long ones past it) do; every other rope type does not. Each rotary module
-    (a module with an `inv_freq` buffer) is run at each length, and the angles of the shortest one's positions
-    compared. A length-dependent RoPE changes them by far more than the tolerance, which only absorbs rounding.
+    Asked of the model itself rather than read off rope type names: transformers' dynamic NTK (every length past the
+    original context its own angles) and LongRoPE (short factors up to the original context, long ones past it: two
+    groups) depend on the length; every other rope type gives one group. Each rotary module (a module with an
+    `inv_freq` buffer) is run at each length, and the angles of a length's positions compared with those of its
+    group's longest length. A length-dependent RoPE changes them by far more than the tolerance, which only absorbs
+    rounding. Groups are listed longest first, each longest first.
     """
     lengths = sorted({int(n) for n in lengths})
-    if len(lengths) < 2:
-        return False
-    for rotary in model.modules():
-        inv_freq = getattr(rotary, "inv_freq", None)
-        if not isinstance(inv_freq, torch.Tensor):
-            continue
-        probe = torch.zeros(1, dtype=torch.float32, device=inv_freq.device)
-        with torch.no_grad():
-            angles = [rotary(probe, torch.arange(n, device=inv_freq.device)[None])[0][0, : lengths[0]] for n in lengths]
-        if any(not torch.allclose(a, angles[0], rtol=0, atol=1e-6) for a in angles[1:]):
-            return True
-    return False
+    rotaries = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    angles: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for n in lengths:  # shortest first: transformers' dynamic NTK keeps its grown frequencies between calls
+            found = []
+            for rotary in rotaries:
+                probe = torch.zeros(1, dtype=torch.float32, device=rotary.inv_freq.device)
+                found.append(rotary(probe, torch.arange(n, device=rotary.inv_freq.device)[None])[0][0])
+            angles[n] = found
+    groups: list[list[int]] = []
+    for n in reversed(lengths):
+        for group in groups:
+            if all(torch.allclose(a[:n], b, rtol=0, atol=1e-6) for a, b in zip(angles[group[0]], angles[n])):
+                group.append(n)
+                break
+        else:
+            groups.append([n])
+    return groups
+
+
+def rope_depends_on_length(model: torch.nn.Module, lengths: Sequence[int]) -> bool:
+    """Whether the model's rotary embedding gives position p other angles in sequences of different lengths."""
+    return len(rope_length_classes(model, lengths)) > 1
