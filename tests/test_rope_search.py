@@ -190,7 +190,7 @@ def test_a_search_while_patching_takes_its_budget_and_attention_factor_from_the_
 
     def spy(evaluator: FactorEvaluator, settings: SearchSettings, *args, **kwargs):  # type: ignore[no-untyped-def]
         state = search(evaluator, settings, *args, **kwargs)
-        searches.append((evaluator.attention_factor, settings, state.population[0].factors))
+        searches.append((evaluator.attention_factor, settings, state.population[0].factors, evaluator.segments))
         return state
 
     monkeypatch.setattr(rope_search, "search", spy)
@@ -199,18 +199,23 @@ def test_a_search_while_patching_takes_its_budget_and_attention_factor_from_the_
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 20))
     spec = f"longrope:target_length={TARGET},data={text},population=2,iterations=1,attention_factor=1.0"
     rope = read_config(patch(tiny_llama, spec, output=tmp_path / "long"))["rope_parameters"]
+    patch(tiny_llama, spec + ",segments=3", output=tmp_path / "long-3")
 
-    [(attention_factor, settings, best)] = searches
+    [(attention_factor, settings, best, segments), (*_, given)] = searches
     assert attention_factor == 1.0, "candidates were scored with the attention factor the saved model uses"
     assert (settings.population, settings.iterations, settings.mutations + settings.crossovers) == (2, 1, 2)
     assert rope["attention_factor"] == 1.0 and rope["long_factor"] == best
+    assert (segments, given) == (1, 3), "one pass per candidate on a CPU unless the spec says otherwise"
 
 
 def test_a_search_budget_without_data_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
     from llm_retrofit import PatchSpecError
 
-    with pytest.raises(PatchSpecError, match="population and iterations set the search's budget; they need data=DOCS"):
+    with pytest.raises(PatchSpecError, match="population, iterations and segments set the search.s budget; they need "
+                       "data=DOCS"):
         patch(tiny_llama, "longrope:factors=f.json,population=4", output=tmp_path / "out")
+    with pytest.raises(PatchSpecError, match="segments=0 must be at least 1"):
+        patch(tiny_llama, "longrope:target_length=512,data=d.txt,segments=0", output=tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------------ from the command line

@@ -246,6 +246,9 @@ class LongRope(_ContextExtension):
     population: int | None = None
     """Search budget with data=DOCS: candidates kept per generation (each generation makes as many children)."""
     iterations: int | None = None
+    segments: int | None = None
+    """With data=DOCS: pieces of each candidate's pass, so that a hopeless one stops early. None: 4 on a GPU, 1 on a
+    CPU, where the KV-cached pieces' masked attention made a 16k candidate of SmolLM2 cost 65 s against 37 s."""
 
     def __post_init__(self) -> None:
         if (self.factors is None) == (self.data is None):
@@ -257,8 +260,11 @@ class LongRope(_ContextExtension):
             raise PatchSpecError("longrope: give at most one of factor=S or target_length=N (the factors file has one).")
         if self.data is not None and self.factor is None and self.target_length is None:
             raise PatchSpecError("longrope: data=DOCS searches factors for a length; add target_length=N.")
-        if self.data is None and (self.population is not None or self.iterations is not None):
-            raise PatchSpecError("longrope: population and iterations set the search's budget; they need data=DOCS.")
+        if self.data is None and (self.population, self.iterations, self.segments) != (None, None, None):
+            raise PatchSpecError("longrope: population, iterations and segments set the search's budget; they need "
+                                 "data=DOCS.")
+        if self.segments is not None and self.segments < 1:
+            raise PatchSpecError(f"longrope: segments={self.segments} must be at least 1 (1: one pass per candidate).")
         if self.factor is not None and not math.isfinite(self.factor):
             raise PatchSpecError(f"longrope: factor={self.factor} must be a finite number > 1.")
         attention = self.attention_factor
@@ -304,12 +310,14 @@ class LongRope(_ContextExtension):
         network, tokenizer = calibration_model(model, "longrope: data=DOCS (a factor search)")
         length = self.new_length(shape)
         ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
-        evaluator = FactorEvaluator(network, ids, shape, length, attention_factor=self.attention_factor)
+        segments = self.segments or (4 if network.device.type == "cuda" else 1)
+        evaluator = FactorEvaluator(network, ids, shape, length, segments, attention_factor=self.attention_factor)
         budget: dict[str, Any] = {"iterations": self.iterations} if self.iterations is not None else {}
         if self.population is not None:  # as many children as survivors, half mutations and half crossovers
             budget |= {"population": self.population, "parents": min(4, self.population),
                        "mutations": self.population // 2, "crossovers": self.population - self.population // 2}
-        settings = SearchSettings(target_length=length, attention_factor=self.attention_factor, **budget)
+        settings = SearchSettings(target_length=length, attention_factor=self.attention_factor, segments=segments,
+                                  **budget)
         best = search(evaluator, settings).population[0]
         return {"target_length": length, "long_factor": best.factors}
 
