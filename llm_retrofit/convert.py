@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from xxhash import xxh3_128
@@ -13,6 +14,7 @@ from .architectures import architecture_of
 from .io.bundled import bundled_gguf
 from .io.checkpoint import load_checkpoint
 from .io.commit import staged_directory
+from .io.progress import note, quiet_libraries
 from .errors import CheckpointError
 from .plan import TensorPlan, apply_to_checkpoint, model_view, write_weights
 from .io.provenance import HISTORY_KEY, make_records
@@ -70,9 +72,10 @@ def import_gguf(
         ) from None
     architecture_of(config.to_dict())
     with staged_directory(output, in_place=False) as staging:
-        log.info("dequantizing %s (this loads the whole model once)", gguf)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=dtype or torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
+        note(f"dequantizing {gguf.name} (this loads the whole model once)")
+        with quiet_libraries(), _no_dequantization_bar():  # the line above says what happens, for 2 s on SmolLM2
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=dtype or torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
         # The weights are dequantized now: the GGUF quantization settings no longer describe them.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -87,6 +90,16 @@ def import_gguf(
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return output
+
+
+def _no_dequantization_bar() -> Any:
+    """transformers' GGUF reader draws its own tqdm bar, which its progress-bar switch does not reach."""
+    import functools
+    from unittest import mock
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    return mock.patch.object(gguf_reader, "tqdm", functools.partial(gguf_reader.tqdm, disable=True))
 
 
 def _file_hash(path: Path) -> str:

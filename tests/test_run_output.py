@@ -111,13 +111,13 @@ def test_progress_lines_come_at_most_every_interval_and_quiet_restores_settings(
         for _ in range(10):
             progress.update()
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["retrofit: work: started, 10 step to do", lines[1]] and "done: 10 step in" in lines[1], lines
+    assert lines == ["retrofit: work: started, 10 steps to do", lines[1]] and "done: 10 steps in" in lines[1], lines
     monkeypatch.setenv("RETROFIT_PROGRESS_INTERVAL", "0")
     with Progress(4, "work", "step") as progress:
         for _ in range(4):
             progress.update()
     lines = capsys.readouterr().err.splitlines()
-    assert [line for line in lines if "ETA" in line][0].startswith("retrofit: work: 1/4 step (25%)"), lines
+    assert [line for line in lines if "ETA" in line][0].startswith("retrofit: work: 1/4 steps (25%)"), lines
     monkeypatch.setenv("RETROFIT_PROGRESS", "off")
     with Progress(4, "work", "step") as progress:
         progress.update(4)

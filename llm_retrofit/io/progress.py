@@ -91,7 +91,7 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=self._stream)
         elif self._mode == "lines":
-            total_text = f", {_amount(total, unit_scale)} {unit} to do" if total else ""
+            total_text = f", {self._quantity(total)} to do" if total else ""
             self._write(f"{desc}: started{total_text}")
 
     def __enter__(self) -> Progress:
@@ -126,24 +126,33 @@ class Progress:
         elif self._mode == "lines":
             elapsed = time.perf_counter() - self.started
             rate = f", {self._rate(elapsed)}" if self.n else ""
-            self._write(f"{self.desc}: done: {_amount(self.n, self.unit_scale)} {self.unit} in "
+            self._write(f"{self.desc}: done: {self._quantity(self.n)} in "
                         f"{duration(elapsed)}{rate}{self._postfix()}")
 
     def _rate(self, elapsed: float) -> str:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         if rate and rate < 1:
             return f"{1 / rate:.1f}s/{self.unit}"
-        return f"{_amount(round(rate, 1), self.unit_scale)} {self.unit}/s"
+        return f"{_amount(round(rate, 1), self.unit_scale)}{self._separator}{self.unit}/s"
+
+    @property
+    def _separator(self) -> str:
+        return "" if self.unit == "B" else " "  # 538.1MB, 3.1k tok
+
+    def _quantity(self, value: float) -> str:
+        """`538.1MB`, `3.1k tok`, `6 candidates`, `1 step`: a word unit takes a plural, an abbreviation does not."""
+        unit = self.unit + ("s" if len(self.unit) > 3 and self.unit.isalpha() and value != 1 else "")
+        return f"{_amount(value, self.unit_scale)}{self._separator}{unit}"
 
     def _status(self, now: float) -> str:
         elapsed = now - self.started
         done = _amount(self.n, self.unit_scale)
         if self.total:
-            share = f"{done}/{_amount(self.total, self.unit_scale)} {self.unit} ({100 * self.n / self.total:.0f}%)"
+            share = f"{done}/{self._quantity(self.total)} ({100 * self.n / self.total:.0f}%)"
             left = (self.total - self.n) * elapsed / self.n if self.n else None
             eta = f", ETA {duration(left)}" if left is not None else ""
         else:
-            share, eta = f"{done} {self.unit}", ""
+            share, eta = self._quantity(self.n), ""
         return f"{self.desc}: {share}, {self._rate(elapsed)}, elapsed {duration(elapsed)}{eta}{self._postfix()}"
 
     def _postfix(self) -> str:
