@@ -370,3 +370,31 @@ def test_inspect_flags_a_config_claiming_1e8_layers_at_once(place: Place) -> Non
     assert description["incomplete"].startswith("config.json says num_hidden_layers=100000000 but the weights hold 3")
     assert description["missing_tensors"][0] == "model.layers.3.self_attn.q_proj.weight"
     assert len(description["missing_tensors"]) == 9, "the first absent layer's tensors, not 10^8 layers of them"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A real 256 KiB tmpfs (the simulated full disk above fails os.write; this one fills for real). Needs root."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("command", ["patch {m} -p dtype:to=float64 -o {out}", "convert {m} {out} --dtype float64"])
+def test_a_disk_that_really_fills_gives_one_line_and_leaves_nothing_on_it(command: str, place: Place,
+                                                                          small_disk: Path) -> None:
+    out = small_disk / "out"
+    weights = sum(f.stat().st_size for f in place.model.glob("*.safetensors"))
+    assert 2 * weights > 256 << 10, "the float64 copy must not fit, or nothing is tested"
+    args = shlex.split(command.format(m=place.model, out=out))
+    output = refuse(args, expect=f"cannot write {out}: No space left on device", untouched=[place.model], absent=[out])
+    assert output.rstrip("\n").split("\n")[-1].startswith("Error: "), output
+    assert list(small_disk.iterdir()) == [], "the staging directory is removed from the full disk"
