@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -282,7 +282,38 @@ def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path:
     other = json.loads((tmp_path / "run" / "04-eval-code" / "card-eval.json").read_text())
     assert other["dataset"]["name"] == "bundled:python-source[:1]" and "passkey" not in other
     readme = (done.model / "README.md").read_text()
-    assert "Passkey" in readme and "### On bundled:python-source[:1]" in readme and readme.count(".png)") == 2
+    assert "Passkey" in readme and "### On bundled:python-source[:1]" in readme
+    # Each eval step's plot, under its own name beside the card: the two perplexity.png do not overwrite each other.
+    assert re.findall(r"\]\((\S+\.png)\)", readme) == ["03-eval-perplexity.png", "04-eval-code-perplexity.png"]
+    for step in ("03-eval", "04-eval-code"):
+        placed = (done.model / f"{step}-perplexity.png").read_bytes()
+        assert placed == (tmp_path / "run" / step / "perplexity.png").read_bytes()
+
+
+def test_gqa_recipe_pools_distils_from_the_original_and_evaluates(tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")  # 4 query heads, 2 KV heads -> 1
+    overrides = tiny_budget(corpus(tmp_path)) | {"eval.lengths": [256], "gqa.calibration_tokens": 256}
+    done = run_recipe(base, "gqa", output=tmp_path / "run", overrides=overrides)
+    config = read_config(done.model)
+    assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 4
+    history = config["retrofit_history"]
+    assert [r["patch"] for r in history] == ["gqa", "finetune"] and history[0]["params"]["method"] == "fit"
+    assert history[1]["params"]["distill"]["teacher"] == str(base.resolve())  # teacher: base is the unpooled input
+    assert done.results["finetune"]["distill"]["first_kl"] > 0  # pooling changed the model: there is a gap to close
+    card = json.loads((tmp_path / "run" / "03-eval" / "card-eval.json").read_text())
+    assert list(card["perplexity"]) == ["before", "gqa", "after"]
+    # The mean-pooling column is the base pooled by mean in memory: the same numbers as that model on its own.
+    from llm_retrofit import evaluate, patch
+    from llm_retrofit.evaluation.documents import load_documents
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mean = patch(AutoModelForCausalLM.from_pretrained(base), "gqa:num_key_value_heads=1,method=mean")
+    alone = evaluate(mean, load_documents([str(corpus(tmp_path))], max_docs=1), lengths=[256],
+                     tokenizer=AutoTokenizer.from_pretrained(base), progress=False).models[0]
+    assert {str(r.length): r.perplexity for r in alone.perplexity} == pytest.approx(card["perplexity"]["gqa"])
+    readme = (done.model / "README.md").read_text()
+    # 3 layers x (keys + values) x head_dim 16 x 4 bytes x 2 KV heads -> 1
+    assert "KV cache per token: 768 bytes before, 384 after (float32), 50% smaller." in readme
 
 
 def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_path: Path) -> None:

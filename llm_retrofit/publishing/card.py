@@ -297,7 +297,7 @@ def card_content(
     evaluations = [load_evaluation(e) for e in _as_list(eval_results)] if eval_results is not None else [
         load_evaluation(e) for e in _carried_evaluations(carried)
     ]
-    plots = [_place_plot(model.path, p) for p in _as_list(plot)] if plot is not None else [
+    plots = _place_plots(model.path, _as_list(plot)) if plot is not None else [
         name for name in _carried_plots(carried) if (model.path / name).is_file()
     ]
     facts = _facts(model, existing, repo_id, base_override)
@@ -504,8 +504,16 @@ def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> Any:
     )
 
 
-def _place_plot(directory: Path, plot: str | os.PathLike[str]) -> str:
-    """Copy the plot beside the card (it is uploaded with the model and embedded by a relative link).
+def _place_plots(directory: Path, plots: list[str | os.PathLike[str]]) -> list[str]:
+    """Copy the plots beside the card; two of one name (each eval step writes perplexity.png) are told apart by the
+    name of their folder (03-eval-perplexity.png), so that neither overwrites the other."""
+    names = [Path(p).name for p in plots]
+    return [_place_plot(directory, p, f"{Path(p).parent.name}-{name}" if names.count(name) > 1 else name)
+            for p, name in zip(plots, names)]
+
+
+def _place_plot(directory: Path, plot: str | os.PathLike[str], name: str) -> str:
+    """Copy the plot beside the card as `name` (it is uploaded with the model and embedded by a relative link).
 
     The copy replaces a plot of that name rather than writing into it: the one there may be a hard link to the
     source model's plot, which must keep showing the source model.
@@ -518,10 +526,10 @@ def _place_plot(directory: Path, plot: str | os.PathLike[str]) -> str:
         raise PublishError(f"cannot read the plot {source}: {e.strerror}; pass an existing PNG file.") from None
     if not data.startswith(_PNG_SIGNATURE):
         raise PublishError(f"{source} is not a PNG image; pass the PNG plot `retrofit eval` wrote.")
-    target = directory / source.name
+    target = directory / name
     if not (target.exists() and os.path.samefile(target, source)):  # the same file is already in place
         replace_file(target, data)
-    return source.name
+    return name
 
 
 def _comment_json(state: dict[str, Any]) -> str:
