@@ -79,6 +79,12 @@ class Patcher(ABC):
         """The limitation a patch with these recorded parameters brings (some hold only for some parameters)."""
         return cls.card.limitation if cls.card else None
 
+    @classmethod
+    def card_note(cls, record: dict[str, Any]) -> str | None:
+        """A sentence the card adds to this patch's explanation from its history record (the facts its plan notes
+        recorded, such as the KV-cache bytes a pooling saved); None: nothing to add."""
+        return None
+
     def params(self) -> dict[str, Any]:
         """The parameters as JSON values, as recorded in the provenance."""
         return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]

@@ -208,12 +208,12 @@ def test_dry_run_prints_resolved_values_and_estimates_and_writes_nothing(tmp_pat
 def test_recipes_list_and_show(tmp_path: Path) -> None:
     listed = CliRunner().invoke(main, ["recipes", "list"])
     assert listed.exit_code == 0 and [line.split()[0] for line in listed.output.splitlines()] == builtin_names()
-    assert builtin_names() == ["llama-pro", "long-context", "moe-upcycle"]
+    assert builtin_names() == ["gqa", "llama-pro", "long-context", "moe-upcycle"]
     shown = CliRunner().invoke(main, ["recipes", "show", "long-context"])
     (tmp_path / "copy.yaml").write_text(shown.output)
     assert load_recipe(tmp_path / "copy.yaml").steps == load_recipe("long-context").steps  # a copy is a recipe
-    missing = CliRunner().invoke(main, ["recipes", "show", "gqa"])
-    assert missing.exit_code != 0 and "the built-in recipes are llama-pro, long-context, moe-upcycle" in missing.output
+    missing = CliRunner().invoke(main, ["recipes", "show", "infini"])
+    assert missing.exit_code != 0 and "the built-in recipes are gqa, llama-pro, long-context, moe-upcycle" in missing.output
 
 
 def tiny_budget(data: Path) -> dict:

@@ -36,7 +36,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
@@ -50,7 +50,7 @@ from ..io.checkpoint import Checkpoint, SafetensorsFile, load_checkpoint
 from ..io.commit import replace_file
 from ..errors import CheckpointError, PublishError
 from .lineage import CARD_FILE, REPO_ID, card_metadata, describe_source, license_of
-from .patch_notes import base_model_relation, limitation, patch_info
+from .patch_notes import base_model_relation, limitation, patch_info, record_note
 from ..io.provenance import HISTORY_KEY
 
 log = logging.getLogger(__name__)
@@ -418,7 +418,11 @@ def _cell(value: Any) -> str:
 def _history_patch(record: Mapping[str, Any]) -> dict[str, Any]:
     name = str(record.get("patch", "?"))
     params = {k: v for k, v in (record.get("params") or {}).items() if v is not None}
-    return _patch_entry(name, params)
+    entry = _patch_entry(name, params)
+    note = record_note(dict(record))  # facts of this record (a pooling's KV-cache saving) after the explanation
+    if note:
+        entry["info"] = replace(entry["info"], explanation=f"{entry['info'].explanation} {note}")
+    return entry
 
 
 def _adapter_patch(config: Mapping[str, Any]) -> dict[str, Any]:

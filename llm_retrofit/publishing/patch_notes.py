@@ -63,6 +63,14 @@ def limitation(name: str, params: dict[str, Any]) -> str | None:
     return patcher.card_limitation(params) if patcher is not None else patch_info(name).limitation
 
 
+def record_note(record: dict[str, Any]) -> str | None:
+    """What the card adds to a history record's explanation from the record itself (`Patcher.card_note`)."""
+    from ..patchers import registry
+
+    patcher = registry().get(str(record.get("patch")))
+    return patcher.card_note(record) if patcher is not None else None
+
+
 def base_model_relation(patch_names: set[str], is_adapter: bool) -> str:
     """The Hub's `base_model_relation` for a chain of patches (see the note above GGUF_LIMITATION)."""
     from ..patchers import registry

@@ -347,6 +347,12 @@ def finetune(
 
     # An MoE batch may route no token to some expert: DDP must not wait for gradients that never come.
     unused = DistributedDataParallelKwargs(find_unused_parameters="num_local_experts" in checkpoint.config)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed precision than
+    # the first one's; each finetune chooses its own (a recipe's bf16 finetune after a float32 one in the same
+    # process), so the previous finetune's state is dropped. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
                               kwargs_handlers=[unused])
     torch.manual_seed(settings.seed)
@@ -383,8 +389,12 @@ def finetune(
             # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
             raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
                                 "--multi_gpu) or one process.")
+        # A bf16 teacher halves its memory on a GPU. On a CPU a float32 one under the student's bf16 autocast is
+        # faster (modeling/precision.py: 14.0 s against 18.4 s a forward) and computes what the student computes,
+        # so a student equal to its teacher has a KL of exactly 0 there too.
+        teacher_dtype = torch.bfloat16 if precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
         distiller = Distiller(settings.distill, dict(checkpoint.config), history, train_rows, Path(output),
-                              accelerator.device, torch.bfloat16 if precision == "bf16" else torch.float32, base)
+                              accelerator.device, teacher_dtype, base)
         chunk = chunk_size(network.config.get_text_config().vocab_size)
         log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
                  settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
