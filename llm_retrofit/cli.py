@@ -161,7 +161,8 @@ class _PatchCommand(click.Command):
 @click.option("-r", "--recipe", default=None, metavar="NAME|FILE",
               help="Run a recipe (patch -> finetune -> eval -> card -> push) instead; see `retrofit recipes list`.")
 @click.option("--set", "overrides", multiple=True, metavar="STEP.KEY=VALUE",
-              help="With --recipe: change a value, e.g. --set finetune.steps=200 or --set inputs.data=docs/.")
+              help="With --recipe: change a value, e.g. --set finetune.steps=200 or --set inputs.data=docs/; --set "
+              "profile=gpu applies the recipe's named settings (`retrofit recipes show NAME` lists its profiles).")
 @click.option("--push-to-hub", default=None, metavar="REPO_ID", help="With --recipe: upload the result at the end.")
 @click.option("--resume", is_flag=True, help="With --recipe: continue the run in OUTPUT, skipping finished steps.")
 @click.option("-o", "--output", type=click.Path(), help="Write the patched checkpoint to this new directory.")
