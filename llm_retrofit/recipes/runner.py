@@ -439,7 +439,8 @@ def _what(step: Step, params: dict[str, Any]) -> str:
     try:
         if step.kind == "finetune":
             settings = finetune_settings(params)
-            return (f"{settings.total_steps()} steps x {settings.tokens_per_step()} tokens at seq_len "
+            steps = settings.total_steps()
+            return (f"{steps} step{'s' if steps != 1 else ''} x {settings.tokens_per_step()} tokens at seq_len "
                     f"{settings.seq_len}" + (" (LoRA)" if settings.lora else ""))
         if step.kind == "eval":
             from ..evaluation.perplexity import evaluate
