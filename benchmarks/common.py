@@ -52,6 +52,16 @@ def measure(setup: str, work: str, source: Path, output: Path) -> dict[str, floa
     }
 
 
+def checkpoint_or_bundled(model: Path | None, directory: Path) -> Path:
+    """`model`, or the bundled SmolLM2-135M converted into `directory/smollm2` (`retrofit convert bundled:smollm2`)."""
+    if model is not None:
+        return model
+    converted = directory / "smollm2"
+    subprocess.run([sys.executable, "-m", "llm_retrofit", "convert", "bundled:smollm2", str(converted)],
+                   check=True, capture_output=True)
+    return converted
+
+
 def load_into_page_cache(directory: Path) -> None:
     """Read every file under `directory` once, so that the next reader finds it in the page cache."""
     for path in directory.rglob("*"):

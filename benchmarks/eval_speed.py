@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import checkpoint_or_bundled
+
 # name -> (protocol, lengths, stride, documents, tokens kept per document)
 CASES = {
     "truncate_8k": ("truncate", [8192], None, 1, 8192),
@@ -113,11 +115,7 @@ def main() -> None:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:
-        model = args.model
-        if model is None:
-            model = Path(tmp) / "smollm2"
-            subprocess.run([sys.executable, "-m", "llm_retrofit", "convert", "bundled:smollm2", str(model)],
-                           check=True, capture_output=True)
+        model = checkpoint_or_bundled(args.model, Path(tmp))
         config = json.loads((model / "config.json").read_text())
         results = {}
         for name, (protocol, lengths, stride, documents, keep) in (QUICK if args.quick else CASES).items():

@@ -29,14 +29,14 @@ import copy
 import json
 import math
 import platform
-import subprocess
-import sys
 import tempfile
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from common import checkpoint_or_bundled
 
 METHODS = ("mean", "first", "fit")
 
@@ -184,11 +184,7 @@ def main() -> None:
                                   "machine": platform.processor() or platform.machine()}}
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="gqa-quality-") as tmp:
         root = Path(tmp)
-        source = args.model
-        if source is None:
-            source = root / "smollm2"
-            subprocess.run([sys.executable, "-m", "llm_retrofit", "convert", "bundled:smollm2", str(source)],
-                           check=True, capture_output=True)
+        source = checkpoint_or_bundled(args.model, root)
         pieces = held_out(AutoTokenizer.from_pretrained(source), args.eval_docs, args.length)
         config = json.loads((source / "config.json").read_text())
 

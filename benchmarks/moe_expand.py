@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import make_synthetic, measure
+from common import checkpoint_or_bundled, make_synthetic, measure
 
 RUN = "import subprocess; subprocess.run(COMMAND, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
 
@@ -121,9 +121,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moe-expand-") as tmp:
         root = Path(tmp)
-        smollm2 = root / "smollm2"
-        subprocess.run([sys.executable, "-m", "llm_retrofit", "convert", "bundled:smollm2", str(smollm2)],
-                       check=True, capture_output=True)
+        smollm2 = checkpoint_or_bundled(None, root)
         synthetic = root / "synthetic"
         size, _ = make_synthetic(synthetic, args.synthetic_gb, "bfloat16")
         for tokenizer_file in smollm2.glob("tokenizer*"):  # mergekit-moe insists on a tokenizer

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from common import checkpoint_or_bundled
 
 
 def pieces(tokenizer, length: int) -> list[torch.Tensor]:
@@ -66,11 +66,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="rope-extension-") as tmp:
         root = Path(tmp)
-        source = args.model
-        if source is None:
-            source = root / "smollm2"
-            subprocess.run([sys.executable, "-m", "llm_retrofit", "convert", "bundled:smollm2", str(source)],
-                           check=True, capture_output=True)
+        source = checkpoint_or_bundled(args.model, root)
         tokenizer = AutoTokenizer.from_pretrained(source)
         original_length = json.loads((source / "config.json").read_text())["max_position_embeddings"]
         target = original_length * args.scale
