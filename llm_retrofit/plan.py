@@ -9,6 +9,10 @@ weights.
   place (atomically, see `commit`). Unchanged tensors are copied byte for byte without decoding; a plan that changes
   only the config hard-links the weight files instead of rewriting them.
 - `apply_to_model` runs the same plan over a loaded model's state dict and rebuilds the model from the new config.
+
+A patch that is runtime behaviour rather than weights (an attention pattern, a memory) also puts into its plan the
+files to ship with the checkpoint (a self-contained modeling file that config.json's `auto_map` names) and a hook that
+installs the behaviour on a live model; see `TensorPlan.files` and `TensorPlan.installs`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Compute = Callable[..., torch.Tensor]
+Install = Callable[["PreTrainedModel"], "PreTrainedModel"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,12 @@ class TensorPlan:
     """Facts a patcher wants in its provenance record (e.g. which layers are new), beside its parameters."""
     applied: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     """(patch name, params + notes) of every patch this plan contains, in order: the history records to write."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Files shipped with the checkpoint (name -> text), such as the modeling file `auto_map` names: written inside
+    the staged directory, so the atomic commit covers them."""
+    installs: list[Install] = field(default_factory=list)
+    """What executor B runs on the rebuilt model to give it the behaviour the shipped files and config keys give a
+    checkpoint (an attention kernel, the classes `auto_map` names), in patch order."""
 
     @classmethod
     def identity(cls, view: ModelView) -> TensorPlan:
@@ -141,12 +152,35 @@ class TensorPlan:
             else:
                 inputs = tuple(i for e in earlier for i in e.inputs)
                 tensors[name] = TensorTask(task.meta, inputs, _Chained(task.compute, earlier))  # type: ignore[arg-type]
-        return TensorPlan(later.config, tensors, applied=self.applied + later.applied)
+        _refuse_conflicts(self, later)
+        files = {name: text for name, text in self.files.items() if name in shipped_files(later.config)}
+        return TensorPlan(later.config, tensors, applied=self.applied + later.applied, files=files | later.files,
+                          installs=self.installs + later.installs)
 
     def rewrites_weights(self, source: Mapping[str, TensorMeta]) -> bool:
         """False when every tensor passes through under its own name: only the config changes."""
         return self.tensors.keys() != source.keys() or any(
             not task.is_copy or task.inputs != (name,) for name, task in self.tensors.items()
+        )
+
+
+def shipped_files(config: Mapping[str, Any]) -> set[str]:
+    """The files of the checkpoint that config.json's `auto_map` points into (`module.Class` -> `module.py`)."""
+    references = config.get("auto_map") or {}
+    return {f"{ref.split('--')[-1].rsplit('.', 1)[0]}.py" for ref in references.values() if isinstance(ref, str)}
+
+
+def _refuse_conflicts(earlier: TensorPlan, later: TensorPlan) -> None:
+    """Two runtime patches may not both decide which class loads the model, nor ship different files of one name:
+    the second would silently undo the first."""
+    before, after = earlier.config.get("auto_map") or {}, later.config.get("auto_map") or {}
+    # A later patch that keeps the earlier auto_map (it copied the config) or removes it on purpose is fine.
+    clashing = [key for key in before if key in after and after[key] != before[key]]
+    clashing += [name for name in later.files if name in earlier.files and later.files[name] != earlier.files[name]]
+    if clashing and earlier.applied and later.applied:
+        raise PatchError(
+            f"{later.applied[0][0]} and {earlier.applied[-1][0]} both need to set {', '.join(clashing)}: they "
+            "replace the attention of the model in two incompatible ways. Apply one of them."
         )
 
 
@@ -258,6 +292,9 @@ def apply_to_checkpoint(
     checkpoint.require_complete()  # transformers would fill what an incomplete output lacks with random weights
     plan = build_plan(checkpoint_view(checkpoint), patchers, force)
     refuse_incomplete_output(plan.config, plan.view.tensors)
+    # Files an earlier runtime patch shipped that this config no longer loads (or that this plan ships anew) must not
+    # be carried into the result: a stale modeling file beside a config that no longer names it misleads readers.
+    superseded = (shipped_files(checkpoint.config) - shipped_files(plan.config)) | set(plan.files)
     rewrite = plan.rewrites_weights(checkpoint.tensors) or max_shard_size is not None
     # Identified before anything is read or linked, so that the fingerprint is known to be of these files' state.
     source_weights = WeightFiles(checkpoint)
@@ -270,7 +307,7 @@ def apply_to_checkpoint(
         fingerprinter.observe(name, raw)
         return decode(raw, checkpoint.tensors[name])
 
-    replaced = ["config.json"]
+    replaced = ["config.json", *sorted(superseded)]
     if rewrite:
         replaced = checkpoint.weight_files + _own_index(checkpoint) + replaced  # weights first: see staged_directory
         if in_place:
@@ -285,7 +322,10 @@ def apply_to_checkpoint(
                 link_or_copy(checkpoint.path / file_name, staging / file_name)
         if not in_place:
             for auxiliary in checkpoint.auxiliary_files():
-                link_or_copy(auxiliary, staging / auxiliary.name)
+                if auxiliary.name not in superseded:
+                    link_or_copy(auxiliary, staging / auxiliary.name)
+        for name, text in plan.files.items():
+            (staging / name).write_text(text)
         source_hash = fingerprinter.result()
         _record_history(plan, plan.applied if record is None else record, checkpoint.source, source_hash)
         # Unless rewritten, the output's weight files are the source's (linked, or carried over in place), so the
@@ -384,5 +424,7 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
+    for install in plan.installs:
+        new_model = install(new_model)
     new_model.train(model.training)
     return new_model.to(model.device)

@@ -319,6 +319,19 @@ _OPTIONAL_SIZES = ("num_key_value_heads", "intermediate_size", "head_dim", "max_
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
+DROPPED_BY_SAVE_PRETRAINED = ("attn_implementation",)
+"""config.json keys transformers honours when loading but `save_pretrained` does not write back."""
+
+
+def restore_dropped_config(directory: Path, source_config: Mapping[str, Any]) -> None:
+    """Put back into `directory/config.json` what `save_pretrained` dropped from the source's config (the chosen
+    attention kernel), so that our saves keep what a patch persisted."""
+    kept = {key: source_config[key] for key in DROPPED_BY_SAVE_PRETRAINED if source_config.get(key) is not None}
+    if kept:
+        path = directory / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **kept}, indent=2, sort_keys=True) + "\n")
+
+
 def check_config_sizes(config: Mapping[str, Any], where: str) -> None:
     """Raise CheckpointError unless every size config.json gives is a positive integer (JSON `3`, not `"3"`, `3.0`
     or `1e8`) and the required ones are there: everything that loops over layers, heads or experts trusts them."""

@@ -509,6 +509,7 @@ def _save(
     facts: dict[str, Any],
 ) -> None:
     """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record."""
+    from ..io.checkpoint import restore_dropped_config
     from ..io.commit import link_or_copy, staged_directory
     from ..io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records
 
@@ -543,6 +544,7 @@ def _save(
             history = list(checkpoint.history) + record
             setattr(network.config, HISTORY_KEY, history)
             network.to(dtype).save_pretrained(staging)
+            restore_dropped_config(staging, checkpoint.config)
             for auxiliary in checkpoint.auxiliary_files():
                 if not (staging / auxiliary.name).exists() and auxiliary.name != "README.md":
                     link_or_copy(auxiliary, staging / auxiliary.name)
