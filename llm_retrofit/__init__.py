@@ -9,6 +9,7 @@
     llm_retrofit.render_card("out", eval_results="results.json")   # README.md model card
     llm_retrofit.push("out", "owner/name")                         # to the Hugging Face Hub, card included
     model = llm_retrofit.pool_kv_heads(model, 1)                    # GQA/MQA: fewer KV heads, fitted merge
+    model = llm_retrofit.set_attention(model, pattern="sinks", window=4096)  # kernel and attention pattern
     llm_retrofit.finetune("out", "out-ft", steps=200, train=["new_layers"])  # short finetune on accelerate
     llm_retrofit.run_recipe("path", "llama-pro", output="run", overrides={"finetune.steps": 200})
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from .api import expand_blocks, extend_context, patch, pool_kv_heads, upcycle_moe  # noqa: E402
+from .api import expand_blocks, extend_context, patch, pool_kv_heads, set_attention, upcycle_moe  # noqa: E402
 from .publishing.card import render_card  # noqa: E402
 from .io.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from .convert import convert  # noqa: E402
@@ -66,6 +67,7 @@ __all__ = [
     "pool_kv_heads",
     "upcycle_moe",
     "push",
+    "set_attention",
     "render_card",
     "run_recipe",
 ]

@@ -87,3 +87,16 @@ def extend_context(
     if factors is not None:
         options["factors"] = Path(factors)
     return patch(model, get_patcher(method)(**options), **patch_options)
+
+
+def set_attention(model: Any, impl: str | None = None, pattern: str | None = None, **options: Any) -> Any:
+    """Choose the attention kernel (`impl`: eager, sdpa, flash_attention_2, flex_attention...) and/or `pattern`
+    (dense, sliding, sinks, block_sparse) of a loaded model or checkpoint path; see `patchers.attention`.
+
+    Options are the pattern's parameters (window, full_every, sinks, block_size, global_blocks, random_blocks, seed,
+    check), plus `output` or `in_place` for a checkpoint on disk.
+    """
+    from .patchers.attention import SetAttention
+
+    patch_options = {k: options.pop(k) for k in ("output", "in_place", "max_shard_size", "force") if k in options}
+    return patch(model, SetAttention(impl=impl, pattern=pattern, **options), **patch_options)  # type: ignore[arg-type]

@@ -68,6 +68,8 @@ def _dense(model_type: str, class_name: str) -> Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _dense("llama", "LlamaForCausalLM"),
     "mistral": _dense("mistral", "MistralForCausalLM"),
+    # Llama/Mistral with per-layer sliding or full attention (`layer_types`): what a hybrid sliding window becomes.
+    "ministral": _dense("ministral", "MinistralForCausalLM"),
     # Output of MoE upcycling, in the on-disk layout: one w1 (gate), w3 (up), w2 (down) per expert. transformers 5
     # fuses the experts in memory (mlp.experts.gate_up_proj / down_proj) but saves and loads this layout, as do
     # transformers 4, vLLM and llama.cpp; and it lets upcycling copy each dense matrix byte for byte.

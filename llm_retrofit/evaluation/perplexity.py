@@ -310,13 +310,16 @@ def load_model(
 
     from ..io.checkpoint import load_checkpoint
     from ..io.progress import quiet_libraries
+    from ..modeling.remote_code import runs_our_code
 
     target = resolve_device(device)
     checkpoint = load_checkpoint(source, revision)
     checkpoint.require_complete()
     path = checkpoint.path
     with quiet_libraries():  # no weight-loading bar or library warnings for our own load
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        # A checkpoint with an attention pattern runs it, through the modeling file the patch shipped (ours only).
+        trusted = runs_our_code(path, checkpoint.config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trusted)
         model.to(target).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
