@@ -100,3 +100,12 @@ def set_attention(model: Any, impl: str | None = None, pattern: str | None = Non
 
     patch_options = {k: options.pop(k) for k in ("output", "in_place", "max_shard_size", "force") if k in options}
     return patch(model, SetAttention(impl=impl, pattern=pattern, **options), **patch_options)  # type: ignore[arg-type]
+
+
+def add_infini_memory(model: Any, segment_length: int, update: str = "delta", **options: Any) -> Any:
+    """Infini-attention memory for a loaded model or checkpoint path, in segments of `segment_length` tokens; see
+    `patchers.infini`. Options are `gate_init`, plus `output` or `in_place` for a checkpoint on disk."""
+    from .patchers.infini import AddInfiniMemory
+
+    patch_options = {k: options.pop(k) for k in ("output", "in_place", "max_shard_size", "force") if k in options}
+    return patch(model, AddInfiniMemory(segment_length=segment_length, update=update, **options), **patch_options)  # type: ignore[arg-type]

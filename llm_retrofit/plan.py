@@ -423,8 +423,17 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     new_state = {name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()}
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # Tensors only an installed behaviour has (Infini's gates) are loaded once the install hooks have made them.
+    with torch.device("meta"):
+        known = set(model_class(config).state_dict())
+    added = {name: new_state.pop(name) for name in list(new_state) if name not in known}
     new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
     for install in plan.installs:
         new_model = install(new_model)
+    if added:
+        unexpected = new_model.load_state_dict(added, strict=False).unexpected_keys
+        if unexpected:
+            raise PatchError(f"internal error: the patched model has no place for {', '.join(unexpected)}; please "
+                             "report this.")
     new_model.train(model.training)
     return new_model.to(model.device)

@@ -157,6 +157,7 @@ def _sliding(config: dict[str, Any], window: int, full_every: int | None) -> dic
     if biased:
         raise PatchError(f"attention: this model has {' and '.join(biased)}; Mistral, which carries the sliding window "
                          "in transformers, has no bias tensors, so the window cannot be expressed without custom code.")
+    _refuse_custom_code(config, "sliding")
     config = {k: v for k, v in config.items() if k not in _LLAMA_ONLY_KEYS}
     config["sliding_window"] = window
     if full_every is None:
@@ -188,11 +189,16 @@ def _shipped_pattern(config: dict[str, Any], settings: dict[str, Any]) -> dict[s
     if model_type not in ("llama", "mistral"):
         raise PatchError(f"attention: pattern={settings['pattern']} is shipped for Llama and Mistral models, not "
                          f"{model_type}.")
-    if "auto_map" in config:
-        raise PatchError(f"attention: this model already loads custom code ({config['auto_map']}); pattern="
-                         f"{settings['pattern']} would replace it. Start from a model without remote code.")
+    _refuse_custom_code(config, settings["pattern"])
     model_class = "RetrofitMistralForCausalLM" if model_type == "mistral" else "RetrofitLlamaForCausalLM"
     return {**config, _PATTERN_KEY: settings, "auto_map": {"AutoModelForCausalLM": f"{SHIPPED_MODULE}.{model_class}"}}
+
+
+def _refuse_custom_code(config: dict[str, Any], pattern: str) -> None:
+    """Other custom code (Infini-attention, a Hub model's own) would be replaced or contradicted by this pattern."""
+    if "auto_map" in config:
+        raise PatchError(f"attention: this model loads custom code ({config['auto_map']}, from the source or an "
+                         f"earlier patch); pattern={pattern} would replace or contradict it. Apply one of them.")
 
 
 def _shipped_source() -> str:

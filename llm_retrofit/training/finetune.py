@@ -333,6 +333,7 @@ def finetune(
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     from ..io.checkpoint import load_checkpoint
+    from ..modeling.remote_code import runs_our_code
 
     settings = settings or FinetuneSettings(**options)
     checkpoint = load_checkpoint(model)
@@ -357,7 +358,9 @@ def finetune(
                               kwargs_handlers=[unused])
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32)
+    # A runtime patch's shipped code (Infini's memory and gates, an attention pattern) trains as it will run.
+    trusted = runs_our_code(checkpoint.path, checkpoint.config)
+    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=trusted)
     saved_dtype = _checkpoint_dtype(checkpoint)
     network.config.use_cache = False
     model_attention = shifted_sparse_attention.enable(network) if settings.s2_attn else None
