@@ -384,7 +384,16 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.option("-o", "--output", type=click.Path(), required=True, help="Write the finetuned model or adapter here.")
 @click.option("-d", "--data", multiple=True, default=("bundled:python-docs",), show_default=True, metavar="PATH",
               help="Training text: files, directories, JSONL, bundled:python-docs, a `datasets` name; SOURCE[a:b] "
-                   "picks documents by position (bundled:python-docs[1:]). Repeatable.")
+                   "picks documents by position (bundled:python-docs[1:]). Or chat data: JSONL rows with messages or "
+                   "prompt + completion, bundled:python-chat. Repeatable.")
+@click.option("--data-format", type=click.Choice(["auto", "text", "chat"]), default="auto", show_default=True,
+              help="chat: conversations in the model's chat template; text: documents; auto: chat when the sources' "
+                   "JSONL rows have messages or prompt + completion.")
+@click.option("--chat", "chat_flag", is_flag=True, help="Same as --data-format chat.")
+@click.option("--assistant-only-loss/--all-tokens-loss", default=True, show_default=True,
+              help="Chat data: the loss counts the assistant's tokens only, or every token.")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="Chat data: several conversations to a row (attention kept within each), or one per row.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (or give --tokens).")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Token budget, instead of --steps.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=1024, show_default=True)
@@ -415,7 +424,8 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Held-out loss every N steps (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, tokens: int | None, seq_len: int,
+def finetune(model: str, output: str, data: tuple[str, ...], data_format: str, chat_flag: bool,
+             assistant_only_loss: bool, packing: bool, steps: int | None, tokens: int | None, seq_len: int,
              batch_size: int, grad_accum: int, lr: float, lr_schedule: str, warmup_steps: int,
              lr_groups: dict[str, float], bf16: str, train: tuple[str, ...], lora: str | None,
              gradient_checkpointing: bool, distill: str | None, s2_attn: bool, eval_every: int, seed: int) -> None:
@@ -429,12 +439,16 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
       retrofit finetune smollm2-pro/ --train new_layers --steps 200 --seq-len 1024 -o smollm2-pro-ft/
       retrofit finetune smollm2-16k/ --lora lora:r=16,trainable=embed_tokens+norm --seq-len 16384 --s2-attn --steps 50 -o out/
       retrofit finetune smollm2-moe/ --distill teacher=base,temperature=2,alpha=0.9,top_k=64,cache=true --steps 200 -o out/
+      retrofit finetune smollm2/ --data chats.jsonl --steps 100 --seq-len 1024 -o smollm2-chat/
       accelerate launch --num_processes 2 -m llm_retrofit finetune smollm2/ --steps 100 -o out/
     """
     from .training.finetune import FinetuneSettings
     from .training.finetune import finetune as run_finetune
 
-    settings = FinetuneSettings(data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+    if chat_flag and data_format == "text":
+        raise click.UsageError("--chat and --data-format text contradict each other; pass one.")
+    settings = FinetuneSettings(data=data, data_format="chat" if chat_flag else data_format,
+                                assistant_only_loss=assistant_only_loss, packing=packing, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                                 grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                                 lr_groups=lr_groups, bf16={"true": True, "false": False}.get(bf16, "auto"),
                                 train=train, lora=lora, distill=distill,
@@ -453,10 +467,13 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
 
 @main.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("-d", "--data", multiple=True, required=True, metavar="PATH",
+@click.option("-d", "--data", multiple=True, metavar="PATH",
               help="Text file, directory of text files, .jsonl with a text field, bundled:python-docs, or a "
                    "`datasets` name NAME[:CONFIG][@SPLIT] (needs datasets installed); SOURCE[a:b] picks documents by "
-                   "position (bundled:python-docs[:1]). Repeat for several.")
+                   "position (bundled:python-docs[:1]). Repeat for several. (Required unless --chat is given.)")
+@click.option("--chat", "chat_data", multiple=True, metavar="PATH",
+              help="Held-out conversations (JSONL rows with messages or prompt + completion, bundled:python-chat@test): "
+                   "also report the perplexity of their assistant tokens, in the model's chat template. Repeatable.")
 @click.option("-l", "--lengths", default="2048,4096,8192", show_default=True, callback=_int_list,
               help="Context lengths in tokens (k = 1024).")
 @click.option("--protocol", type=click.Choice(["truncate", "sliding"]), default=None,
@@ -482,7 +499,8 @@ def finetune(model: str, output: str, data: tuple[str, ...], steps: int | None, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Windows of equal length run together in one forward pass.")
 @_autocast_option
-def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], protocol: str | None,
+def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, ...], lengths: list[int],
+          protocol: str | None,
           stride: int | None, max_docs: int | None, passkey: bool, passkey_lengths: list[int] | None,
           passkey_depths: list[float], passkey_trials: int,
           json_path: str | None, markdown: str | None, plot: str | None, passkey_plot: str | None, dtype: Any,
@@ -502,6 +520,7 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
       retrofit eval smollm2/ --data books.jsonl --stride 1024 --lengths 4k --max-docs 20 --json ppl.json
       retrofit eval smollm2/ --data bundled:python-docs --lengths 1k,2k --passkey --plot ppl.png
       retrofit eval smollm2/ --data bundled:python-docs --lengths 2k --passkey --passkey-lengths 1k,4k,8k
+      retrofit eval smollm2/ smollm2-chat/ --chat bundled:python-chat@test --json chat.json
     """
     import gc
 
@@ -510,10 +529,13 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
 
     from .evaluation.documents import load_documents
     from .evaluation.report import EvalResult
+    from .evaluation.conversations import load_conversations
     from .evaluation.perplexity import evaluate, resolve_device
     from .io.checkpoint import load_checkpoint
     from .io.writer import check_writable
 
+    if not data and not chat_data:
+        raise click.UsageError("nothing to evaluate on: pass --data (documents) or --chat (conversations), or both.")
     if stride is not None and protocol == "truncate":
         raise click.UsageError("--stride is for the sliding protocol; drop it or pass --protocol sliding.")
     protocol = protocol or ("sliding" if stride is not None else "truncate")
@@ -527,19 +549,22 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], lengths: list[int], pr
     resolve_device(device)
     for model in models:  # every model, so the last one's damage does not cost the first one's evaluation
         load_checkpoint(model).require_complete()
-    documents = load_documents(data, max_docs=max_docs)
+    documents = load_documents(data, max_docs=max_docs) if data else []
+    conversations = load_conversations(chat_data) if chat_data else None
     results = []
     for model in models:
         results.append(evaluate(
             model, documents, lengths=lengths, protocol=protocol, stride=stride, max_docs=max_docs,
             batch_size=batch_size, dtype=dtype, device=device, passkey=passkey, passkey_lengths=passkey_lengths,
-            passkey_depths=passkey_depths, passkey_trials=passkey_trials, autocast=autocast,
+            passkey_depths=passkey_depths, passkey_trials=passkey_trials, autocast=autocast, chat=conversations,
         ))
         gc.collect()  # the model is no longer referenced: free it before loading the next one
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     result = EvalResult.merge(results)
     result.settings["data"] = list(data)
+    if chat_data:
+        result.settings["chat"]["data"] = list(chat_data)
     Console().print(result.table())
     written = []
     if json_path:

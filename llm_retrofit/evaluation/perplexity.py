@@ -387,6 +387,7 @@ def evaluate(
     name: str | None = None,
     progress: bool = True,
     autocast: str = "auto",
+    chat: Sequence[Any] | None = None,
 ) -> EvalResult:
     """Perplexity at each length (and, with `passkey=True`, passkey retrieval accuracy) of one model.
 
@@ -395,7 +396,9 @@ def evaluate(
     token ids. Passkey prompts are made at `passkey_lengths` (default: `lengths`) and `passkey_depths`. Results of
     several models are put side by side with `EvalResult.merge`. A path is loaded with `load_model`'s checks; a run
     that would measure nothing (no document as long as the shortest length, no passkey) is an EvaluationError.
-    `autocast` (auto, bf16, off) is the arithmetic of a float32 model: see `modeling.precision`.
+    `autocast` (auto, bf16, off) is the arithmetic of a float32 model: see `modeling.precision`. `chat`
+    (`evaluation.conversations.load_conversations`) adds the assistant-token perplexity of held-out conversations
+    (evaluation/chat.py), the result's `chat`; with it, `documents` may be empty.
     """
     from .._version import __version__
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
@@ -415,7 +418,7 @@ def evaluate(
         check_head(model)
         documents = list(documents)[:max_docs]
         ids, names = tokenize(tokenizer, documents)
-        if not passkey and all(len(i) < lengths[0] for i in ids):  # a report of nothing but skipped documents
+        if not passkey and not chat and all(len(i) < lengths[0] for i in ids):  # a report of nothing but skipped documents
             longest = max((len(i) for i in ids), default=0)
             raise EvaluationError(
                 f"nothing to measure: none of the {len(ids)} document(s) is as long as the shortest length, "
@@ -430,6 +433,11 @@ def evaluate(
             if tokenizer is None:
                 raise EvaluationError("passkey retrieval needs the model's tokenizer; pass tokenizer=.")
             trials = run_passkey(model, tokenizer, key_lengths, depths, passkey_trials, progress=progress)
+        chat_result = None
+        if chat:
+            from .chat import chat_perplexity
+
+            chat_result = chat_perplexity(model, tokenizer, chat, name=name)
     config = model.config.get_text_config()
     settings = {
         "lengths": lengths,
@@ -441,6 +449,7 @@ def evaluate(
         "batch_size": batch_size,
         "bos": BOS_CONVENTION,
         "passkey": {"lengths": key_lengths, "depths": depths, "trials": passkey_trials} if passkey else None,
+        **({"chat": _chat_settings(chat)} if chat else {}),
         "versions": {"llm_retrofit": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
     }
     info = {
@@ -455,7 +464,14 @@ def evaluate(
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,
-                                             run.tokens_scored, info)])
+                                             run.tokens_scored, info, chat_result)])
+
+
+def _chat_settings(conversations: Sequence[Any]) -> dict[str, Any]:
+    from .chat import fingerprint as chat_fingerprint
+
+    return {"conversations": len(conversations), "conversations_xxh3": chat_fingerprint(conversations),
+            "scored": "assistant tokens only (the chat template's assistant turns, their end-of-turn token included)"}
 
 
 def _transformers_version() -> str:

@@ -65,6 +65,9 @@ class ModelResult:
     tokens_forwarded: int = 0  # tokens that went through the decoder
     tokens_scored: int = 0  # predictions that entered a perplexity, summed over lengths
     info: dict[str, Any] = field(default_factory=dict)  # dtype, device, context length, RoPE, BOS...
+    chat: dict[str, Any] | None = None
+    """Assistant-token perplexity of held-out conversations (evaluation/chat.py): conversations, tokens, nll,
+    perplexity, truncated, seconds; None when no chat data was given."""
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -128,7 +131,7 @@ class EvalResult:
             ]
             models.append(ModelResult(
                 raw["name"], lengths, [PasskeyTrial(**t) for t in raw["passkey"]], raw["seconds"],
-                raw["tokens_forwarded"], raw["tokens_scored"], raw["info"],
+                raw["tokens_forwarded"], raw["tokens_scored"], raw["info"], raw.get("chat"),
             ))
         return cls(data["settings"], models)
 
@@ -177,6 +180,12 @@ class EvalResult:
             lines.append(f"| {model.name} | " + " | ".join(_ppl(model.at(n)) for n in lengths) + " |")
         skipped = ", ".join(f"{_short(r.length)}: {r.skipped}" for r in self.models[0].perplexity) if self.models else ""
         lines += ["", f"Perplexity, {self.describe_protocol()}. Documents shorter than a length are skipped ({skipped})."]
+        with_chat = [m for m in self.models if m.chat]
+        if with_chat:
+            lines += ["", "| model | conversations | assistant tokens | chat perplexity |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {m.name} | {m.chat['conversations']} | {m.chat['tokens']} | {m.chat['perplexity']:.3f} |"
+                      for m in with_chat]
+            lines += ["", "Chat perplexity: held-out conversations in the model's chat template, assistant tokens only."]
         with_passkey = [m for m in self.models if m.passkey]
         if with_passkey:
             depths = sorted({t.depth for m in with_passkey for t in m.passkey})
@@ -214,7 +223,17 @@ class EvalResult:
             ppl.add_row("[dim]documents (skipped)[/dim]", *(
                 f"[dim]{len(r.documents)} ({r.skipped})[/dim]" if (r := self.models[0].at(n)) else "-" for n in self.lengths
             ), "")
-        parts: list[Any] = [ppl]
+        with_chat = [m for m in self.models if m.chat]
+        # With conversations only (`retrofit eval --chat` without --data), a table of empty lengths says nothing.
+        parts: list[Any] = [] if with_chat and not self.settings.get("documents") else [ppl]
+        if with_chat:
+            chat = Table(title="chat perplexity (assistant tokens)", title_justify="left")
+            for column in ("model", "conversations", "tokens", "perplexity"):
+                chat.add_column(column, justify="left" if column == "model" else "right")
+            for model in with_chat:
+                chat.add_row(model.name, str(model.chat["conversations"]), f"{model.chat['tokens']:,}",
+                             f"{model.chat['perplexity']:.3f}")
+            parts.append(chat)
         for model in (m for m in self.models if m.passkey):
             accuracy = model.passkey_accuracy()
             depths = sorted({d for _, d in accuracy})

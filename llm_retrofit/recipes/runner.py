@@ -264,6 +264,10 @@ def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: P
     data = list(settings.data)
     documents = load_documents(data, max_docs=settings.max_docs)
     options = settings.evaluate_options()
+    if settings.chat:
+        from ..evaluation.conversations import load_conversations
+
+        options["chat"] = load_conversations(settings.chat)
     directory.mkdir(parents=True)
     results = []
     if settings.compare_base or settings.baselines:

@@ -216,6 +216,9 @@ class EvalSettings(_Settings):
     choice to `evaluate` (its defaults are not repeated here)."""
 
     data: tuple[str, ...] = _setting(("bundled:python-docs",), example="data: [docs/, bundled:python-docs]")
+    chat: tuple[str, ...] = _setting((), example="chat: [bundled:python-chat@test]")
+    """Held-out conversations: their assistant-token perplexity is reported beside the documents' (eval.json's
+    `chat`)."""
     lengths: tuple[int, ...] | None = _setting(None, lambda n: n >= 2, "an integer >= 2 or a list of them",
                                                "lengths: [2048, 4096]")
     max_docs: int | None = _setting(None, lambda n: n >= 1, "a positive integer (or null for all)")

@@ -65,6 +65,14 @@ class FinetuneSettings:
 
     data: tuple[str, ...] = ("bundled:python-docs",)
     max_docs: int | None = None
+    data_format: Literal["auto", "text", "chat"] = "auto"
+    """`chat`: conversations (evaluation/conversations.py, rows by training/chat.py) rendered with the model's chat
+    template; `text`: documents; `auto`: chat when every source is chat data (bundled:python-chat, or JSONL rows
+    with `messages` or `prompt` + `completion`), text when none is."""
+    assistant_only_loss: bool = True
+    """Chat data: the loss counts the assistant's tokens only (false: every token of the conversation)."""
+    packing: bool = True
+    """Chat data: several conversations to a row (attention kept within each), or one per row, padded per batch."""
     seq_len: int = 1024
     steps: int | None = None
     tokens: int | None = None
@@ -107,6 +115,11 @@ class FinetuneSettings:
                                 "does not divide so (use a multiple of 8).")
         if self.bf16 not in ("auto", True, False):
             raise FinetuneError(f"finetune: bf16={self.bf16!r}; choose auto, true or false.")
+        if self.data_format not in ("auto", "text", "chat"):
+            raise FinetuneError(f"finetune: data_format={self.data_format!r}; choose auto, text or chat.")
+        for key in ("assistant_only_loss", "packing"):
+            if not isinstance(getattr(self, key), bool):
+                raise FinetuneError(f"finetune: {key}={getattr(self, key)!r}; choose true or false.")
         if isinstance(self.data, str):
             object.__setattr__(self, "data", (self.data,))
         if isinstance(self.train, str):
@@ -294,6 +307,59 @@ def pack(tokenizer: Any, sources: Sequence[str], seq_len: int, max_docs: int | N
     return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
+class DocumentRows:
+    """Packed document rows (`pack`), read as chat rows are (`ChatRows`): a batch is its ids, its own labels."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.ids.shape)
+
+    def tokens(self, rows: Sequence[int]) -> int:
+        return len(rows) * self.ids.shape[1]
+
+    def batch(self, rows: Sequence[int], device: Any = None) -> dict[str, torch.Tensor]:
+        ids = self.ids[list(rows)].to(device)
+        return {"input_ids": ids, "labels": ids}
+
+    def split(self, held_out: int) -> tuple[DocumentRows, DocumentRows]:
+        cut = self.ids.shape[0] - held_out
+        return DocumentRows(self.ids[:cut]), DocumentRows(self.ids[cut:])
+
+
+def is_chat_data(settings: FinetuneSettings) -> bool:
+    """Whether the finetune's sources are conversations (data_format, or with `auto` what the sources hold)."""
+    if settings.data_format != "auto":
+        return settings.data_format == "chat"
+    from ..evaluation.conversations import is_chat_source
+
+    kinds = {is_chat_source(source) for source in settings.data}
+    if len(kinds) > 1:
+        chat = [s for s in settings.data if is_chat_source(s)]
+        raise DataError(f"finetune: {', '.join(chat)} hold conversations and the other sources documents; train on "
+                        "one kind at a time (or set data_format: text to read them all as documents).")
+    return kinds == {True}
+
+
+def training_rows(tokenizer: Any, settings: FinetuneSettings, model: Any = "the model") -> Any:
+    """DocumentRows (documents packed with EOS) or ChatRows (conversations, assistant tokens as labels)."""
+    if not is_chat_data(settings):
+        return DocumentRows(pack(tokenizer, settings.data, settings.seq_len, settings.max_docs))
+    from ..evaluation.conversations import encode_all, load_conversations
+    from .chat import chat_rows
+
+    for key, what in (("distill", "a teacher"), ("s2_attn", "shifted sparse attention")):
+        if getattr(settings, key):
+            raise FinetuneError(f"finetune: {key} ({what}) does not train on chat data yet; drop {key} or train on "
+                                "documents.")
+    encoded = encode_all(tokenizer, load_conversations(settings.data, settings.max_docs), model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return chat_rows(encoded, settings.seq_len, packing=settings.packing, assistant_only=settings.assistant_only_loss,
+                     pad_id=pad if pad is not None else 0)
+
+
 def _batch_rows(total_rows: int, step: int, micro: int, settings: FinetuneSettings, rank: int, world: int) -> list[int]:
     """The row indices this process trains on at (step, micro-step): a fresh permutation of the data every epoch."""
     per_micro = settings.batch_size * world
@@ -375,9 +441,9 @@ def finetune(
         enable({"use_reentrant": False})
         network.enable_input_require_grads()
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
-    data = pack(tokenizer, settings.data, settings.seq_len, settings.max_docs)
+    data = training_rows(tokenizer, settings, checkpoint.path)
     held_out = settings.eval_sequences if settings.eval_every and data.shape[0] > settings.eval_sequences else 0
-    train_rows, eval_rows = data[: data.shape[0] - held_out], data[data.shape[0] - held_out :]
+    train_rows, eval_rows = data.split(held_out)
     if settings.eval_every and not held_out:
         log.warning("finetune: %d sequences are too few to hold %d out for eval; no eval loss", data.shape[0],
                     settings.eval_sequences)
@@ -396,7 +462,7 @@ def finetune(
         # faster (modeling/precision.py: 14.0 s against 18.4 s a forward) and computes what the student computes,
         # so a student equal to its teacher has a KL of exactly 0 there too.
         teacher_dtype = torch.bfloat16 if precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
-        distiller = Distiller(settings.distill, dict(checkpoint.config), history, train_rows, Path(output),
+        distiller = Distiller(settings.distill, dict(checkpoint.config), history, train_rows.ids, Path(output),
                               accelerator.device, teacher_dtype, base)
         chunk = chunk_size(network.config.get_text_config().vocab_size)
         log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
@@ -416,6 +482,7 @@ def finetune(
     lm_losses: list[float] = []
     kl_losses: list[float] = []
     eval_losses: list[tuple[int, float]] = []
+    trained_tokens = 0  # this process's real tokens: padding of chat rows is not counted
     started = time.perf_counter()
     network.train()
     progress = Progress(total, "finetune", "step", enabled=accelerator.is_main_process)
@@ -425,15 +492,16 @@ def finetune(
         for micro in range(settings.grad_accum):
             rows = _batch_rows(train_rows.shape[0], step, micro, settings, accelerator.process_index,
                                accelerator.num_processes)
-            batch = train_rows[rows].to(accelerator.device)
+            batch = train_rows.batch(rows, accelerator.device)
+            trained_tokens += train_rows.tokens(rows)
             with accelerator.accumulate(network):
                 if distiller is not None:
                     with accelerator.autocast():  # the head runs outside the (autocast) forward
-                        parts = distiller.loss(network, student, batch, rows, chunk)
+                        parts = distiller.loss(network, student, batch["input_ids"], rows, chunk)
                     loss = parts.total
                     step_parts += torch.stack([parts.lm, parts.kl]).detach().float() / settings.grad_accum
                 else:
-                    loss = network(input_ids=batch, labels=batch).loss
+                    loss = network(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm:
                     accelerator.clip_grad_norm_(network.parameters(), settings.max_grad_norm)
@@ -450,19 +518,20 @@ def finetune(
             shown |= {"lm": f"{lm:.4f}", "kl": f"{kl:.4f}"}
         elapsed = time.perf_counter() - started
         progress.set_postfix(**shown,
-                             tok_s=f"{(step + 1) * settings.tokens_per_step(accelerator.num_processes) / elapsed:.0f}")
+                             tok_s=f"{trained_tokens * accelerator.num_processes / elapsed:.0f}")
         progress.update()
         if held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
             eval_losses.append((step + 1, _eval_loss(network, eval_rows, accelerator)))
             log.info("finetune: step %d eval loss %.4f", step + 1, eval_losses[-1][1])
     progress.close()
     seconds = time.perf_counter() - started
+    tokens = int(accelerator.reduce(torch.tensor(trained_tokens, device=accelerator.device), reduction="sum").item())
     accelerator.wait_for_everyone()
     target = Path(output).expanduser()
     if model_attention is not None:
         transformers_model.set_attn_implementation(model_attention)  # the saved model runs full attention
     distilled = None
-    facts: dict[str, Any] = {"steps": total, "tokens": total * settings.tokens_per_step(accelerator.num_processes),
+    facts: dict[str, Any] = {"steps": total, "tokens": tokens,
                              "final_loss": round(losses[-1], 5)}
     if distiller is not None:
         distilled = distiller.summary()
@@ -471,7 +540,7 @@ def finetune(
         _save(accelerator.unwrap_model(network), tokenizer, checkpoint, target, settings, saved_dtype, facts)
     accelerator.wait_for_everyone()
     return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, total,
-                          total * settings.tokens_per_step(accelerator.num_processes), seconds, losses, eval_losses,
+                          tokens, seconds, losses, eval_losses,
                           trainable, lm_losses, kl_losses, distilled)
 
 
@@ -496,12 +565,12 @@ def _checkpoint_dtype(checkpoint: Any) -> torch.dtype:
 
 
 @torch.no_grad()
-def _eval_loss(network: Any, rows: torch.Tensor, accelerator: Any) -> float:
+def _eval_loss(network: Any, rows: Any, accelerator: Any) -> float:
     network.eval()
-    mine = rows[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
     total = torch.zeros(2, device=accelerator.device)
-    for row in mine:
-        total += torch.stack([network(input_ids=row[None], labels=row[None]).loss.float(), torch.ones((), device=total.device)])
+    for row in range(accelerator.process_index, rows.shape[0], accelerator.num_processes):
+        loss = network(**rows.batch([row], accelerator.device)).loss.float()
+        total += torch.stack([loss, torch.ones((), device=total.device)])
     network.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
