@@ -42,7 +42,7 @@ from .io.checkpoint import (
     refuse_incomplete_output,
 )
 from .io.commit import crash_test_point, link_or_copy, staged_directory
-from .io.progress import Progress
+from .io.progress import Progress, quiet_libraries
 from .errors import OutputError, PatchError
 from .io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records, with_stamp
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards, parse_size, write_index
@@ -427,7 +427,8 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     with torch.device("meta"):
         known = set(model_class(config).state_dict())
     added = {name: new_state.pop(name) for name in list(new_state) if name not in known}
-    new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
+    with quiet_libraries():  # no loading bar or load report for a model rebuilt from tensors we hold
+        new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
     for install in plan.installs:
         new_model = install(new_model)
     if added:

@@ -227,3 +227,11 @@ def test_going_back_to_dense_drops_the_shipped_file(tiny_llama: Path, tmp_path: 
     config = read_config(dense)
     assert "auto_map" not in config and "retrofit_attention" not in config
     torch.testing.assert_close(logits(dense, trust_remote_code=True), logits(tiny_llama), atol=1e-6, rtol=1e-6)
+
+
+def test_patching_a_loaded_model_prints_nothing_of_the_libraries(capfd: pytest.CaptureFixture[str]) -> None:
+    model = tiny_model()
+    capfd.readouterr()
+    set_attention(model, pattern="sinks", window=8)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
