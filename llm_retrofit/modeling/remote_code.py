@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import shipped_files
-
-SHIPPED = Path(__file__).parent / "shipped"
+from .shipped import HERE as SHIPPED
 
 
 def runs_our_code(directory: Path, config: Mapping[str, Any]) -> bool:

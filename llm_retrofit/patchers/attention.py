@@ -22,14 +22,13 @@ Two independent choices, one patch:
 
 from __future__ import annotations
 
-import importlib
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..errors import PatchError, PatchSpecError
+from ..modeling import shipped
 from ..plan import ModelView, TensorPlan
 from ..spec import PatchCard, Patcher, register
 
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 KERNELS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 _HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.-]+)?$")  # kernels-community/flash-attn[@rev][:fn]
 SHIPPED_MODULE = "modeling_retrofit_attention"
-_SHIPPED_PACKAGE = "llm_retrofit.modeling.shipped"
 _PATTERN_KEY = "retrofit_attention"
 _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
 
@@ -118,7 +116,7 @@ class SetAttention(Patcher):
             config = _sliding(config, self.window, self.full_every)  # type: ignore[arg-type]
         elif self.pattern in ("sinks", "block_sparse"):
             config = _shipped_pattern(config, self.pattern_settings())
-            files = {f"{SHIPPED_MODULE}.py": _shipped_source()}
+            files = shipped.files(SHIPPED_MODULE)
         if self.impl is not None:
             config["attn_implementation"] = self.impl
         plan = TensorPlan.identity(ModelView(config, model.tensors))
@@ -140,7 +138,7 @@ class SetAttention(Patcher):
     def install(self, model: PreTrainedModel) -> PreTrainedModel:
         """Executor B: the rebuilt model gets the shipped classes and the kernel, as loading the checkpoint would."""
         if self.pattern in ("sinks", "block_sparse"):
-            model = importlib.import_module(f"{_SHIPPED_PACKAGE}.{SHIPPED_MODULE}").install(model)
+            model = shipped.install(SHIPPED_MODULE, model)
         if self.impl is not None:
             model.set_attn_implementation(self.impl)
         return model
@@ -200,10 +198,6 @@ def _refuse_custom_code(config: dict[str, Any], pattern: str) -> None:
         raise PatchError(f"attention: this model loads custom code ({config['auto_map']}, from the source or an "
                          f"earlier patch); pattern={pattern} would replace or contradict it. Apply one of them.")
 
-
-def _shipped_source() -> str:
-    package = importlib.import_module(_SHIPPED_PACKAGE)
-    return (Path(package.__file__).parent / f"{SHIPPED_MODULE}.py").read_text()  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------- what this machine runs

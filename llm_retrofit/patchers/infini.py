@@ -16,9 +16,7 @@ starts near zero. The gates must then be trained (with their own learning rate: 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -26,6 +24,7 @@ import torch
 from ..architectures import layer_name, split_layer_name
 from ..errors import PatchError, PatchSpecError
 from ..io.checkpoint import TensorMeta
+from ..modeling import shipped
 from ..plan import ModelView, TensorPlan, TensorTask
 from ..spec import PatchCard, Patcher, register
 
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SHIPPED_MODULE = "modeling_retrofit_infini"
-_SHIPPED_PACKAGE = "llm_retrofit.modeling.shipped"
 SETTINGS_KEY = "retrofit_infini"
 GATE = "self_attn.memory_gate"
 
@@ -87,7 +85,7 @@ class AddInfiniMemory(Patcher):
         new_config = {**config, SETTINGS_KEY: settings,
                       "auto_map": {"AutoModelForCausalLM": f"{SHIPPED_MODULE}.{model_class}"}}
         plan = TensorPlan(new_config, tensors)
-        plan.files = {f"{SHIPPED_MODULE}.py": _shipped_source()}
+        plan.files = shipped.files(SHIPPED_MODULE)
         plan.installs = [_install]
         return plan
 
@@ -96,11 +94,7 @@ class AddInfiniMemory(Patcher):
         return lambda: torch.full((heads,), value, dtype=dtype)
 
 
-def _shipped_source() -> str:
-    package = importlib.import_module(_SHIPPED_PACKAGE)
-    return (Path(package.__file__).parent / f"{SHIPPED_MODULE}.py").read_text()  # type: ignore[arg-type]
-
 
 def _install(model: PreTrainedModel) -> PreTrainedModel:
     """Executor B: the rebuilt model gets the Infini classes (its gates come from config's gate_init)."""
-    return importlib.import_module(f"{_SHIPPED_PACKAGE}.{SHIPPED_MODULE}").install(model)
+    return shipped.install(SHIPPED_MODULE, model)
