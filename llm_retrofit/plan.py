@@ -424,9 +424,13 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # Tensors only an installed behaviour has (Infini's gates) are loaded once the install hooks have made them.
-    with torch.device("meta"):
-        known = set(model_class(config).state_dict())
-    added = {name: new_state.pop(name) for name in list(new_state) if name not in known}
+    # (Only then: without hooks every tensor is the plain class's, under its on-disk name, which for a Mixtral is
+    # not its in-memory name.)
+    added: dict[str, torch.Tensor] = {}
+    if plan.installs:
+        with torch.device("meta"):
+            known = set(model_class(config).state_dict())
+        added = {name: new_state.pop(name) for name in list(new_state) if name not in known}
     with quiet_libraries():  # no loading bar or load report for a model rebuilt from tensors we hold
         new_model = model_class.from_pretrained(None, config=config, state_dict=new_state, dtype=config.dtype)
     for install in plan.installs:

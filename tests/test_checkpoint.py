@@ -92,7 +92,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tiny_llama: Path) -> 
     config = json.loads((tiny_llama / "config.json").read_text())
     config["model_type"] = "gpt2"
     (tiny_llama / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*llama, mistral, mixtral"):
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*llama, ministral, mistral, mixtral"):
         load_checkpoint(tiny_llama)
 
 

@@ -232,7 +232,7 @@ CASES = [
     # 4.3: eval (and every command that runs a local checkpoint) runs our checkpoint checks; patch refuses an
     # incomplete checkpoint before writing anything
     pytest.param(config(model_type="gpt2"), EVAL, "model_type 'gpt2' is not supported; llm-retrofit rewrites llama, "
-                 "mistral, mixtral checkpoints", id="eval-model-type-gpt2"),
+                 "ministral, mistral, mixtral checkpoints", id="eval-model-type-gpt2"),
     pytest.param(config(num_hidden_layers=5), EVAL, INCOMPLETE, id="eval-config-counts-more-layers-than-the-weights"),
     pytest.param(truncate(20000), EVAL, "model.safetensors is not a readable safetensors file: tensor 'lm_head.weight' "
                  "ends at byte 32768 of a 16936-byte data section. It is corrupt or truncated",
