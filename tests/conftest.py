@@ -27,6 +27,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+WITHOUT_LLM_RETROFIT = r"""
+import importlib.abc, json, sys
+
+class NoRetrofit(importlib.abc.MetaPathFinder):  # a machine where llm-retrofit was never installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "llm_retrofit":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoRetrofit())
+try:
+    import llm_retrofit
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("llm_retrofit is importable: the test proves nothing")
+"""
+"""The start of a script run in a fresh `python -I`: llm_retrofit cannot be imported there (and the script checks
+that it cannot), as on a machine where llm-retrofit was never installed."""
+
+
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised model small enough to run in milliseconds, but with GQA (4 heads, 2 KV heads)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import WITHOUT_LLM_RETROFIT
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -301,22 +303,7 @@ def test_install_and_the_config_are_checked() -> None:
 
 # --- a checkpoint loaded where llm_retrofit is absent -------------------------------------------------------------
 
-LOADER = r"""
-import importlib.abc, json, sys
-
-class NoRetrofit(importlib.abc.MetaPathFinder):  # a machine where llm-retrofit was never installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llm_retrofit":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return None
-
-sys.meta_path.insert(0, NoRetrofit())
-try:
-    import llm_retrofit
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("llm_retrofit is importable: the test proves nothing")
+LOADER = WITHOUT_LLM_RETROFIT + r"""
 
 import torch
 from transformers import AutoModelForCausalLM
