@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import EvaluationError
-from ..modeling.kv_cache import cache_argument
+from ..modeling.kv_cache import cache_argument, returned_cache
 from .report import PasskeyTrial
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,17 @@ def _token_at(tokenizer: Any, encoding: Any, text: str, char: int) -> int:
 
 
 def greedy_answer(model: Any, input_ids: list[int], new_tokens: int = ANSWER_TOKENS) -> list[int]:
-    """Greedy decoding with the KV cache; only the last position's logits are ever computed (`logits_to_keep=1`)."""
-    from transformers import DynamicCache
+    """Greedy decoding with the KV cache; only the last position's logits are ever computed (`logits_to_keep=1`).
 
+    The prompt's forward builds the cache the model wants (a DynamicCache for a stock model, the bounded caches of
+    attention sinks and Infini-attention for theirs), and every step after it reuses that one."""
     ids = torch.tensor([input_ids], device=model.device)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = set(eos if isinstance(eos, list) else [eos]) - {None}
     answer: list[int] = []
-    cache = cache_argument(model, DynamicCache(config=model.config))  # filled in place by every call
     with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = cache_argument(model, returned_cache(out))  # filled in place by every call
         for _ in range(new_tokens):
             token = int(out.logits[0, -1].argmax())
             if token in stop:

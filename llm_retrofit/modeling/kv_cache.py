@@ -23,3 +23,10 @@ def _keyword(forward_type: type) -> str:
 def cache_argument(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """`{keyword: cache}` for `model(...)`: splat it into the call."""
     return {_keyword(type(model)): cache}
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a forward with `use_cache=True` returned: the output's `cache` field (5.24), else the older
+    `past_key_values`."""
+    fields = output.keys() if hasattr(output, "keys") else ()
+    return output["cache"] if "cache" in fields else output.past_key_values
