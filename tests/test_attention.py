@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import read_config, save_tiny, state_of, tiny_model
-from llm_retrofit import PatchError, PatchSpecError, patch, set_attention
+from llm_retrofit import CheckpointError, PatchError, PatchSpecError, patch, set_attention
 from llm_retrofit.patchers import parse_spec
 from llm_retrofit.patchers.attention import SHIPPED_MODULE, unavailable_reason
 
@@ -201,8 +201,15 @@ def test_our_commands_run_our_shipped_code_and_no_one_elses(tiny_llama: Path, tm
     out = patch(tiny_llama, "attention:pattern=sinks,sinks=2,window=8", output=tmp_path / "out")
     model, _ = load_model(out)
     assert type(model).__name__ == "RetrofitLlamaForCausalLM"
-    # The same name with other contents is someone else's code: not run.
+    # The same name with other contents (another version's, or edited) is neither run nor silently skipped.
     (out / SHIPPED).write_text((out / SHIPPED).read_text() + "\nraise SystemExit('not ours')\n")
+    with pytest.raises(CheckpointError, match=f"is not the {SHIPPED} this llm-retrofit ships.*cp .*{SHIPPED}"):
+        load_model(out)
+    # Code we do not ship at all is never run by our commands: the model loads as its plain architecture.
+    config = json.loads((out / "config.json").read_text())
+    (out / SHIPPED).rename(out / "their_modeling.py")
+    config["auto_map"] = {"AutoModelForCausalLM": "their_modeling.RetrofitLlamaForCausalLM"}
+    (out / "config.json").write_text(json.dumps(config))
     model, _ = load_model(out)
     assert type(model).__name__ == "LlamaForCausalLM"
 
