@@ -154,6 +154,16 @@ def test_past_one_segment_the_model_is_segment_local_attention_plus_a_gated_memo
     assert gaps[-4.0] > 10 * gaps[-8.0] > 100 * gaps[-12.0] > 0
 
 
+@pytest.mark.parametrize("gate", [-8.0, 3.0])
+def test_with_the_memory_switched_off_every_segment_is_the_stock_model_on_that_segment_alone(gate: float) -> None:
+    stock, tokens = tiny(), ids(4 * N + 3)
+    model = converted(stock, "delta", gate, memory=False)
+    assert torch.allclose(logits(model, tokens), segment_local(stock, tokens), atol=1e-5, rtol=0)
+    cache = infini.InfiniCache(model.config)  # and the stream keeps no memory, only its current segment
+    logits(model, tokens, cache=cache, use_cache=True)
+    assert all(layer.memory is None and layer.held() == 3 for layer in cache.layers)
+
+
 def test_one_layer_matches_a_hand_built_infini_attention_with_gqa() -> None:
     """Layer 0's attention output on two segments rebuilt by hand: memory from segment 1's pre-RoPE keys per KV
     head, query head h reading KV head h // 2, local softmax over segment 2 at true positions, per-head gates."""
@@ -273,16 +283,48 @@ def test_a_later_segment_loss_trains_the_key_value_projections_of_earlier_segmen
     assert model.model.layers[0].self_attn.memory_gate.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+def test_per_layer_gradient_checkpointing_gives_the_same_gradients() -> None:
+    """A forward without labels (a distillation computes its own loss from the logits) is checkpointed per layer."""
     tokens = ids(3 * N)
     grads = []
     for checkpointing in (False, True):
         model = converted(tiny(), "delta", 0.0).train()
         if checkpointing:
             model.activation_checkpointing_enable()
-        model(tokens, labels=tokens, use_cache=False).loss.backward()
+        logits = model(tokens, use_cache=False).logits
+        F.cross_entropy(logits[0, :-1], tokens[0, 1:]).backward()
         grads.append(model.model.layers[0].self_attn.k_proj.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_checkpointed_training_runs_segment_by_segment_with_the_same_loss_and_gradients() -> None:
+    """With checkpointing on, a training forward with labels runs one segment at a time, each checkpointed whole
+    (stack, lm_head, loss): the loss and every gradient equal the ordinary forward's, while autograd keeps only each
+    segment's inputs and memories instead of every layer's activations."""
+    tokens = ids(8 * N + 3)
+    labels = tokens.clone()
+    labels[0, :5] = -100  # unscored positions count as transformers counts them
+    runs = {}
+    for checkpointing in (False, True):
+        model = converted(tiny(), "delta", 0.0).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        kept = [0]
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            kept[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=tokens, labels=labels).loss
+        loss.backward()
+        runs[checkpointing] = loss, {name: p.grad for name, p in model.named_parameters()}, kept[0]
+    (loss, grads, kept), (by_segment, segment_grads, segment_kept) = runs[False], runs[True]
+    assert torch.allclose(by_segment, loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        assert torch.allclose(segment_grads[name], grad, atol=1e-6, rtol=1e-5), name
+    assert segment_grads["model.layers.0.self_attn.memory_gate"].abs().sum() > 0
+    assert segment_kept < kept / 10
 
 
 def test_install_and_the_config_are_checked() -> None:
@@ -293,6 +335,9 @@ def test_install_and_the_config_are_checked() -> None:
     broken.config.retrofit_infini = {"segment_length": N, "update": "sum"}
     with pytest.raises(ValueError, match="update"):
         infini.install(broken)
+    broken.config.retrofit_infini = {"segment_length": N, "memory": "off"}
+    with pytest.raises(ValueError, match="memory must be true or false"):
+        infini.install(broken)(ids(2))
     model = converted(stock, gate_init=-3.0)
     assert type(model).__name__ == "RetrofitInfiniLlamaForCausalLM"
     assert torch.equal(model.model.layers[1].self_attn.memory_gate, torch.full((4,), -3.0))

@@ -56,6 +56,7 @@ class AddInfiniMemory(Patcher):
     segment_length: int
     update: Literal["linear", "delta"] = "delta"
     gate_init: float = -8.0
+    memory: bool = True  # false: segments without memory, each attends only within itself (the ablation)
 
     def __post_init__(self) -> None:
         if self.segment_length < 2:
@@ -81,7 +82,8 @@ class AddInfiniMemory(Patcher):
             tensors[layer_name(layer, GATE)] = TensorTask(TensorMeta(dtype, (heads,)), (), self._gate(heads, dtype))
         model_class = "RetrofitInfiniMistralForCausalLM" if config["model_type"] == "mistral" else \
             "RetrofitInfiniLlamaForCausalLM"
-        settings = {"segment_length": self.segment_length, "update": self.update, "gate_init": self.gate_init}
+        settings = {"segment_length": self.segment_length, "update": self.update, "gate_init": self.gate_init,
+                    "memory": self.memory}
         new_config = {**config, SETTINGS_KEY: settings,
                       "auto_map": {"AutoModelForCausalLM": f"{SHIPPED_MODULE}.{model_class}"}}
         plan = TensorPlan(new_config, tensors)

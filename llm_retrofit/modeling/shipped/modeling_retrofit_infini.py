@@ -5,7 +5,8 @@ This file travels inside patched checkpoints, next to config.json, which names i
 seen llm-retrofit; that is why it imports only the standard library, torch and transformers. config.json keeps
 `model_type` llama (or mistral) and gains
 
-    "retrofit_infini": {"segment_length": N, "update": "linear" | "delta"}   (optionally "gate_init": float)
+    "retrofit_infini": {"segment_length": N, "update": "linear" | "delta"}   (optionally "gate_init": float, and
+                                                                              "memory": false for the ablation)
 
 and one weight per layer, `model.layers.{i}.self_attn.memory_gate` of shape (num_attention_heads,), in the model's
 dtype. A checkpoint without it still loads, silently, with the gates at `gate_init` (DEFAULT_GATE_INIT if unset).
@@ -25,9 +26,11 @@ the stock model at any gate value.
 
 Segments are handled inside each attention layer, which is equivalent to running the whole stack segment by segment
 (layer l's memory only ever holds layer l's keys of earlier segments) and lets one forward over L > N tokens compute a
-loss with gradients through the whole recurrence (nothing is detached). transformers' per-layer gradient
-checkpointing works: without a cache a layer's forward is a pure function of its input. There is no finer,
-per-segment checkpointing. `generate` and any forward with `use_cache` get an `InfiniCache`, whose layers hold the
+loss with gradients through the whole recurrence (nothing is detached). With gradient checkpointing on, a training
+forward with labels runs segment by segment instead, each segment's whole forward (stack, lm_head, loss)
+checkpointed and only the float32 memories kept between segments, so training memory is one segment's worth however
+long the row (`_segment_checkpointed_loss`); other forwards under checkpointing use transformers' per-layer
+checkpointing, which works because without a cache a layer's forward is a pure function of its input. `generate` and any forward with `use_cache` get an `InfiniCache`, whose layers hold the
 current segment's keys and values only (at most N - 1 between calls) plus M and z, so memory stays flat on unbounded
 input; `get_seq_length` counts every token seen, so positions stay true. Padded batches are refused (positions are
 those of one unpadded stream).
@@ -68,6 +71,16 @@ def parse_spec(spec: Mapping[str, Any] | None) -> tuple[int, str]:
 
 def spec_of(config: Any) -> tuple[int, str]:
     return parse_spec(getattr(config, CONFIG_KEY, None))
+
+
+def memory_on(config: Any) -> bool:
+    """False when `retrofit_infini.memory` is false: the ablation that keeps the segments and drops the memory, so
+    every segment attends only within itself (what the memory is measured against)."""
+    spec = getattr(config, CONFIG_KEY, None) or {}
+    value = spec.get("memory", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"{CONFIG_KEY}.memory must be true or false, got {value!r}")
+    return value
 
 
 def gate_init_of(config: Any) -> float:
@@ -175,9 +188,13 @@ class InfiniCacheLayer(DynamicLayer):
         self.cumulative_length += keys.shape[-2]
         return self.keys, self.values
 
-    def fold_if_complete(self, rule: str) -> None:
-        """When the held segment has N tokens: fold its pre-RoPE keys and values into memory, clear local state."""
+    def fold_if_complete(self, rule: str | None) -> None:
+        """When the held segment has N tokens: fold its pre-RoPE keys and values into memory (by `rule`; None when the
+        memory is off: the segment is just dropped), clear local state."""
         if self.held() < self.segment_length:
+            return
+        if rule is None:
+            self.keys = self.values = self.raw_keys = None
             return
         if self.memory is None:
             batch, kv_heads, _, d_key = self.raw_keys.shape
@@ -278,6 +295,7 @@ class _InfiniAttention:
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: Any = None, cache: Cache | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         _, rule = spec_of(self.config)
+        rule = rule if memory_on(self.config) else None
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -348,13 +366,81 @@ class _InfiniModel:
 
 
 class _InfiniCausalLM:
-    """Causal LM with gates in every attention layer and a `generate` that builds its InfiniCache by itself."""
+    """Causal LM with gates in every attention layer, a `generate` that builds its InfiniCache by itself, and a
+    training forward checkpointed per segment."""
 
     _keys_to_ignore_on_load_missing = [r"self_attn\.memory_gate"]  # a gate-less checkpoint starts at gate_init
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         _convert(self, gate_init_of(config))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        named = {"input_ids": args[0], **kwargs} if len(args) == 1 else kwargs
+        if len(args) <= 1 and self._checkpoints_segments(named):
+            return self._segment_checkpointed_loss(named["input_ids"], named["labels"],
+                                                   named.get("num_items_in_batch"))
+        return super().forward(*args, **kwargs)
+
+    def _checkpoints_segments(self, kwargs: dict) -> bool:
+        """A training forward with gradient checkpointing, labels and more than one segment of plain input ids: it
+        runs segment by segment (`_segment_checkpointed_loss`). Anything else takes the ordinary path."""
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self.model.layers)
+        return (self.training and checkpointing and torch.is_grad_enabled()
+                and kwargs.get("labels") is not None and isinstance(ids, torch.Tensor)
+                and ids.shape[1] > spec_of(self.config)[0] and not kwargs.get("use_cache")
+                and (mask is None or (mask.dim() == 2 and bool(mask.all())))
+                and set(kwargs) <= {"input_ids", "labels", "attention_mask", "use_cache", "num_items_in_batch",
+                                    "return_dict"})
+
+    def _segment_checkpointed_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                                   num_items_in_batch: Any = None) -> Any:
+        """The loss of long rows computed one segment at a time, each segment's whole forward (decoder stack,
+        lm_head, cross-entropy) under activation checkpointing. Between segments only the float32 memories and
+        normalisers are kept, so training memory is one segment's worth however long the row, and the gradient
+        still flows back through every memory into the earlier segments' keys, values and gates. Equal to the
+        ordinary forward's loss: the causal-LM shift, -100 ignored, the mean over scored tokens (or a sum over
+        `num_items_in_batch`, as transformers' loss takes it under gradient accumulation)."""
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        length = spec_of(self.config)[0]
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+        head_dim = self.model.layers[0].self_attn.head_dim
+        states = list(empty_memory((input_ids.shape[0], self.config.num_key_value_heads), head_dim, head_dim,
+                                   input_ids.device)) * self.config.num_hidden_layers
+        total = None
+        for start in range(0, input_ids.shape[1], length):
+            piece = slice(start, start + length)
+            nll, *states = checkpoint(self._segment_nll, input_ids[:, piece], targets[:, piece], start, *states,
+                                      use_reentrant=False)
+            total = nll if total is None else total + nll
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        if isinstance(count, torch.Tensor):
+            count = count.to(total.device)
+        return CausalLMOutputWithPast(loss=total / count)
+
+    def _segment_nll(self, ids: torch.Tensor, targets: torch.Tensor, start: int,
+                     *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One segment's summed NLL and the memories after it, from the memories before it: a pure function of its
+        inputs, so that the checkpoint can replay it in the backward pass."""
+        cache = InfiniCache(self.config)
+        for layer, memory, norm in zip(cache.layers, states[0::2], states[1::2]):
+            # zero memories are empty ones: they retrieve nothing and fold exactly as a fresh memory does
+            layer.memory, layer.norm, layer.cumulative_length = memory, norm, start
+        stack = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+        flags = [m.gradient_checkpointing for m in stack]
+        try:  # the segment is checkpointed as a whole; per-layer checkpointing would drop the cache it needs
+            for module in stack:
+                module.gradient_checkpointing = False
+            hidden = self.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+        finally:
+            for module, flag in zip(stack, flags):
+                module.gradient_checkpointing = flag
+        logits = self.lm_head(hidden).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return (nll, *(t for layer in cache.layers for t in (layer.memory, layer.norm)))
 
     def _init_weights(self, module: nn.Module) -> None:
         _init_gate(self, module)
@@ -436,5 +522,5 @@ def install(model: nn.Module) -> nn.Module:
 __all__ = [
     "CONFIG_KEY", "DEFAULT_GATE_INIT", "InfiniCache", "InfiniCacheLayer", "RetrofitInfiniLlamaForCausalLM",
     "RetrofitInfiniMistralForCausalLM", "empty_memory", "grouped_retrieve", "install", "local_attention",
-    "memory_retrieve", "memory_update", "mix", "parse_spec", "sigma",
+    "memory_on", "memory_retrieve", "memory_update", "mix", "parse_spec", "sigma",
 ]
