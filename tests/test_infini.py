@@ -34,7 +34,7 @@ def source(tmp_path: Path) -> Path:
 def test_the_patch_adds_one_gate_per_query_head_and_ships_the_modeling_file(source: Path, tmp_path: Path) -> None:
     out = patch(source, f"infini:segment_length={SEGMENT},update=linear,gate_init=-6", output=tmp_path / "out")
     config = read_config(out)
-    assert config["retrofit_infini"] == {"segment_length": SEGMENT, "update": "linear", "gate_init": -6.0}
+    assert config["retrofit_infini"] == {"segment_length": SEGMENT, "update": "linear", "gate_init": -6.0, "memory": True}
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_retrofit_infini.RetrofitInfiniLlamaForCausalLM"}
     assert (out / "modeling_retrofit_infini.py").is_file()
     before, after = state_of(source), state_of(out)
@@ -111,3 +111,20 @@ def test_finetuning_trains_the_gates_at_their_own_rate_and_keeps_the_memory(tmp_
     gates = [name for name in after if name.endswith("memory_gate")]
     assert len(gates) == 3 and all(not torch.equal(before[n], after[n]) for n in gates)  # trained through the memory
     assert all(torch.equal(before[n], after[n]) for n in before if n not in gates)  # nothing else moved
+
+
+def test_the_gate_histogram_counts_every_head_in_its_bin_and_the_card_reads_it_off_the_checkpoint(
+        source: Path, tmp_path: Path) -> None:
+    from llm_retrofit import render_card
+    from llm_retrofit.evaluation.gates import gate_summary
+
+    weights = torch.tensor([0.0005, 0.005, 0.05, 0.3])  # one head in each of the first four bins
+    summary = gate_summary([("model.layers.10.self_attn.memory_gate", torch.logit(weights)),
+                            ("model.layers.9.self_attn.memory_gate", torch.logit(torch.full((4,), 0.95)))])
+    assert [b["count"] for b in summary["histogram"]] == [1, 1, 1, 1, 0, 4]
+    assert summary["weights"][0] == pytest.approx([0.95] * 4) and summary["weights"][1] == pytest.approx(weights.tolist())
+    assert gate_summary([("model.layers.0.self_attn.q_proj.weight", torch.zeros(4))]) is None
+    out = patch(source, f"infini:segment_length={SEGMENT}", output=tmp_path / "out")
+    card = render_card(out).read_text()
+    assert "| [0, 0.001) | 12 |" in card  # 3 layers x 4 heads, all at sigmoid(-8)
+    assert "12 gates (3 layers): mean 0.0003354" in card

@@ -401,6 +401,7 @@ def evaluate(
     (evaluation/chat.py), the result's `chat`; with it, `documents` may be empty.
     """
     from .._version import __version__
+    from .gates import model_gates
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
 
     lengths = sorted({int(n) for n in lengths})
@@ -463,6 +464,9 @@ def evaluate(
         "shared_prefixes": run.shared_prefixes,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    gates = model_gates(model)
+    if gates is not None:  # an Infini-attention model: where its memory gates stand (evaluation/gates.py)
+        info["memory_gates"] = gates
     return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,
                                              run.tokens_scored, info, chat_result)])
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import EvaluationError
 from ..io.commit import replace_file
+from .gates import describe, histogram_lines, histogram_rows
 
 
 @dataclass
@@ -201,6 +202,8 @@ class EvalResult:
                     lines.append(f"| {model.name} | {_short(length)} | " + " | ".join(cells) + f" | {means[length]:.0%} |")
             trials = self.settings.get("passkey", {}).get("trials")
             lines += ["", f"Passkey retrieval accuracy (greedy decoding, {trials} trial(s) per cell)."]
+        for model in (m for m in self.models if m.info.get("memory_gates")):
+            lines += ["", f"Infini-attention memory gates of {model.name}:", "", *histogram_lines(model.info["memory_gates"])]
         text = "\n".join(lines) + "\n"
         if path is not None:
             _write(path, text)
@@ -244,6 +247,14 @@ class EvalResult:
             for length in sorted({n for n, _ in accuracy}):
                 keys.add_row(_short(length), *(_accuracy_cell(accuracy.get((length, d))) for d in depths))
             parts.append(keys)
+        for model in (m for m in self.models if m.info.get("memory_gates")):
+            gates = Table(title=f"memory gates sigmoid(β): {model.name}", title_justify="left",
+                          caption=describe(model.info["memory_gates"]))
+            for column in ("bin", "heads", ""):
+                gates.add_column(column, justify="right" if column == "heads" else "left")
+            for span, count, bar in histogram_rows(model.info["memory_gates"]):
+                gates.add_row(span, str(count), bar)
+            parts.append(gates)
         return Group(*parts)
 
     # -- pictures ----------------------------------------------------------------------------------------------------

@@ -441,6 +441,7 @@ def _patch_entry(name: str, params: dict[str, Any]) -> dict[str, Any]:
 def _model_facts(model: ModelDirectory) -> dict[str, Any]:
     if model.is_adapter or model.checkpoint is None:
         return {}
+    from ..evaluation.gates import checkpoint_gates, histogram_lines
     from ..io.inspect import describe
 
     facts = describe(model.checkpoint)
@@ -453,6 +454,7 @@ def _model_facts(model: ModelDirectory) -> dict[str, Any]:
         "rope_parameters": facts["rope_parameters"],
         "sliding_window": facts["sliding_window"],
         "dtype": ", ".join(facts["dtype"]),
+        "memory_gates": histogram_lines(gates) if (gates := checkpoint_gates(model.checkpoint)) else None,
     }
 
 
