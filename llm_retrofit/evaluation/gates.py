@@ -44,14 +44,27 @@ def gate_summary(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any] | 
 
 
 def model_gates(model: torch.nn.Module) -> dict[str, Any] | None:
-    """`gate_summary` of a loaded model (None when it has no Infini-attention gates)."""
+    """`gate_summary` of a loaded model (None when it has no Infini-attention gates, or its memory is off)."""
+    from ..patchers.infini import SETTINGS_KEY
+
+    if not _memory_on(getattr(model.config, SETTINGS_KEY, None)):
+        return None
     return gate_summary(model.named_parameters())
 
 
 def checkpoint_gates(checkpoint: Any) -> dict[str, Any] | None:
     """`gate_summary` of a checkpoint on disk, reading only its gate tensors."""
+    from ..patchers.infini import SETTINGS_KEY
+
     names = [name for name in checkpoint.tensors if name.endswith(GATE_SUFFIX)]
-    return gate_summary((name, checkpoint.read(name)) for name in names) if names else None
+    if not names or not _memory_on(checkpoint.config.get(SETTINGS_KEY)):
+        return None
+    return gate_summary((name, checkpoint.read(name)) for name in names)
+
+
+def _memory_on(settings: Any) -> bool:
+    """With `memory: false` (the ablation) the gates are never read: there is nothing to show."""
+    return not isinstance(settings, dict) or settings.get("memory", True) is not False
 
 
 def histogram_rows(summary: dict[str, Any]) -> list[tuple[str, int, str]]:

@@ -258,13 +258,14 @@ class EvalSettings(_Settings):
         return before + alternatives + ["after" if before or alternatives else "model"]
 
     def baseline_patchers(self) -> list[tuple[str, Any]]:
-        """(column label, patcher) of each baseline: the patch's name, or its whole spec where two share a name."""
+        """(column label, patcher) of each baseline: the patch's name, or its spec as written where two share a
+        name."""
         from ..patchers import parse_spec
 
         patchers = [parse_spec(spec) for spec in self.baselines]
         names = [p.name for p in patchers]
-        return [(p.name if names.count(p.name) == 1 and p.name not in ("before", "after") else p.spec(), p)
-                for p in patchers]
+        return [(p.name if names.count(p.name) == 1 and p.name not in ("before", "after") else "".join(spec.split()), p)
+                for spec, p in zip(self.baselines, patchers)]
 
     def evaluate_options(self) -> dict[str, Any]:
         """The keyword arguments of `evaluate` that were given (the others keep its defaults)."""
