@@ -212,6 +212,7 @@ def test_evaluation_is_kept_on_refresh_and_dropped_once_the_model_is_patched(tin
         ({"perplexity": [1, 2]}, "'perplexity' must map a model name"),
         ({"perplexity": {"m": {"long": 3}}}, "has a length or value that is not a number"),
         ({"perplexity": {"m": {"1024": 3}}, "model": "other"}, "'model' is 'other', which has no results"),
+        ({"chat": {"m": "low"}}, "'chat' must map a model name to its assistant-token perplexity"),
     ],
 )
 def test_malformed_evaluation_is_refused_with_the_expected_shape(tiny_bf16: Path, results: dict, message: str) -> None:
@@ -219,6 +220,12 @@ def test_malformed_evaluation_is_refused_with_the_expected_shape(tiny_bf16: Path
     with pytest.raises(PublishError, match=message):
         render_card(tiny_bf16, eval_results=results)
     assert snapshot(tiny_bf16) == before
+
+
+def test_chat_perplexity_alone_makes_a_table_and_a_model_index_entry(tiny_bf16: Path) -> None:
+    card = render_card(tiny_bf16, eval_results={"chat": {"before": 72.95, "after": 40.5}}).read_text()
+    assert "| | before | after |" in card and "| perplexity | 72.95 | 40.50 |" in card
+    assert "Assistant-token perplexity" in card and "value: 40.5" in card  # this model's number in model-index
 
 
 def test_plot_is_copied_beside_the_card_and_embedded(tiny_bf16: Path, tmp_path: Path) -> None:

@@ -208,12 +208,13 @@ def test_dry_run_prints_resolved_values_and_estimates_and_writes_nothing(tmp_pat
 def test_recipes_list_and_show(tmp_path: Path) -> None:
     listed = CliRunner().invoke(main, ["recipes", "list"])
     assert listed.exit_code == 0 and [line.split()[0] for line in listed.output.splitlines()] == builtin_names()
-    assert builtin_names() == ["gqa", "llama-pro", "long-context", "moe-upcycle"]
+    assert builtin_names() == ["gqa", "infini", "llama-pro", "long-context", "moe-instruct", "moe-upcycle"]
     shown = CliRunner().invoke(main, ["recipes", "show", "long-context"])
     (tmp_path / "copy.yaml").write_text(shown.output)
     assert load_recipe(tmp_path / "copy.yaml").steps == load_recipe("long-context").steps  # a copy is a recipe
-    missing = CliRunner().invoke(main, ["recipes", "show", "infini"])
-    assert missing.exit_code != 0 and "the built-in recipes are gqa, llama-pro, long-context, moe-upcycle" in missing.output
+    missing = CliRunner().invoke(main, ["recipes", "show", "infinite"])
+    assert missing.exit_code != 0 and "the built-in recipes are gqa, infini, llama-pro, long-context, moe-instruct, moe-upcycle" \
+        in missing.output
 
 
 def tiny_budget(data: Path) -> dict:
@@ -314,6 +315,61 @@ def test_gqa_recipe_pools_distils_from_the_original_and_evaluates(tmp_path: Path
     readme = (done.model / "README.md").read_text()
     # 3 layers x (keys + values) x head_dim 16 x 4 bytes x 2 KV heads -> 1
     assert "KV cache per token: 768 bytes before, 384 after (float32), 50% smaller." in readme
+
+
+def test_infini_recipe_trains_only_the_gates_and_measures_the_memory_against_itself_switched_off(
+        tmp_path: Path) -> None:
+    base = chars_model(tmp_path / "base")
+    overrides = tiny_budget(corpus(tmp_path)) | {
+        "inputs.segment_length": 16, "finetune.seq_len": "${inputs.segment_length * 4}", "eval.lengths": [64, 128],
+        "eval.passkey_lengths": [384]}
+    done = run_recipe(base, "infini", output=tmp_path / "run", overrides=overrides)
+    config = read_config(done.model)
+    assert config["retrofit_infini"] == {"segment_length": 16, "update": "delta", "gate_init": -4.0, "memory": True}
+    assert [r["patch"] for r in config["retrofit_history"]] == ["infini", "finetune"]
+    patched, trained = state_of(tmp_path / "run" / "01-infini"), state_of(done.model)
+    changed = {name for name in patched if not torch.equal(patched[name], trained[name])}
+    assert changed == {f"model.layers.{i}.self_attn.memory_gate" for i in range(3)}
+    # Adam moves each gate by about its learning rate (1.0) per step: two steps, from -4, stay within [-6, -2]
+    assert all((trained[name] + 4).abs().max() <= 2.0 + 1e-6 for name in changed)
+    card = json.loads((tmp_path / "run" / "03-eval" / "card-eval.json").read_text())
+    init = "infini:segment_length=16,update=delta,gate_init=-4.0"
+    off = "infini:segment_length=16,update=delta,memory=false"
+    assert list(card["perplexity"]) == ["before", init, off, "after"]
+    assert list(card["passkey"]) == ["before", init, off, "after"]
+    result = json.loads((tmp_path / "run" / "03-eval" / "eval.json").read_text())
+    gates = {m["name"]: m["info"].get("memory_gates") for m in result["models"]}
+    assert gates["before"] is None and gates[off] is None  # with the memory off the gates are never read
+    assert gates[init]["mean"] == pytest.approx(torch.sigmoid(torch.tensor(-4.0)).item())
+    assert gates["after"]["heads"] == 3 * 4 and sum(b["count"] for b in gates["after"]["histogram"]) == 12
+    assert "Infini-attention memory gates of after" in (tmp_path / "run" / "03-eval" / "eval.md").read_text()
+    assert "Infini-attention memory gates, as this checkpoint holds them" in (done.model / "README.md").read_text()
+
+
+def test_moe_instruct_recipe_tunes_a_mixtral_on_conversations_and_reports_their_perplexity(tmp_path: Path) -> None:
+    from conftest import save_tiny
+    from llm_retrofit import evaluate
+    from llm_retrofit.evaluation.conversations import load_conversations
+    from test_chat import CONVERSATIONS, chars
+
+    base = save_tiny(tmp_path / "base", max_position_embeddings=512)
+    chars().save_pretrained(base)  # a character tokenizer with a ChatML template
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    overrides = {"inputs.data": str(chats), "inputs.eval_chat": str(chats), "inputs.eval_data": str(corpus(tmp_path)),
+                 "finetune.steps": 2, "finetune.seq_len": 400, "eval.lengths": [256], "eval.stride": 256}
+    done = run_recipe(base, "moe-instruct", output=tmp_path / "run", overrides=overrides)
+    config = read_config(done.model)
+    assert config["model_type"] == "mixtral" and [r["patch"] for r in config["retrofit_history"]] == ["moe", "finetune"]
+    assert config["retrofit_history"][1]["params"]["data_format"] == "chat"  # auto-detected from the rows
+    card = json.loads((tmp_path / "run" / "03-eval" / "card-eval.json").read_text())
+    assert list(card["chat"]) == ["before", "after"] and list(card["perplexity"]) == ["before", "after"]
+    assert card["dataset"]["name"] == f"{corpus(tmp_path)}, {chats}"
+    # The card's number is the one `evaluate` gives the finished model on the same conversations.
+    alone = evaluate(done.model, [], chat=load_conversations([str(chats)]), progress=False).models[0]
+    assert alone.chat["perplexity"] == pytest.approx(card["chat"]["after"], rel=1e-5)
+    readme = (done.model / "README.md").read_text()
+    assert "Chat perplexity on held-out conversations" in readme and f"{card['chat']['after']:.2f}" in readme
 
 
 def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_path: Path) -> None:

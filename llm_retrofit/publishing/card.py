@@ -14,13 +14,14 @@ source model: results of other weights must not be shown as this model's. (A che
 llm-retrofit with config.json left as it was is not noticed.)
 
 The evaluation results file (written by `retrofit eval`, or by hand) is JSON of this shape; every key is optional
-but at least one of `perplexity` and `passkey` must be there:
+but at least one of `perplexity`, `passkey` and `chat` must be there:
 
     {
       "model": "smollm2-yarn",                          # which column is this model; default: the last one
       "dataset": {"name": "PG-19 test", "type": "pg19"},  # what the perplexity was measured on
       "perplexity": {"smollm2": {"2048": 9.1, "8192": 41.7}, "smollm2-yarn": {"2048": 9.3, "8192": 10.2}},
-      "passkey":    {"smollm2": {"2048": 1.0, "8192": 0.0},  "smollm2-yarn": {"2048": 1.0, "8192": 0.9}}
+      "passkey":    {"smollm2": {"2048": 1.0, "8192": 0.0},  "smollm2-yarn": {"2048": 1.0, "8192": 0.9}},
+      "chat":       {"smollm2": 72.9, "smollm2-yarn": 73.4}   # assistant-token perplexity of held-out conversations
     }
 
 Perplexity and passkey map a model label to {context length in tokens: value}; passkey values are retrieval accuracy
@@ -77,6 +78,7 @@ class Evaluation:
     model: str
     dataset_name: str
     dataset_type: str
+    chat: dict[str, float] = field(default_factory=dict)  # model label -> held-out assistant-token perplexity
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class Evaluation:
             "dataset": {"name": self.dataset_name, "type": self.dataset_type},
             "perplexity": {m: {str(k): v for k, v in row.items()} for m, row in self.perplexity.items()},
             "passkey": {m: {str(k): v for k, v in row.items()} for m, row in self.passkey.items()},
+            **({"chat": dict(self.chat)} if self.chat else {}),
         }
 
 
@@ -103,10 +106,12 @@ def load_evaluation(source: str | os.PathLike[str] | Mapping[str, Any]) -> Evalu
     if "models" in source and "settings" in source:  # the file `retrofit eval --json` writes
         source = _from_eval_result(source)
     tables = {key: _table(source.get(key), key, where) for key in ("perplexity", "passkey")}
-    if not any(tables.values()):
+    chat = _chat_table(source.get("chat"), where)
+    if not any(tables.values()) and not chat:
         raise PublishError(f"{where} has no results: expected 'perplexity' and/or 'passkey', each mapping a model "
-                           'name to {context length: value}, e.g. {"perplexity": {"my-model": {"4096": 7.9}}}.')
-    labels = list(dict.fromkeys(label for table in tables.values() for label in table))
+                           'name to {context length: value}, e.g. {"perplexity": {"my-model": {"4096": 7.9}}}, or '
+                           "'chat', mapping a model name to its assistant-token perplexity.")
+    labels = list(dict.fromkeys([*(label for table in tables.values() for label in table), *chat]))
     model = source.get("model", labels[-1])
     if model not in labels:
         raise PublishError(f"{where}: 'model' is {model!r}, which has no results; use one of {', '.join(labels)}.")
@@ -119,6 +124,7 @@ def load_evaluation(source: str | os.PathLike[str] | Mapping[str, Any]) -> Evalu
         model=str(model),
         dataset_name=str(dataset.get("name", "long documents")),
         dataset_type=str(dataset.get("type", "long-documents")),
+        chat=chat,
     )
 
 
@@ -133,7 +139,18 @@ def _from_eval_result(data: Mapping[str, Any]) -> dict[str, Any]:
         "dataset": {"name": ", ".join(map(str, result.settings.get("data", []))) or "long documents", "type": "long-documents"},
         "perplexity": {m.name: {r.length: r.perplexity for r in m.perplexity} for m in result.models},
         "passkey": passkey,
+        "chat": {m.name: m.chat["perplexity"] for m in result.models if m.chat},
     }
+
+
+def _chat_table(raw: Any, where: str) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in raw.values()):
+        raise PublishError(f"{where}: 'chat' must map a model name to its assistant-token perplexity, e.g. "
+                           '{"chat": {"my-model": 12.5}}.')
+    return {str(label): float(value) for label, value in raw.items()}
 
 
 def _table(raw: Any, key: str, where: str) -> dict[str, dict[int, float]]:
@@ -408,6 +425,11 @@ def _tables(evaluation: Evaluation) -> list[dict[str, Any]]:
             cells = [show(table[c][length]) if length in table[c] else "–" for c in columns]
             lines.append(f"| {length:,} | " + " | ".join(cells) + " |")
         tables.append({"title": title, "lines": lines})
+    if evaluation.chat:
+        columns = list(evaluation.chat)
+        tables.append({"title": "Chat perplexity on held-out conversations (assistant tokens, lower is better)",
+                       "lines": ["| | " + " | ".join(_cell(c) for c in columns) + " |", "|---|" + "---:|" * len(columns),
+                                 "| perplexity | " + " | ".join(f"{evaluation.chat[c]:.2f}" for c in columns) + " |"]})
     return tables
 
 
@@ -494,6 +516,12 @@ def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> Any:
                 dataset_type="passkey", dataset_name="Passkey retrieval (synthetic)",
                 metric_type="accuracy", metric_name=f"Passkey accuracy at {length} tokens", metric_value=value,
                 metric_config=f"context_length={length}",
+            ))
+        if evaluation.model in evaluation.chat:
+            results.append(EvalResult(
+                task_type="text-generation", task_name="Chat (assistant tokens of held-out conversations)",
+                dataset_type="chat", dataset_name=evaluation.dataset_name, metric_type="perplexity",
+                metric_name="Assistant-token perplexity", metric_value=evaluation.chat[evaluation.model],
             ))
     extra: dict[str, Any] = {}
     if facts["base_model"]:

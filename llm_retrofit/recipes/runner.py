@@ -287,7 +287,7 @@ def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: P
     result = EvalResult.merge(results)
     result.to_json(directory / "eval.json")
     (directory / "eval.md").write_text(result.to_markdown())
-    summary = card_evaluation(result, data)
+    summary = card_evaluation(result, [*data, *settings.chat])
     (directory / "card-eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_path = str(result.plot(directory / "perplexity.png")) if settings.plot else None
     return StepOutcome({"output": str(directory), **_headline(summary)}, eval_results=str(directory / "card-eval.json"),
@@ -313,11 +313,14 @@ def card_evaluation(result: Any, data: Any) -> dict[str, Any]:
     perplexity = {m.name: {str(r.length): r.perplexity for r in m.perplexity if r.perplexity is not None}
                   for m in result.models}
     passkey = {m.name: {str(n): a for n, a in m.passkey_by_length().items()} for m in result.models if m.passkey}
+    chat = {m.name: m.chat["perplexity"] for m in result.models if m.chat}
     name = ", ".join(data) if isinstance(data, list) else str(data)
     summary: dict[str, Any] = {"model": result.models[-1].name, "dataset": {"name": name, "type": "long-documents"},
                                "perplexity": perplexity}
     if passkey:
         summary["passkey"] = passkey
+    if chat:
+        summary["chat"] = chat
     return summary
 
 
@@ -384,7 +387,8 @@ class RecipeRun:
     def summary(self) -> dict[str, Any]:
         """What the run ends with (`retrofit patch --recipe ... --json`): each step and its wall time, each eval step's
         perplexity per length per model (and passkey accuracy if measured), and the paths of the final model, its
-        card, the plot and the eval JSON (None where the run wrote none)."""
+        card, the plot and the eval JSON (None where the run wrote none); `chat`, the held-out conversations'
+        assistant-token perplexity per model, where the step measured it."""
         manifest = _read_manifest(self.output / MANIFEST)
         skipped = set(self.skipped)
         steps, evaluations = [], []
@@ -396,7 +400,7 @@ class RecipeRun:
                 found = json.loads(card_eval.read_text())
                 evaluations.append({"step": entry["id"], "dataset": found.get("dataset", {}).get("name"),
                                     "perplexity": found.get("perplexity", {}), "passkey": found.get("passkey"),
-                                    "eval_json": _existing(card_eval.parent / "eval.json"),
+                                    "chat": found.get("chat"), "eval_json": _existing(card_eval.parent / "eval.json"),
                                     "card_eval_json": _existing(card_eval), "plot": _existing(entry.get("plot"))})
         return {"recipe": self.recipe or manifest.get("recipe"), "output": str(self.output), "model": str(self.model),
                 "card": _existing(self.model / "README.md"), "seconds": round(self.seconds, 3), "steps": steps,
@@ -413,11 +417,15 @@ def render_summary(summary: Mapping[str, Any]) -> str:
     for item in summary["evaluations"]:
         models = list(item["perplexity"])
         lengths = sorted({int(n) for table in item["perplexity"].values() for n in table})
+        widths = [max(12, len(m) + 2) for m in models]  # a baseline's column may be named by its whole spec
         lines += ["", f"{item['step']}: perplexity on {item['dataset']} (lower is better)",
-                  "  " + f"{'length':>8}" + "".join(f"{m:>12}" for m in models)]
+                  "  " + f"{'length':>8}" + "".join(f"{m:>{w}}" for m, w in zip(models, widths))]
         for n in lengths:
             cells = [item["perplexity"][m].get(str(n)) for m in models]
-            lines.append("  " + f"{n:>8}" + "".join(f"{c:>12.3f}" if c is not None else f"{'-':>12}" for c in cells))
+            lines.append("  " + f"{n:>8}" + "".join(f"{c:>{w}.3f}" if c is not None else f"{'-':>{w}}"
+                                                     for c, w in zip(cells, widths)))
+        for model, value in (item.get("chat") or {}).items():
+            lines.append(f"  chat perplexity {model}: {value:.3f}")
         for model, table in (item.get("passkey") or {}).items():
             found = ", ".join(f"{n}: {100 * a:.0f}%" for n, a in sorted(table.items(), key=lambda kv: int(kv[0])))
             lines.append(f"  passkey {model}: {found}")
@@ -452,7 +460,8 @@ def _what(step: Step, params: dict[str, Any]) -> str:
             settings = EvalSettings.read(params)
             lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
             return f"{', '.join(settings.labels())} on {', '.join(settings.data)} at lengths {lengths}" + (
-                ", plus passkey" if settings.passkey else "")
+                ", plus passkey" if settings.passkey else "") + (
+                f", plus chat on {', '.join(settings.chat)}" if settings.chat else "")
         if step.kind == "patch":
             shown = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict)))
             return f"patch {step.patcher}" + (f" ({shown})" if shown else "")

@@ -592,7 +592,7 @@ def _save(
     record_name = "lora" if lora is not None else "finetune"
     params = lora.params() if lora is not None else {
         "train": list(settings.train), "data": list(settings.data), "steps": facts["steps"], "seq_len": settings.seq_len,
-        "lr": settings.lr,
+        "lr": settings.lr, "data_format": "chat" if is_chat_data(settings) else "text",  # what `auto` found
     }
     if "distill" in facts:  # the card lists a record's params: the teacher and the final KL are shown there
         distill = facts["distill"]
