@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 GATE_SUFFIX = ".self_attn.memory_gate"
+SETTINGS_KEY = "retrofit_infini"  # config.json's Infini settings; evaluation may not import patchers (a room up)
 EDGES = (0.0, 0.001, 0.01, 0.1, 0.5, 0.9, 1.0)  # bins [lo, hi); the last one includes 1
 BAR_WIDTH = 30
 
@@ -45,8 +46,6 @@ def gate_summary(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any] | 
 
 def model_gates(model: torch.nn.Module) -> dict[str, Any] | None:
     """`gate_summary` of a loaded model (None when it has no Infini-attention gates, or its memory is off)."""
-    from ..patchers.infini import SETTINGS_KEY
-
     if not _memory_on(getattr(model.config, SETTINGS_KEY, None)):
         return None
     return gate_summary(model.named_parameters())
@@ -54,8 +53,6 @@ def model_gates(model: torch.nn.Module) -> dict[str, Any] | None:
 
 def checkpoint_gates(checkpoint: Any) -> dict[str, Any] | None:
     """`gate_summary` of a checkpoint on disk, reading only its gate tensors."""
-    from ..patchers.infini import SETTINGS_KEY
-
     names = [name for name in checkpoint.tensors if name.endswith(GATE_SUFFIX)]
     if not names or not _memory_on(checkpoint.config.get(SETTINGS_KEY)):
         return None
