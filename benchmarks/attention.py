@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import checkpoint_or_bundled
+from common import checkpoint_or_bundled, in_child, peak_rss_gb
 
 PATTERNS = ("dense", "sliding", "sinks", "block_sparse")
 
@@ -70,11 +69,6 @@ def document_ids(tokenizer, count: int, length: int) -> list[torch.Tensor]:
 
     ids, _ = tokenize(tokenizer, load_documents(["bundled:python-docs"]))
     return [piece[:length] for piece in ids if len(piece) >= length][:count]
-
-
-def peak_rss_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024 / 1e9
 
 
 def rss_gb() -> float:
@@ -118,18 +112,6 @@ def decode_one(model_dir: Path, pattern: str, tokens: int, args: argparse.Namesp
     return {"samples": samples, "seconds": time.perf_counter() - start}
 
 
-def in_child(kind: str, model_dir: Path, pattern: str, size: int, argv: list[str]) -> dict:
-    """One measurement in a fresh interpreter, so that its peak RSS is its own."""
-    command = [sys.executable, __file__, *argv, "--model", str(model_dir), "--child", kind, pattern, str(size)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        measured = {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
-    else:
-        measured = json.loads(result.stdout.splitlines()[-1])
-    print(json.dumps({kind: pattern, "size": size, **measured}), file=sys.stderr, flush=True)  # progress
-    return measured
-
-
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 
@@ -171,10 +153,6 @@ def main() -> None:
         run = prefill_one if kind == "prefill" else decode_one
         print(json.dumps(run(args.model, pattern, int(size), args)))
         return
-    passed = [a for a in sys.argv[1:] if a]
-    if "--model" in passed:  # the child gets the model explicitly
-        at = passed.index("--model")
-        passed = passed[:at] + passed[at + 2:]
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = checkpoint_or_bundled(args.model, Path(scratch))
         report: dict = {"model": str(args.model or "bundled:smollm2"), "machine": platform.machine(),
@@ -182,7 +160,8 @@ def main() -> None:
                         "window": args.window, "sinks": args.sinks, "block_size": args.block_size}
         if "prefill" not in args.skip:
             patterns = ["dense", *(p for p in args.patterns if p != "dense")]
-            prefill = {p: {str(n): in_child("prefill", model_dir, p, n, passed) for n in args.lengths} for p in patterns}
+            prefill = {p: {str(n): in_child(__file__, model_dir, ["prefill", p, str(n)], {"prefill": p, "size": n})
+                           for n in args.lengths} for p in patterns}
             report["prefill"] = prefill
             report["prefill_speedup_vs_dense"] = {
                 p: {n: prefill["dense"][n]["seconds"] / prefill[p][n]["seconds"]
@@ -190,8 +169,8 @@ def main() -> None:
                 for p in patterns if p != "dense"
             }
         if "decode" not in args.skip:
-            sinks = in_child("decode", model_dir, "sinks", args.generate, passed)
-            dense = in_child("decode", model_dir, "dense", min(args.generate, 8192), passed)
+            sinks = in_child(__file__, model_dir, ["decode", "sinks", str(args.generate)], {"decode": "sinks"})
+            dense = in_child(__file__, model_dir, ["decode", "dense", str(min(args.generate, 8192))], {"decode": "dense"})
             report["decode"] = {"sinks": sinks, "dense": dense}
             later = [s for s in sinks.get("samples", []) if s["generated"] >= 4096]
             if later:

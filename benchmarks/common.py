@@ -52,6 +52,34 @@ def measure(setup: str, work: str, source: Path, output: Path) -> dict[str, floa
     }
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM), in GB."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024 / 1e9
+
+
+def child_argv() -> list[str]:
+    """This benchmark's command line without `--model DIR`, which a child measurement is given explicitly."""
+    passed = [a for a in sys.argv[1:] if a]
+    if "--model" in passed:
+        at = passed.index("--model")
+        passed = passed[:at] + passed[at + 2:]
+    return passed
+
+
+def in_child(script: str, model_dir: Path, child: list[str], label: dict) -> dict:
+    """One measurement in a fresh interpreter (`script --model DIR --child ...`), so that its peak RSS is its own; its
+    last stdout line is the JSON it measured. Prints `label` and the result to stderr as progress."""
+    command = [sys.executable, script, *child_argv(), "--model", str(model_dir), "--child", *child]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        measured = {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    else:
+        measured = json.loads(result.stdout.splitlines()[-1])
+    print(json.dumps({**label, **measured}), file=sys.stderr, flush=True)
+    return measured
+
+
 def checkpoint_or_bundled(model: Path | None, directory: Path) -> Path:
     """`model`, or the bundled SmolLM2-135M converted into `directory/smollm2` (`retrofit convert bundled:smollm2`)."""
     if model is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import checkpoint_or_bundled
+from common import checkpoint_or_bundled, in_child, peak_rss_gb
 
 INFINI_MODELS = ("init", "memory off")
 ORIGINAL_UP_TO = 16384  # the original's stream costs more per token as its cache grows; its bytes are linear in L
@@ -70,11 +69,6 @@ def models(args: argparse.Namespace) -> list[str]:
     return ["original", *INFINI_MODELS, *(["finetuned"] if args.finetuned else [])]
 
 
-def peak_rss_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024 / 1e9
-
-
 def cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
@@ -101,18 +95,6 @@ def stream_one(model_dir: Path, which: str, length: int, args: argparse.Namespac
     held = next(iter(cache.values()))
     return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb(), "loaded_rss_gb": loaded,
             "cache_mb": cache_bytes(held) / 1e6, "seen": held.get_seq_length()}
-
-
-def in_child(model_dir: Path, which: str, length: int, argv: list[str]) -> dict:
-    """One measurement in a fresh interpreter, so that its peak RSS is its own."""
-    command = [sys.executable, __file__, *argv, "--model", str(model_dir), "--child", which, str(length)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        measured = {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
-    else:
-        measured = json.loads(result.stdout.splitlines()[-1])
-    print(json.dumps({"memory": which, "length": length, **measured}), file=sys.stderr, flush=True)  # progress
-    return measured
 
 
 def quality(model_dir: Path, args: argparse.Namespace) -> dict:
@@ -168,17 +150,15 @@ def main() -> None:
         which, length = args.child
         print(json.dumps(stream_one(args.model, which, int(length), args)))
         return
-    passed = [a for a in sys.argv[1:] if a]
-    if "--model" in passed:  # the child gets the model explicitly
-        at = passed.index("--model")
-        passed = passed[:at] + passed[at + 2:]
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = checkpoint_or_bundled(args.model, Path(scratch))
         report: dict = {"model": str(args.model or "bundled:smollm2"), "finetuned": str(args.finetuned or ""),
                         "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "segment_length": args.segment_length, "eval_data": args.eval_data}
         if "memory" not in args.skip:
-            report["memory"] = {which: {str(n): in_child(model_dir, which, n, passed) for n in args.memory_lengths
+            report["memory"] = {which: {str(n): in_child(__file__, model_dir, [which, str(n)],
+                                                         {"memory": which, "length": n})
+                                        for n in args.memory_lengths
                                         if which == "init" or n <= ORIGINAL_UP_TO}
                                 for which in ("original", "init")}
             rss = {which: [m["peak_rss_gb"] for m in runs.values() if "peak_rss_gb" in m]
