@@ -287,6 +287,29 @@ def test_block_sparse_flex_equals_sdpa() -> None:
     assert torch.allclose(got, logits(sdpa, tokens), atol=1e-5), (got - logits(sdpa, tokens)).abs().max()
 
 
+@pytest.mark.skipif(_flex_unavailable() is not None, reason=str(_flex_unavailable()))
+def test_sinks_flex_is_one_fused_call_equal_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under flex_attention a prefill never takes the chunked path, in one pass or continuing a cache (each shape
+    compiles once, about 20 s on CPU)."""
+    sinks, window = 4, 40
+    model, stream = tiny(), ids(160)
+    ours = patched(model, {"pattern": "sinks", "sinks": sinks, "window": window})
+    ours.set_attn_implementation("flex_attention")
+    ref = logits(reference_sinks(model, sinks, window), stream)
+
+    def chunked(*args, **kwargs):
+        raise AssertionError("a flex_attention prefill took the chunked sinks path")
+
+    monkeypatch.setattr(shipped, "sinks_attention", chunked)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = ours(stream, use_cache=False).logits
+        first = ours(stream[:, :100], use_cache=True)
+        rest = ours(stream[:, 100:], cache=first.cache, use_cache=True).logits  # the cache already dropped keys
+    assert torch.allclose(whole, ref, atol=1e-5), (whole - ref).abs().max()
+    assert torch.allclose(rest, ref[:, 100:], atol=1e-5), (rest - ref[:, 100:]).abs().max()
+
+
 # --- behaviour around the patterns --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", [{"pattern": "sinks", "sinks": 2, "window": 4}, SPARSE])

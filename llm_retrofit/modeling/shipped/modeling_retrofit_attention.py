@@ -13,8 +13,11 @@ Sinks (StreamingLLM, arXiv 2309.17453): query i sees key j iff j <= i and (j < S
 rolling cache of S + W slots and gives RoPE the slot positions, so a window key is at its true distance i - j while a
 sink key k is at min(i, S + W - 1) - k. RoPE scores depend only on that distance, so keys stay rotated at their true
 positions and each query is rotated twice: at i for the window keys and at min(i, S + W - 1) for the sink keys; one
-softmax runs over both sets of scores. `generate` (and any forward with `use_cache`) gets a `SinkCache` that keeps
-exactly the S sink tokens and the last W tokens per layer, so memory stays flat on unbounded streams.
+softmax runs over both sets of scores. With flex_attention that softmax is one fused call: the window scores are
+flex's own, and a score_mod swaps in the few sink scores (n x S, computed beforehand with the sink-side query); the
+BlockMask skips the key tiles no query sees. Without flex (sdpa, eager, CPU training), rows go a chunk at a time
+against the keys they can see. `generate` (and any forward with `use_cache`) gets a `SinkCache` that keeps exactly
+the S sink tokens and the last W tokens per layer, so memory stays flat on unbounded streams.
 
 Block sparse (BigBird/Longformer-like, causal): query block qb sees key block kb iff kb <= qb and (qb - kb < w or
 kb < g or kb is one of the r random earlier blocks drawn for qb from (seed, qb) alone); inside a visible block the
@@ -49,7 +52,7 @@ CONFIG_KEY = "retrofit_attention"
 QUERY_CHUNK = 256  # sinks attention handles this many query rows at a time: memory O(chunk * (S + W + chunk))
 
 
-# --- the patterns -----------------------------------------------------------------------------------------------
+# --- the patterns -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Sinks:
@@ -103,7 +106,22 @@ def pattern_of(config: Any) -> Pattern:
     return parse_pattern(getattr(config, CONFIG_KEY, None))
 
 
-# --- sinks: the rule, positions and attention --------------------------------------------------------------------
+# --- flex_attention, shared by both patterns --------------------------------------------------------------------------
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    """flex_attention compiled once per process (uncompiled flex materialises the full score matrix)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_can_run(query: torch.Tensor) -> bool:
+    """flex_attention has no backward on CPU: training there takes the (numerically equal) float-mask path."""
+    return not (query.device.type == "cpu" and query.requires_grad and torch.is_grad_enabled())
+
+
+# --- sinks: the rule, positions and attention -------------------------------------------------------------------------
 
 def sinks_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Whether the query at `query_pos` sees the key at `key_pos` (broadcasting): j <= i and (j < S or j > i - W)."""
@@ -167,6 +185,55 @@ def sinks_attention(query: torch.Tensor, sink_query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2)
 
 
+def _sinks_key_positions(past: int, length: int, pattern: Sinks) -> torch.Tensor:
+    """True positions of the keys a forward at `past` with `length` new tokens attends over: what the cache held
+    before it (nothing without a cache), then its own tokens."""
+    return torch.cat([sink_cache_positions(past, pattern.sinks, pattern.window), torch.arange(past, past + length)])
+
+
+@functools.lru_cache(maxsize=4)
+def _sinks_block_mask(pattern: Sinks, past: int, length: int, device: torch.device | str = "cpu") -> Any:
+    """flex BlockMask of `sinks_visible` for `length` queries at `past`.. over the held and new keys: tiles of keys
+    between the sinks and a query's window are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key_pos = _sinks_key_positions(past, length, pattern).to(device)
+    last = len(key_pos) - 1
+
+    def visible(batch: Any, head: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        # flex may probe padded indices past the lengths; clamping keeps the lookup in bounds (those are dropped)
+        return sinks_visible(q_idx + past, key_pos[kv_idx.clamp(max=last)], pattern.sinks, pattern.window)
+
+    return create_block_mask(visible, None, None, length, last + 1, device=device)
+
+
+def sinks_flex_attention(query: torch.Tensor, sink_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         past: int, pattern: Sinks, scaling: float) -> torch.Tensor:
+    """`sinks_attention` as one compiled flex_attention call (inference; (batch, n, heads, head_dim)).
+
+    flex scores every visible key with `query`; for the sink keys (the first entries, positions < S) a score_mod
+    returns instead the scores of `sink_query`, computed beforehand: n x S of them, next to nothing."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    n_sinks = min(pattern.sinks, past + length)  # the cache and the new tokens hold positions 0.. first
+    if sink_query is query:  # no query is past the cache's last slot yet: flex's own scores are the sink scores
+        n_sinks = 0
+    sink_keys = key[:, :, None, :n_sinks, :]
+    sink_scores = (sink_query.view(batch, kv_heads, heads // kv_heads, length, dim) @ sink_keys.transpose(-1, -2))
+    sink_scores = (sink_scores * scaling).reshape(batch, heads, length, n_sinks)
+
+    def with_sink_scores(score: torch.Tensor, b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> Any:
+        sink = sink_scores[b, h, q_idx.clamp(max=length - 1), kv_idx.clamp(max=max(n_sinks - 1, 0))]
+        return torch.where(kv_idx < n_sinks, sink, score)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's compiler stack importing torch.jit
+        out = _compiled_flex()(query, key, value, score_mod=with_sink_scores if n_sinks else None,
+                               block_mask=_sinks_block_mask(pattern, past, length, query.device), scale=scaling,
+                               enable_gqa=kv_heads != heads)
+    return out.transpose(1, 2)
+
+
 class SinkCacheLayer(DynamicLayer):
     """One layer's KV cache holding the S sink tokens and the last W tokens; older window entries are dropped.
 
@@ -222,7 +289,7 @@ class SinkCache(Cache):
         super().__init__(layers=[SinkCacheLayer(pattern.sinks, pattern.window) for _ in range(num_layers)])
 
 
-# --- block sparse: the one rule, compiled two ways ---------------------------------------------------------------
+# --- block sparse: the one rule, compiled two ways --------------------------------------------------------------------
 
 def random_blocks(query_block: int, pattern: BlockSparse) -> list[int]:
     """The random earlier blocks of `query_block`, drawn from (seed, query_block) only, so they do not change as a
@@ -298,19 +365,6 @@ def block_mask(pattern: BlockSparse, q_len: int, kv_len: int, q_offset: int = 0,
     return create_block_mask(mask_mod(pattern, q_offset, kv_len, device), None, None, q_len, kv_len, device=device)
 
 
-@functools.cache
-def _compiled_flex() -> Callable:
-    """flex_attention compiled once per process (uncompiled flex materialises the full score matrix)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex_can_run(query: torch.Tensor) -> bool:
-    """flex_attention has no backward on CPU: training there takes the (numerically equal) float-mask path."""
-    return not (query.device.type == "cpu" and query.requires_grad and torch.is_grad_enabled())
-
-
 def block_sparse_attention(module: torch.nn.Module, pattern: BlockSparse, query: torch.Tensor, key: torch.Tensor,
                            value: torch.Tensor, q_offset: int, dropout: float = 0.0) -> torch.Tensor:
     """The pattern on (batch, heads, n, d) queries at positions q_offset.. over all cached keys; (batch, n, heads, d).
@@ -333,7 +387,7 @@ def block_sparse_attention(module: torch.nn.Module, pattern: BlockSparse, query:
     return out
 
 
-# --- the modules --------------------------------------------------------------------------------------------------
+# --- the modules ------------------------------------------------------------------------------------------------------
 
 def _check_unpadded(attention_mask: torch.Tensor | None) -> None:
     """Both patterns number tokens 0, 1, 2, ... of one stream; padding would shift them, so it is refused."""
@@ -374,14 +428,16 @@ class _PatternAttention:
     def _sinks(self, pattern: Sinks, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, past: int, kwargs: dict[str, Any], dropout: float) -> torch.Tensor:
         length = query.shape[2]
-        query_pos = torch.arange(past, past + length)
-        # what the cache held before this call (nothing without a cache), then this call's tokens
-        key_pos = torch.cat([sink_cache_positions(past, pattern.sinks, pattern.window), query_pos])
         rotated = _rotate(query, cos, sin)
         sink_embeddings = kwargs.get("sink_position_embeddings")
         sink_query = rotated if sink_embeddings is None else _rotate(query, *sink_embeddings)
-        return sinks_attention(rotated, sink_query, key, value, query_pos, key_pos, pattern, self.scaling, dropout,
-                               self.training)
+        # one decoding row is cheap either way, and flex would recompile for every cache length
+        if (self.config._attn_implementation == "flex_attention" and length > 1 and not dropout
+                and _flex_can_run(query)):
+            return sinks_flex_attention(rotated, sink_query, key, value, past, pattern, self.scaling)
+        query_pos = torch.arange(past, past + length)
+        return sinks_attention(rotated, sink_query, key, value, query_pos, _sinks_key_positions(past, length, pattern),
+                               pattern, self.scaling, dropout, self.training)
 
 
 class _PatternModel:
