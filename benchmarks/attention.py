@@ -97,18 +97,21 @@ def cache_bytes(cache) -> int:
 
 
 def decode_one(model_dir: Path, pattern: str, tokens: int, args: argparse.Namespace) -> dict:
+    from llm_retrofit.modeling.kv_cache import cache_argument, returned_cache
+
     model, tokenizer = load(model_dir, pattern, args)
     ids = document_ids(tokenizer, 1, 64)[0][None]
     samples, start = [], time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         for step in range(1, tokens + 1):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
+            cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
             if step % 1024 == 0:
                 samples.append({"generated": step, "cache_mb": cache_bytes(cache) / 1e6, "rss_gb": rss_gb(),
                                 "elapsed_s": time.perf_counter() - start})
+                print(json.dumps(samples[-1]), file=sys.stderr, flush=True)  # progress of a long run
     return {"samples": samples, "seconds": time.perf_counter() - start}
 
 
