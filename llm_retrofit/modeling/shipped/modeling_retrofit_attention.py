@@ -166,28 +166,38 @@ def sinks_attention(query: torch.Tensor, sink_query: torch.Tensor, key: torch.Te
     groups = heads // kv_heads
     q = query.view(batch, kv_heads, groups, length, dim)
     qs = sink_query.view(batch, kv_heads, groups, length, dim)
-    k, v = key.unsqueeze(2), value.unsqueeze(2)
     positions = key_pos.tolist()
     n_sinks = bisect.bisect_left(positions, pattern.sinks)  # sinks are exactly the keys at positions < S
+
+    def rows_of_group(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        # a kv head's query heads stacked as rows: one matmul per kv head reads its keys once, where broadcasting
+        # the keys over the group would copy them `groups` times
+        return x[..., start:stop, :].reshape(batch, kv_heads, groups * (stop - start), dim)
+
     outputs = []
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         rows = query_pos[start:stop, None]
         lo = max(n_sinks, bisect.bisect_left(positions, int(rows[0]) - pattern.window + 1))
         hi = bisect.bisect_right(positions, int(rows[-1]))
-        scores = [qs[..., start:stop, :] @ k[..., :n_sinks, :].transpose(-1, -2),
-                  q[..., start:stop, :] @ k[..., lo:hi, :].transpose(-1, -2)]
+        scores = torch.cat([rows_of_group(qs, start, stop) @ key[:, :, :n_sinks].transpose(-1, -2),
+                            rows_of_group(q, start, stop) @ key[:, :, lo:hi].transpose(-1, -2)], dim=-1)
         visible = sinks_visible(rows, torch.cat([key_pos[:n_sinks], key_pos[lo:hi]])[None, :], pattern.sinks,
                                 pattern.window).to(query.device)
-        probs = _softmax_rows(torch.cat(scores, dim=-1) * scaling, visible, dropout, training)
-        outputs.append(probs[..., :n_sinks] @ v[..., :n_sinks, :] + probs[..., n_sinks:] @ v[..., lo:hi, :])
+        probs = _softmax_rows(scores.view(batch, kv_heads, groups, stop - start, -1) * scaling, visible, dropout,
+                              training).flatten(2, 3)
+        out = probs[..., :n_sinks] @ value[:, :, :n_sinks] + probs[..., n_sinks:] @ value[:, :, lo:hi]
+        outputs.append(out.view(batch, kv_heads, groups, stop - start, dim))
     out = torch.cat(outputs, dim=3).reshape(batch, heads, length, dim)
     return out.transpose(1, 2)
 
 
 def _sinks_key_positions(past: int, length: int, pattern: Sinks) -> torch.Tensor:
-    """True positions of the keys a forward at `past` with `length` new tokens attends over: what the cache held
-    before it (nothing without a cache), then its own tokens."""
+    """True positions of the keys a forward at `past` with `length` new tokens attends over, as `SinkCacheLayer`
+    returns them: what the cache held before it (nothing without a cache), then its own tokens. One decoding row on
+    a full cache gets the entries held after the eviction (the evicted key is outside that row's window)."""
+    if length == 1 and past >= pattern.cache_size:
+        return sink_cache_positions(past + 1, pattern.sinks, pattern.window)
     return torch.cat([sink_cache_positions(past, pattern.sinks, pattern.window), torch.arange(past, past + length)])
 
 
@@ -254,6 +264,12 @@ class SinkCacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
+        if key_states.shape[-2] == 1 and self.held() == self.sinks + self.window:
+            # decoding on a full cache: the attention's keys are exactly the ones kept, one copy instead of two
+            self.keys = torch.cat([self.keys[..., :self.sinks, :], self.keys[..., self.sinks + 1:, :], key_states], -2)
+            self.values = torch.cat([self.values[..., :self.sinks, :], self.values[..., self.sinks + 1:, :],
+                                     value_states], -2)
+            return self.keys, self.values
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.keys, self.values = self._bounded(keys), self._bounded(values)
