@@ -124,8 +124,8 @@ def _flex_can_run(query: torch.Tensor) -> bool:
 
 def _block_mask(mask_mod: Callable, q_len: int, kv_len: int, device: torch.device | str) -> Any:
     """flex BlockMask of `mask_mod` (which must also take broadcasting index tensors), evaluated one row of query
-    tiles at a time. torch's create_block_mask evaluates the whole q_len x kv_len grid at once: 2.4 GB more peak
-    memory than the attention itself at 16k tokens."""
+    tiles at a time. torch's create_block_mask evaluates the whole q_len x kv_len grid at once: a 16k-token sinks
+    prefill peaked at 3.94 GB that way, 1.78 GB this way."""
     from torch.nn.attention.flex_attention import BlockMask
 
     tile = FLEX_TILE
