@@ -224,11 +224,10 @@ def sinks_attention(query: torch.Tensor, sink_query: torch.Tensor, key: torch.Te
 
 def _sinks_key_positions(past: int, length: int, pattern: Sinks) -> torch.Tensor:
     """True positions of the keys a forward at `past` with `length` new tokens attends over, as `SinkCacheLayer`
-    returns them: what the cache held before it (nothing without a cache), then its own tokens. One decoding row on
-    a full cache gets the entries held after the eviction (the evicted key is outside that row's window)."""
-    if length == 1 and past >= pattern.cache_size:
-        return sink_cache_positions(past + 1, pattern.sinks, pattern.window)
-    return torch.cat([sink_cache_positions(past, pattern.sinks, pattern.window), torch.arange(past, past + length)])
+    returns them: the cache as it stands once the first new token is in (its oldest window entry, outside every new
+    row's window, dropped), then the other new tokens. Without a cache `past` is 0: the tokens' own positions."""
+    return torch.cat([sink_cache_positions(past + 1, pattern.sinks, pattern.window),
+                      torch.arange(past + 1, past + length)])
 
 
 @functools.lru_cache(maxsize=4)
@@ -275,9 +274,9 @@ def sinks_flex_attention(query: torch.Tensor, sink_query: torch.Tensor, key: tor
 class SinkCacheLayer(DynamicLayer):
     """One layer's KV cache holding the S sink tokens and the last W tokens; older window entries are dropped.
 
-    `update` returns the held entries plus the new ones (a long prefill attends over all of its own keys) and then
-    keeps only S + W. `get_seq_length` counts every token seen, so generate and the model keep true positions, while
-    `get_mask_sizes` reports what is actually held, so no mask grows with the stream.
+    `update` returns the held entries the new rows can see plus the new ones (a long prefill attends over all of
+    its own keys) and then keeps only S + W. `get_seq_length` counts every token seen, so generate and the model
+    keep true positions, while `get_mask_sizes` reports what is actually held, so no mask grows with the stream.
     """
 
     is_croppable = False
@@ -292,16 +291,16 @@ class SinkCacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        if key_states.shape[-2] == 1 and self.held() == self.sinks + self.window:
-            # decoding on a full cache: the attention's keys are exactly the ones kept, one copy instead of two
-            self.keys = torch.cat([self.keys[..., :self.sinks, :], self.keys[..., self.sinks + 1:, :], key_states], -2)
-            self.values = torch.cat([self.values[..., :self.sinks, :], self.values[..., self.sinks + 1:, :],
-                                     value_states], -2)
-            return self.keys, self.values
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = self._attended(self.keys, key_states), self._attended(self.values, value_states)
         self.keys, self.values = self._bounded(keys), self._bounded(values)
         return keys, values
+
+    def _attended(self, held: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.held() == self.sinks + self.window:
+            # full: the oldest window entry is outside every new row's window. Dropping it here means a decoding
+            # step attends over exactly what is kept, so the cache is copied once a step, not twice
+            return torch.cat([held[..., :self.sinks, :], held[..., self.sinks + 1:, :], new], dim=-2)
+        return torch.cat([held, new], dim=-2)
 
     def _bounded(self, states: torch.Tensor) -> torch.Tensor:
         if states.shape[-2] <= self.sinks + self.window:
