@@ -240,18 +240,13 @@ def test_tile_by_tile_block_masks_equal_torchs_create_block_mask(q_len: int, kv_
 
     block = shipped.BlockSparse(block_size=128, window_blocks=2, global_blocks=1, random_blocks=1, seed=3)
     sinks = shipped.Sinks(sinks=4, window=200)
-    key_pos = shipped._sinks_key_positions(past, q_len, sinks)
-    last = len(key_pos) - 1
-
-    def sinks_rule(b, h, q_idx, kv_idx):
-        return shipped.sinks_visible(q_idx + past, key_pos[kv_idx.clamp(max=last)], sinks.sinks, sinks.window)
-
-    cases = [(shipped.mask_mod(block, kv_len - q_len, kv_len), shipped.block_mask(block, q_len, kv_len, kv_len - q_len),
-              kv_len), (sinks_rule, shipped._sinks_block_mask(sinks, past, q_len), last + 1)]
-    for rule, ours, keys in cases:
-        torchs = create_block_mask(rule, None, None, q_len, keys, device="cpu")
+    sinks_keys = len(shipped._sinks_key_positions(past, q_len, sinks))
+    cases = [(shipped.block_mask(block, q_len, kv_len, kv_len - q_len), (q_len, kv_len)),
+             (shipped._sinks_block_mask(sinks, past, q_len), (q_len, sinks_keys))]
+    for ours, lengths in cases:
+        assert ours.seq_lengths == lengths
+        torchs = create_block_mask(ours.mask_mod, None, None, *lengths, device="cpu")
         assert torch.equal(ours.to_dense(), torchs.to_dense())
-        assert ours.seq_lengths == torchs.seq_lengths
 
 
 def test_block_sparse_with_a_window_covering_everything_is_dense_causal() -> None:
