@@ -132,8 +132,10 @@ def inspect(model: str, as_json: bool, revision: str | None) -> None:
 
     from .io.checkpoint import load_checkpoint
     from .io.inspect import describe, render
+    from .modeling.remote_code import code_report
 
-    description = describe(load_checkpoint(model, revision=revision))
+    checkpoint = load_checkpoint(model, revision=revision)
+    description = describe(checkpoint, custom_code=code_report(checkpoint.path, checkpoint.config))
     if as_json:
         click.echo(json.dumps(description, indent=2))
     else:
@@ -216,6 +218,9 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
     path = apply_to_checkpoint(  # a full or read-only disk is an OutputError naming the output (staged_directory)
         checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
     )
+    from .modeling.remote_code import warn_of_foreign_code
+
+    warn_of_foreign_code(path, json.loads((path / "config.json").read_text()))
     click.echo(f"wrote {path}")
 
 

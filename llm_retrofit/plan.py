@@ -165,9 +165,16 @@ class TensorPlan:
 
 
 def shipped_files(config: Mapping[str, Any]) -> set[str]:
-    """The files of the checkpoint that config.json's `auto_map` points into (`module.Class` -> `module.py`)."""
-    references = config.get("auto_map") or {}
-    return {f"{ref.split('--')[-1].rsplit('.', 1)[0]}.py" for ref in references.values() if isinstance(ref, str)}
+    """The files of the checkpoint that config.json's `auto_map` points into (`module.Class` -> `module.py`).
+
+    As transformers reads a reference: `repo--module.Class` is code of another directory or Hub repo, so no file of
+    this checkpoint (a `module.py` beside it is not what would load); a list (a tokenizer's slow and fast classes)
+    names one file per entry."""
+    references = config.get("auto_map")
+    if not isinstance(references, Mapping):
+        return set()
+    named = [ref for value in references.values() for ref in (value if isinstance(value, list) else [value])]
+    return {f"{ref.rsplit('.', 1)[0]}.py" for ref in named if isinstance(ref, str) and "--" not in ref and "." in ref}
 
 
 def _refuse_conflicts(earlier: TensorPlan, later: TensorPlan) -> None:

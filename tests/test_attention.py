@@ -205,13 +205,14 @@ def test_our_commands_run_our_shipped_code_and_no_one_elses(tiny_llama: Path, tm
     (out / SHIPPED).write_text((out / SHIPPED).read_text() + "\nraise SystemExit('not ours')\n")
     with pytest.raises(CheckpointError, match=f"is not the {SHIPPED} this llm-retrofit ships.*cp .*{SHIPPED}"):
         load_model(out)
-    # Code we do not ship at all is never run by our commands: the model loads as its plain architecture.
+    # Code we do not ship at all is never run by our commands, nor silently replaced by the plain architecture
+    # (tests/reliability/test_remote_code.py holds every variant).
     config = json.loads((out / "config.json").read_text())
     (out / SHIPPED).rename(out / "their_modeling.py")
     config["auto_map"] = {"AutoModelForCausalLM": "their_modeling.RetrofitLlamaForCausalLM"}
     (out / "config.json").write_text(json.dumps(config))
-    model, _ = load_model(out)
-    assert type(model).__name__ == "LlamaForCausalLM"
+    with pytest.raises(CheckpointError, match="auto_map names code that is not llm-retrofit's"):
+        load_model(out)
 
 
 def test_finetune_keeps_a_shipped_pattern(tiny_llama_chars: Path, tmp_path: Path) -> None:

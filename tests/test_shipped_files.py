@@ -3,6 +3,7 @@ atomic commit, never stale, never written through a link into a source, and refu
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,24 @@ class DropsCode(Patcher):
         return TensorPlan.identity(ModelView({k: v for k, v in model.config.items() if k != "auto_map"}, model.tensors))
 
 
-def test_auto_map_names_the_files_it_loads() -> None:
-    config = {"auto_map": {"AutoConfig": "owner/repo--configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.X"}}
-    assert shipped_files(config) == {"configuration_x.py", "modeling_x.py"}
-    assert shipped_files({}) == set()
+def test_auto_map_names_the_files_of_the_checkpoint_it_loads() -> None:
+    config = {"auto_map": {"AutoModelForCausalLM": "modeling_x.X", "AutoTokenizer": ["tokenization_x.XTok", None]}}
+    assert shipped_files(config) == {"modeling_x.py", "tokenization_x.py"}
+    # transformers loads `repo--module.Class` from that directory or Hub repo, never from this checkpoint.
+    elsewhere = {"auto_map": {"AutoConfig": "owner/repo--configuration_x.XConfig", "AutoModel": "../x--modeling_x.X"}}
+    assert shipped_files(elsewhere) == set()
+    for no_files in ({}, {"auto_map": None}, {"auto_map": "modeling_x.X"}):
+        assert shipped_files(no_files) == set()
+
+
+def test_a_file_named_like_code_of_another_repo_is_the_users_and_is_kept(tiny_llama: Path, tmp_path: Path) -> None:
+    """A `modeling_a.py` beside a config that loads `owner/repo--modeling_a.Model` is not code this checkpoint
+    loads, so a patch that drops the auto_map does not drop it as stale shipped code."""
+    config = read_config(tiny_llama) | {"auto_map": {"AutoModelForCausalLM": "owner/repo--modeling_a.Model"}}
+    (tiny_llama / "config.json").write_text(json.dumps(config))
+    (tiny_llama / "modeling_a.py").write_text("# the user's notes\n")
+    plain = patch(tiny_llama, DropsCode(), output=tmp_path / "plain")
+    assert (plain / "modeling_a.py").read_text() == "# the user's notes\n" and "auto_map" not in read_config(plain)
 
 
 @pytest.mark.parametrize("in_place", [False, True])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .provenance import HISTORY_KEY
 
 
-def describe(checkpoint: Checkpoint) -> dict[str, Any]:
+def describe(checkpoint: Checkpoint, custom_code: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The facts of `checkpoint`; `custom_code` is whose code its auto_map loads, as `modeling.remote_code.code_report`
+    judges it (the CLI passes it: that judgement belongs to the room that knows our shipped files)."""
     config = checkpoint.config
     heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads else None)
@@ -36,6 +39,8 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "missing_tensors": checkpoint.missing_tensors(),
         "incomplete": checkpoint.incompleteness(),
         "history": config.get(HISTORY_KEY, []),
+        "auto_map": config.get("auto_map"),
+        "custom_code": dict(custom_code) if custom_code is not None else None,
     }
 
 
@@ -70,6 +75,9 @@ def render(description: dict[str, Any]) -> Any:
     parts: list[Any] = [facts]
     if description["incomplete"]:
         parts.append(f"[red]the checkpoint is incomplete: {escape(description['incomplete'])}[/red]")
+    code = description.get("custom_code")
+    if code is not None:
+        parts.append(_custom_code_line(code))
     history = Table(title="patch history", title_justify="left")
     for column in ("#", "patch", "params", "time", "source weights xxh3"):
         history.add_column(column)
@@ -78,3 +86,19 @@ def render(description: dict[str, Any]) -> Any:
         history.add_row(str(i), record.get("patch", "?"), params, record.get("time", ""), record.get("source_weights_xxh3", "")[:16])
     parts.append(history if description["history"] else "patch history: none (not rewritten by llm-retrofit)")
     return Group(*parts)
+
+
+def _custom_code_line(code: Mapping[str, Any]) -> str:
+    """One line (rich markup) on whose code the checkpoint's auto_map loads, from `describe`'s `custom_code`."""
+    from rich.markup import escape
+
+    files = ", ".join(code["files"])
+    if code["verdict"] == "none":
+        return "custom code: none (transformers' own classes load it)"
+    if code["verdict"] == "llm-retrofit":
+        return (f"custom code: llm-retrofit's own {escape(files)}, byte-identical to this version's (eval and finetune "
+                "run it)")
+    if code["verdict"] == "foreign":
+        return (f"[red]custom code that is NOT llm-retrofit's: {escape('; '.join(code['entries']))}. retrofit eval "
+                "and finetune refuse to load it; trust_remote_code=True would run it.[/red]")
+    return f"[red]custom code: {escape(code['problem'])}[/red]"
