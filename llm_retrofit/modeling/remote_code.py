@@ -110,14 +110,15 @@ def runs_our_code(directory: Path, config: Mapping[str, Any]) -> bool:
 
 
 def _foreign_code_message(directory: Path, config: Mapping[str, Any], found: list[str]) -> str:
-    example = next(value for value in sorted(our_auto_map_values()) if "Llama" in value)
+    family = f"{str(config.get('model_type')).capitalize()}For"  # RetrofitLlamaForCausalLM for a llama config
+    example = ([value for value in sorted(our_auto_map_values()) if family in value] or sorted(our_auto_map_values()))[0]
     return (
         f"{directory}: config.json's auto_map names code that is not llm-retrofit's: {'; '.join(found)}. llm-retrofit "
         "runs only the modeling file its own patches ship, from the checkpoint's own directory, and does not load "
         f"this model as a plain {config.get('model_type')} either (its config says it needs that code). If it is "
         "meant to be a plain model, remove auto_map from config.json; if llm-retrofit patched it, put back the one "
         f'entry the patch wrote (e.g. "{AUTO_CLASS}": "{example}"); if you trust that code, load the model yourself '
-        "with transformers (trust_remote_code=True) and pass it to llm_retrofit.evaluate.")
+        "with transformers (trust_remote_code=True), which llm_retrofit.evaluate also takes.")
 
 
 def code_report(directory: Path, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -203,7 +203,7 @@ def test_the_message_names_the_entry_and_the_fixes(scene: Scene) -> None:
                               f"'AutoModelForCausalLM': '{scene.tmp / 'elsewhere'}--modeling_retrofit_attention.")
     assert "remove auto_map from config.json" in message
     assert '"AutoModelForCausalLM": "modeling_retrofit_attention.RetrofitLlamaForCausalLM"' in message
-    assert "trust_remote_code=True" in message and "llm_retrofit.evaluate" in message
+    assert "(trust_remote_code=True), which llm_retrofit.evaluate also takes" in message
 
 
 # -- our own code still runs -----------------------------------------------------------------------------------
