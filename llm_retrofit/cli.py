@@ -552,8 +552,12 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, 
         if path:
             check_writable(path)
     resolve_device(device)
+    from .modeling.remote_code import runs_our_code
+
     for model in models:  # every model, so the last one's damage does not cost the first one's evaluation
-        load_checkpoint(model).require_complete()
+        checkpoint = load_checkpoint(model)
+        checkpoint.require_complete()
+        runs_our_code(checkpoint.path, checkpoint.config)  # code that is not ours, refused before any model runs
     documents = load_documents(data, max_docs=max_docs) if data else []
     conversations = load_conversations(chat_data) if chat_data else None
     results = []

@@ -170,6 +170,19 @@ def test_eval_refuses_code_that_is_not_ours(attack: Callable[[Scene], str], scen
     assert not scene.marker.exists()
 
 
+def test_eval_of_several_models_refuses_before_the_first_runs(scene: Scene, sinks: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import llm_retrofit.evaluation.perplexity as perplexity
+
+    def evaluate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation ran before the refusal")
+
+    monkeypatch.setattr(perplexity, "evaluate", evaluate)  # an evaluation of hours must not be lost to the last model
+    problem = a_hub_repo(scene)
+    refuse(["eval", sinks, scene.model, "-d", scene.docs, "-l", "64"], expect=problem, untouched=[scene.model])
+    assert not scene.marker.exists()
+
+
 @pytest.mark.parametrize("attack", ATTACKS, ids=ids)
 def test_finetune_refuses_code_that_is_not_ours(attack: Callable[[Scene], str], scene: Scene) -> None:
     problem = attack(scene)
