@@ -111,7 +111,8 @@ def runs_our_code(directory: Path, config: Mapping[str, Any]) -> bool:
 
 def _foreign_code_message(directory: Path, config: Mapping[str, Any], found: list[str]) -> str:
     family = f"{str(config.get('model_type')).capitalize()}For"  # RetrofitLlamaForCausalLM for a llama config
-    example = ([value for value in sorted(our_auto_map_values()) if family in value] or sorted(our_auto_map_values()))[0]
+    ours = sorted(our_auto_map_values())
+    example = ([value for value in ours if family in value] or ours)[0]
     return (
         f"{directory}: config.json's auto_map names code that is not llm-retrofit's: {'; '.join(found)}. llm-retrofit "
         "runs only the modeling file its own patches ship, from the checkpoint's own directory, and does not load "
