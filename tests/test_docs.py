@@ -1,5 +1,5 @@
 """The docs stay true to the code: a page per patcher, parameter tables that match the dataclass fields (names,
-types, defaults), and relative links that lead to files.
+types, defaults), relative links that lead to files, and commands the command line accepts.
 
 A patcher page (`docs/patchers/NAME.md`) has a `## Parameters` section holding one Markdown table:
 
@@ -11,19 +11,30 @@ The default is written as it would be typed in a spec (`none`, `false`, `32`), a
 language's own `parse_value`, so `32` and `32.0` are the same default; a field without one is `required`. A patcher
 with no parameters says so in that section instead of a table. The last tests feed the checkers broken pages and
 links, so each check is shown to fail when it should.
+
+A command of a page is a line of a ```bash block that starts with `retrofit` (or runs `-m llm_retrofit` under
+`accelerate launch`). It is accepted when the command line gets as far as the work itself: a finetune up to the
+training (its settings, LoRA and distill specs validated), a patch up to loading the model (every spec parsed), a
+conversion up to converting; any other command when its options parse.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
+import shlex
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 
+from llm_retrofit.cli import main
 from llm_retrofit.errors import PatchSpecError
 from llm_retrofit.patchers import registry
 from llm_retrofit.spec import Patcher, parse_value
@@ -148,6 +159,56 @@ def broken_links(path: Path) -> list[str]:
     return broken
 
 
+ENVIRONMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*")
+
+
+def page_commands(path: Path) -> list[list[str]]:
+    """The llm-retrofit commands in the ```bash blocks of a page, as the arguments after `retrofit`: comments and
+    leading environment assignments dropped, `accelerate launch ... -m llm_retrofit ARGS` read as `retrofit ARGS`."""
+    commands, in_bash = [], False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_bash = not in_bash and line.strip() == "```bash"
+            continue
+        if not in_bash:
+            continue
+        words = shlex.split(line, comments=True)
+        while words and ENVIRONMENT.fullmatch(words[0]):
+            words.pop(0)
+        if words[:1] == ["retrofit"]:
+            commands.append(words[1:])
+        elif words[:2] == ["accelerate", "launch"] and "llm_retrofit" in words:
+            commands.append(words[words.index("llm_retrofit") + 1:])
+    return commands
+
+
+class Accepted(Exception):
+    """Raised instead of the work itself: the command line accepted everything before it."""
+
+
+# Where each command starts its work: (module, function) replaced by one that raises Accepted.
+WORK = {"finetune": ("llm_retrofit.training.finetune", "finetune"), "patch": ("llm_retrofit.io.checkpoint", "load_checkpoint"),
+        "convert": ("llm_retrofit.convert", "convert")}
+
+
+def command_problem(arguments: list[str]) -> str | None:
+    """Why `retrofit ARGUMENTS` is refused before any work, or None when the command line accepts it."""
+    if arguments and arguments[0] in WORK:
+        module, function = WORK[arguments[0]]
+        with mock.patch.object(importlib.import_module(module), function, side_effect=Accepted):
+            result = CliRunner().invoke(main, arguments)
+        return None if isinstance(result.exception, Accepted) else (result.output + repr(result.exception)).strip()
+    context = click.Context(main, info_name="retrofit")
+    command = main.get_command(context, arguments[0]) if arguments else None
+    if command is None:
+        return f"No such command: {' '.join(arguments[:1])!r}"
+    try:
+        command.make_context(arguments[0], list(arguments[1:]), parent=context)
+    except click.ClickException as e:
+        return e.format_message()
+    return None
+
+
 def markdown_files() -> list[Path]:
     return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
@@ -187,8 +248,23 @@ def test_relative_links_lead_to_files(path: Path) -> None:
 def test_the_readme_links_the_pages() -> None:
     readme = (ROOT / "README.md").read_text()
     for page in ("docs/index.md", "docs/index.md#patchers", "docs/recipes.md", "docs/evaluation.md", "docs/publishing.md",
-                 "docs/troubleshooting.md"):
+                 "docs/troubleshooting.md", "docs/finetuning.md", "docs/ARCHITECTURE.md", "docs/checkpoints.md"):
         assert f"]({page}" in readme, f"README.md does not link {page}"
+
+
+FINETUNING = DOCS / "finetuning.md"
+
+
+def test_the_finetuning_page_shows_every_kind_of_finetune() -> None:
+    commands = [" ".join(c) for c in page_commands(FINETUNING)]
+    for option in ("--train new_layers", "--lora lora:", "use_dora=true", "merge=false", "--s2-attn", "--distill teacher=",
+                   "cache=true", "--data bundled:python-chat", "--lr-group"):
+        assert any(option in c for c in commands), f"docs/finetuning.md has no command with {option}"
+
+
+@pytest.mark.parametrize("arguments", page_commands(FINETUNING), ids=" ".join)
+def test_the_command_line_accepts_every_command_of_the_finetuning_page(arguments: list[str]) -> None:
+    assert command_problem(arguments) is None
 
 
 # -- the checkers fail when they should ----------------------------------------------------------------------------
@@ -231,3 +307,25 @@ def test_a_broken_relative_link_is_reported(tmp_path: Path) -> None:
     page.write_text("[ok](there.md) [anchor](there.md#x) [web](https://example.com) [gone](nowhere.md#y)\n"
                     "```\n[in code](also-nowhere.md)\n```\n")
     assert [link.rsplit(": ", 1)[1] for link in broken_links(page)] == ["nowhere.md#y"]
+
+
+def test_page_commands_reads_bash_blocks_only(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("retrofit inspect outside\n```bash\nretrofit inspect a   # a comment\n"
+                    "X=1 accelerate launch --num_processes 2 -m llm_retrofit finetune m -o 'out dir'\npython -c 1\n```\n"
+                    "```text\nretrofit inspect in-text\n```\n```bash\nretrofit inspect b\n```\n")
+    assert page_commands(page) == [["inspect", "a"], ["finetune", "m", "-o", "out dir"], ["inspect", "b"]]
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["finetune", "m", "--steps", "1", "--no-such-option", "-o", "out"], "No such option"),
+    (["finetune", "m", "--lora", "lora:rank=8", "--steps", "1", "-o", "out"], "rank"),
+    (["finetune", "m", "--distill", "teacher=base,alpha=2", "--steps", "1", "-o", "out"], "alpha"),
+    (["finetune", "m", "-o", "out"], "steps"),
+    (["patch", "m", "--patch", "yarn:factr=2", "-o", "out"], "factr"),
+    (["inspect", "m", "--no-such-option"], "No such option"),
+    (["no-such-command"], "No such command"),
+])
+def test_a_command_the_command_line_refuses_is_reported(arguments: list[str], message: str) -> None:
+    problem = command_problem(arguments)
+    assert problem is not None and message in problem, problem
