@@ -38,13 +38,9 @@ import torch
 
 from ..io.progress import Progress, quiet_libraries
 from ..modeling import shifted_sparse_attention
-from ..errors import DataError, RetrofitError
+from ..errors import DataError, FinetuneError
 
 log = logging.getLogger(__name__)
-
-
-class FinetuneError(RetrofitError):
-    """A finetune cannot run as configured (no budget, a freeze spec that matches nothing, too little data...)."""
 
 
 # Aliases a freeze spec or lr group may use; anything else is a regular expression searched in parameter names.
