@@ -177,3 +177,18 @@ def test_no_two_modules_import_each_other() -> None:
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
 
+
+
+LONGEST_FUNCTION = 100
+"""Lines from `def` to the last line of the body (ast's end_lineno - lineno); the standard is ~60."""
+
+
+def test_no_function_is_too_long_to_read() -> None:
+    lengths = sorted(
+        ((node.end_lineno or node.lineno) - node.lineno, f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    )
+    long = [f"{where}: {length} lines" for length, where in lengths if length >= LONGEST_FUNCTION]
+    assert not long, f"functions of {LONGEST_FUNCTION} lines or more:\n" + "\n".join(long)
