@@ -383,6 +383,8 @@ class LanguageModelLoss:
 
     def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
                  rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, its logged parts: none here) of a micro-batch. `network` is what trains
+        (maybe DDP-wrapped), `student` the unwrapped model, `rows` the batch's row indices (a teacher cache's keys)."""
         return network(**batch).loss, torch.zeros(0, device=batch["input_ids"].device)
 
     def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
