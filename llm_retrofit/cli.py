@@ -29,7 +29,7 @@ class _Group(click.Group):
     full or read-only (a fault of the machine, not of llm-retrofit), wherever a command meets it."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .io.writer import output_error
+        from .errors import output_error
 
         try:
             return super().invoke(ctx)
@@ -48,7 +48,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 def _writing(path: str | Path) -> Iterator[None]:
     """An OSError of writing (no space, read-only, permission denied...) as one OutputError naming `path`, the output
     the user asked for, rather than the hidden staging name where it happened."""
-    from .io.writer import WRITE_ERRNOS, output_error
+    from .errors import WRITE_ERRNOS, output_error
 
     try:
         yield

@@ -1,4 +1,5 @@
-"""The one mechanism every patcher uses: a tensor plan, and the two executors that run plans.
+"""The one mechanism every patcher uses: a tensor plan, and the two executors that run plans (`apply_to_checkpoint`
+and `apply_to_model`).
 
 A patcher looks at a `ModelView` (config + the dtype and shape of every tensor, no data) and returns a `TensorPlan`:
 the new config, and for each output tensor the input tensors it needs and a function that computes it (or nothing,
@@ -23,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -49,8 +50,6 @@ from .io.writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, layout_shards,
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-    from .spec import Patcher
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class TensorPlan:
     """Files shipped with the checkpoint (name -> text), such as the modeling file `auto_map` names: written inside
     the staged directory, so the atomic commit covers them."""
     installs: list[Install] = field(default_factory=list)
-    """What executor B runs on the rebuilt model to give it the behaviour the shipped files and config keys give a
+    """What `apply_to_model` runs on the rebuilt model to give it the behaviour the shipped files and config keys give a
     checkpoint (an attention kernel, the classes `auto_map` names), in patch order."""
 
     @classmethod
@@ -191,7 +190,21 @@ def _refuse_conflicts(earlier: TensorPlan, later: TensorPlan) -> None:
         )
 
 
-def build_plan(source: ModelView, patchers: Sequence[Patcher], force: bool = False) -> TensorPlan:
+class Planner(Protocol):
+    """What the executors need of a patcher. Every patcher is a `spec.Patcher`; it is described here by its shape,
+    not imported, because spec.py imports this module for the types a patcher returns (no import cycle)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def plan(self, model: ModelView) -> TensorPlan: ...
+
+    def params(self) -> dict[str, Any]: ...
+
+    def spec(self) -> str: ...
+
+
+def build_plan(source: ModelView, patchers: Sequence[Planner], force: bool = False) -> TensorPlan:
     plan = TensorPlan.identity(source)
     for patcher in patchers:
         view = source if patcher is patchers[0] else plan.view
@@ -202,7 +215,7 @@ def build_plan(source: ModelView, patchers: Sequence[Patcher], force: bool = Fal
     return plan
 
 
-def _refuse_repeat(history: list[dict[str, Any]], patcher: Patcher, force: bool) -> None:
+def _refuse_repeat(history: list[dict[str, Any]], patcher: Planner, force: bool) -> None:
     if force or not history:
         return
     last = history[-1]
@@ -263,12 +276,12 @@ def _record_history(
     plan.config[HISTORY_KEY] = plan.config.get(HISTORY_KEY, []) + make_records(patches, source, source_hash)
 
 
-# ---------------------------------------------------------------------------------------------- executor A: on disk
+# ----------------------------------------------------------------------------------------- apply_to_checkpoint: on disk
 
 
 def apply_to_checkpoint(
     checkpoint: Checkpoint,
-    patchers: Sequence[Patcher],
+    patchers: Sequence[Planner],
     *,
     output: str | Path | None = None,
     in_place: bool = False,
@@ -395,7 +408,7 @@ def write_weights(
     write_index(directory, layout, metas)
 
 
-# ------------------------------------------------------------------------------------- executor B: a loaded model
+# --------------------------------------------------------------------------------------- apply_to_model: a loaded model
 
 
 def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tensor]]:
@@ -417,7 +430,7 @@ def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tenso
     return view, state
 
 
-def apply_to_model(model: PreTrainedModel, patchers: Sequence[Patcher], *, force: bool = False) -> PreTrainedModel:
+def apply_to_model(model: PreTrainedModel, patchers: Sequence[Planner], *, force: bool = False) -> PreTrainedModel:
     """Run the patchers' plan over a loaded model; returns a new model (the input is left as it was)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING

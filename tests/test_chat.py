@@ -174,7 +174,10 @@ def test_truncation_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> N
     ({"messages": []}, "must be a non-empty list"),
     ({"messages": [{"content": "no role"}]}, 'string "role"'),
     ({"messages": [{"role": "robot", "content": "beep"}]}, "role 'robot'; the roles are system, user, assistant"),
-    ({"messages": [{"role": "user", "content": 3}]}, 'a int "content"'),
+    ({"messages": [{"role": "user", "content": 3}]}, 'has a number as "content"'),
+    ({"messages": [{"role": "user", "content": None}]}, 'has null as "content"'),
+    ({"messages": [{"role": "user"}]}, 'has no "content"'),
+    ({"messages": [{"role": "user", "content": []}]}, 'has an empty list as "content"'),
     ({"messages": [{"role": "user", "content": "  "}]}, "empty content"),
     ({"prompt": "q", "completion": None}, '"completion" must be a non-empty list'),
 ])
@@ -183,6 +186,17 @@ def test_malformed_rows_are_named(tmp_path: Path, row, message: str) -> None:
     with pytest.raises(DataError, match="chat.jsonl:2") as error:
         load_conversations([path])
     assert message in str(error.value)
+
+
+def test_content_given_as_a_list_of_parts_is_named_once(tmp_path: Path) -> None:
+    """The multimodal form `"content": [{"type": "text", ...}]` is the usual mistake: the message says what was found
+    and what to write instead, with one article."""
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [row])
+    with pytest.raises(DataError) as error:
+        load_conversations([path])
+    assert str(error.value) == (f'{path}:1: "messages"[0] (user) has a list as "content"; it must be text (a string), '
+                                'e.g. "content": "Hello!".')
 
 
 def test_a_file_that_is_not_jsonl_is_refused(tmp_path: Path) -> None:

@@ -147,7 +147,7 @@ def _jsonl(path: Path) -> Iterable[Conversation]:
 def parse_row(record: Any, name: str) -> tuple[dict[str, str], ...]:
     """A row's messages, checked: `messages`, or `prompt` + `completion` (strings or lists of messages)."""
     if not isinstance(record, dict):
-        raise DataError(f"{name} is a JSON {type(record).__name__}, not an object; write "
+        raise DataError(f"{name} is {_kind(record)}, not an object; write "
                         '{"messages": [...]} or {"prompt": ..., "completion": ...} on each line.')
     if "messages" in record:
         return _messages(record["messages"], name, "messages")
@@ -178,16 +178,27 @@ def _messages(value: Any, name: str, key: str) -> tuple[dict[str, str], ...]:
             raise DataError(f"{where} has role {message['role']!r}; the roles are {', '.join(ROLES)}.")
         content = message.get("content")
         if not isinstance(content, str):
-            raise DataError(f'{where} ({message["role"]}) has a {_kind(content)} "content"; it must be text (a string).')
+            found = f'{_kind(content)} as "content"' if "content" in message else 'no "content"'
+            raise DataError(f'{where} ({message["role"]}) has {found}; it must be text (a string), e.g. '
+                            '"content": "Hello!".')
         if not content.strip():
             raise DataError(f"{where} ({message['role']}) has empty content; drop the message or the row.")
         messages.append({"role": message["role"], "content": content})
     return tuple(messages)
 
 
+_JSON_KINDS = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "a list"),
+               (dict, "an object"))
+
+
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"an empty {type(value).__name__}" if value in ("", [], {}) else \
-        f"a {type(value).__name__}"
+    """A JSON value's kind with its article, as the person who wrote the line would name it: "a list", "null"."""
+    if value is None:
+        return "null"
+    kind = next((name for types, name in _JSON_KINDS if isinstance(value, types)), f"a {type(value).__name__}")
+    if value in ("", [], {}):
+        return f"an empty {kind.split()[-1]}"
+    return kind
 
 
 # -- rendering and assistant spans -----------------------------------------------------------------------------------

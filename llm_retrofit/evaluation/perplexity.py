@@ -401,7 +401,6 @@ def evaluate(
     (evaluation/chat.py), the result's `chat`; with it, `documents` may be empty.
     """
     from .._version import __version__
-    from .gates import model_gates
     from .passkey import DEFAULT_DEPTHS, passkey_trials as run_passkey
 
     lengths = sorted({int(n) for n in lengths})
@@ -439,7 +438,6 @@ def evaluate(
             from .chat import chat_perplexity
 
             chat_result = chat_perplexity(model, tokenizer, chat, name=name)
-    config = model.config.get_text_config()
     settings = {
         "lengths": lengths,
         "protocol": protocol,
@@ -453,6 +451,16 @@ def evaluate(
         **({"chat": _chat_settings(chat)} if chat else {}),
         "versions": {"llm_retrofit": __version__, "torch": torch.__version__, "transformers": _transformers_version()},
     }
+    info = _model_info(model, tokenizer, autocast, run.shared_prefixes)
+    return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,
+                                             run.tokens_scored, info, chat_result)])
+
+
+def _model_info(model: PreTrainedModel, tokenizer: Any, autocast: str, shared_prefixes: bool) -> dict[str, Any]:
+    """What a result says about the model it measured and how: dtype, arithmetic, device, context, RoPE, BOS..."""
+    from .gates import model_gates
+
+    config = model.config.get_text_config()
     info = {
         "dtype": str(model.dtype).removeprefix("torch."),
         "arithmetic": arithmetic(model, autocast),
@@ -461,14 +469,13 @@ def evaluate(
         "rope_parameters": getattr(config, "rope_parameters", None),
         "bos": _bos(tokenizer),
         "chunk_size": default_chunk_size(model),
-        "shared_prefixes": run.shared_prefixes,
+        "shared_prefixes": shared_prefixes,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     gates = model_gates(model)
     if gates is not None:  # an Infini-attention model: where its memory gates stand (evaluation/gates.py)
         info["memory_gates"] = gates
-    return EvalResult(settings, [ModelResult(name, run.lengths, trials, run.seconds, run.tokens_forwarded,
-                                             run.tokens_scored, info, chat_result)])
+    return info
 
 
 def _chat_settings(conversations: Sequence[Any]) -> dict[str, Any]:

@@ -47,8 +47,7 @@ import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from ..errors import OutputError
-from .writer import WRITE_ERRNOS, output_error
+from ..errors import WRITE_ERRNOS, OutputError, output_error
 
 log = logging.getLogger(__name__)
 

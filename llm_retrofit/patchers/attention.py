@@ -136,7 +136,7 @@ class SetAttention(Patcher):
         }
 
     def install(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Executor B: the rebuilt model gets the shipped classes and the kernel, as loading the checkpoint would."""
+        """For `apply_to_model`: the rebuilt model gets the shipped classes and the kernel its checkpoint loads with."""
         if self.pattern in ("sinks", "block_sparse"):
             model = shipped.install(SHIPPED_MODULE, model)
         if self.impl is not None:

@@ -98,5 +98,5 @@ class AddInfiniMemory(Patcher):
 
 
 def _install(model: PreTrainedModel) -> PreTrainedModel:
-    """Executor B: the rebuilt model gets the Infini classes (its gates come from config's gate_init)."""
+    """For `apply_to_model`: the rebuilt model gets the Infini classes (its gates come from config's gate_init)."""
     return shipped.install(SHIPPED_MODULE, model)

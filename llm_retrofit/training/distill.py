@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..errors import RetrofitError
+from ..errors import FinetuneError, RetrofitError
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _error(message: str) -> RetrofitError:
-    from .finetune import FinetuneError  # the finetune's own error class; finetune.py imports this module lazily
-
     return FinetuneError(message)
 
 

@@ -29,7 +29,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,13 +38,9 @@ import torch
 
 from ..io.progress import Progress, quiet_libraries
 from ..modeling import shifted_sparse_attention
-from ..errors import DataError, RetrofitError
+from ..errors import DataError, FinetuneError
 
 log = logging.getLogger(__name__)
-
-
-class FinetuneError(RetrofitError):
-    """A finetune cannot run as configured (no budget, a freeze spec that matches nothing, too little data...)."""
 
 
 # Aliases a freeze spec or lr group may use; anything else is a regular expression searched in parameter names.
@@ -377,7 +373,243 @@ def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
     return torch.randperm(total_rows, generator=torch.Generator().manual_seed(seed))
 
 
+# ------------------------------------------------------------------------------------------------------- loss
+
+
+class LanguageModelLoss:
+    """The plain finetune's loss: the model's own next-token cross-entropy on the batch's labels."""
+
+    parts: tuple[str, ...] = ()
+
+    def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
+                 rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, its logged parts: none here) of a micro-batch. `network` is what trains
+        (maybe DDP-wrapped), `student` the unwrapped model, `rows` the batch's row indices (a teacher cache's keys)."""
+        return network(**batch).loss, torch.zeros(0, device=batch["input_ids"].device)
+
+    def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
+        return {}
+
+
+class DistillationLoss:
+    """Distillation (training/distill.py): the LM loss mixed with the KL to a teacher; logs both parts."""
+
+    parts: tuple[str, ...] = ("lm", "kl")
+
+    def __init__(self, distiller: Any, accelerator: Any, chunk: int) -> None:
+        self.distiller, self.accelerator, self.chunk = distiller, accelerator, chunk
+
+    def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
+                 rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.accelerator.autocast():  # the head runs outside the (autocast) forward
+            loss = self.distiller.loss(network, student, batch["input_ids"], rows, self.chunk)
+        return loss.total, torch.stack([loss.lm, loss.kl]).detach().float()
+
+    def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
+        """What the history record and the result say besides the total loss: the final parts, the teacher."""
+        return {"final_lm_loss": round(parts["lm"][-1], 5), "final_kl": round(parts["kl"][-1], 5),
+                "distill": self.distiller.summary()}
+
+
+FinetuneLoss = LanguageModelLoss | DistillationLoss
+
+
+def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, checkpoint: Any, network: Any,
+             rows: Any, output: Path, base: str | os.PathLike[str] | None) -> FinetuneLoss:
+    """The loss the settings ask for; with distill, the teacher is checked and (unless cached) loaded here."""
+    if settings.distill is None:
+        return LanguageModelLoss()
+    from accelerate.utils import DistributedType
+
+    from .distill import Distiller, chunk_size
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
+        raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
+                            "--multi_gpu) or one process.")
+    # A bf16 teacher halves its memory on a GPU. On a CPU a float32 one under the student's bf16 autocast is
+    # faster (modeling/precision.py: 14.0 s against 18.4 s a forward) and computes what the student computes,
+    # so a student equal to its teacher has a KL of exactly 0 there too.
+    teacher_dtype = torch.bfloat16 if precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
+    distiller = Distiller(settings.distill, dict(checkpoint.config), checkpoint.history, rows.ids, output,
+                          accelerator.device, teacher_dtype, base)
+    log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
+             settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
+    return DistillationLoss(distiller, accelerator, chunk_size(network.config.get_text_config().vocab_size))
+
+
+# ------------------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Run:
+    """Everything the loop and the save need, made by `_setup`."""
+
+    settings: FinetuneSettings
+    checkpoint: Any
+    accelerator: Any
+    tokenizer: Any
+    network: Any
+    """What is trained: the model (or its peft wrapper), prepared by accelerate (maybe DDP-wrapped)."""
+    restore_attention: Callable[[], None]
+    """Switches the model back to full attention after S2-Attn training (the saved model runs full attention)."""
+    optimizer: Any
+    scheduler: Any
+    loss: FinetuneLoss
+    train_rows: Any
+    eval_rows: Any
+    total_steps: int
+    trainable: int
+    saved_dtype: torch.dtype
+
+
+def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettings,
+           base: str | os.PathLike[str] | None) -> _Run:
+    from transformers import AutoTokenizer, get_scheduler
+
+    from ..io.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(model)
+    checkpoint.require_complete()  # transformers would train randomly initialised weights in place of missing ones
+    if settings.distill is not None:
+        from .distill import resolve_teacher
+
+        resolve_teacher(settings.distill.teacher, checkpoint.history, None if base is None else os.fspath(base))
+    precision = _mixed_precision(settings.bf16)
+    accelerator = _accelerator(settings, precision, moe="num_local_experts" in checkpoint.config)
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    network, restore_attention = _trainable_model(checkpoint, settings)
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    data = training_rows(tokenizer, settings, checkpoint.path)
+    held_out = settings.eval_sequences if settings.eval_every and data.shape[0] > settings.eval_sequences else 0
+    train_rows, eval_rows = data.split(held_out)
+    if settings.eval_every and not held_out:
+        log.warning("finetune: %d sequences are too few to hold %d out for eval; no eval loss", data.shape[0],
+                    settings.eval_sequences)
+    loss = loss_for(settings, accelerator, precision, checkpoint, network, train_rows, output, base)
+    optimizer = torch.optim.AdamW(parameter_groups(network, settings, checkpoint.history))
+    network, optimizer = accelerator.prepare(network, optimizer)
+    total = settings.total_steps(accelerator.num_processes)
+    scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total)
+    log.info("finetune: %d steps of %d tokens, %d trainable parameters, %d sequences of %d, %s", total,
+             settings.tokens_per_step(accelerator.num_processes), trainable, train_rows.shape[0], settings.seq_len,
+             precision)
+    return _Run(settings, checkpoint, accelerator, tokenizer, network, restore_attention, optimizer, scheduler, loss,
+                train_rows, eval_rows, total, trainable, _checkpoint_dtype(checkpoint))
+
+
+def _accelerator(settings: FinetuneSettings, precision: str, moe: bool) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # An MoE batch may route no token to some expert: DDP must not wait for gradients that never come.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=moe)
+    # accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed precision than
+    # the first one's; each finetune chooses its own (a recipe's bf16 finetune after a float32 one in the same
+    # process), so the previous finetune's state is dropped. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    return Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
+                       kwargs_handlers=[unused])
+
+
+def _trainable_model(checkpoint: Any, settings: FinetuneSettings) -> tuple[Any, Callable[[], None]]:
+    """The model in float32 with what trains marked (a freeze spec, or a LoRA adapter attached), and the function
+    that switches S2-Attn training back to full attention before saving."""
+    from transformers import AutoModelForCausalLM
+
+    from ..modeling.remote_code import runs_our_code
+
+    # A runtime patch's shipped code (Infini's memory and gates, an attention pattern) trains as it will run.
+    trusted = runs_our_code(checkpoint.path, checkpoint.config)
+    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=trusted)
+    network.config.use_cache = False
+    full_attention = shifted_sparse_attention.enable(network) if settings.s2_attn else None
+    transformers_model = network  # before peft wraps it: where the attention implementation is switched back
+
+    def restore_attention() -> None:
+        if full_attention is not None:
+            transformers_model.set_attn_implementation(full_attention)
+
+    if settings.lora is not None:
+        network = settings.lora.attach(network)
+    else:
+        apply_freeze_spec(network, settings.train, checkpoint.history)
+    if settings.gradient_checkpointing:
+        # transformers 5 renamed it (the old name warns); both take the checkpoint() kwargs first, under other names.
+        enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        network.enable_input_require_grads()
+    return network, restore_attention
+
+
 # ------------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class _Log:
+    """What the loop measured: each step's loss (and the loss's parts), the eval losses, this process's tokens."""
+
+    losses: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    """This process's real tokens: padding of chat rows is not counted."""
+    seconds: float = 0.0
+
+
+def _train(run: _Run) -> _Log:
+    accelerator, settings = run.accelerator, run.settings
+    measured = _Log(parts={name: [] for name in run.loss.parts})
+    student = accelerator.unwrap_model(run.network)
+    started = time.perf_counter()
+    run.network.train()
+    progress = Progress(run.total_steps, "finetune", "step", enabled=accelerator.is_main_process)
+    for step in range(run.total_steps):
+        loss, parts = _step(run, student, step, measured)
+        run.scheduler.step()
+        measured.losses.append(accelerator.reduce(loss, reduction="mean").item())
+        shown = {"loss": f"{measured.losses[-1]:.4f}"}
+        if run.loss.parts:
+            for name, value in zip(run.loss.parts, accelerator.reduce(parts, reduction="mean").tolist()):
+                measured.parts[name].append(value)
+                shown[name] = f"{value:.4f}"
+        elapsed = time.perf_counter() - started
+        progress.set_postfix(**shown, tok_s=f"{measured.tokens * accelerator.num_processes / elapsed:.0f}")
+        progress.update()
+        if run.eval_rows.shape[0] and ((step + 1) % settings.eval_every == 0 or step + 1 == run.total_steps):
+            measured.eval_losses.append((step + 1, _eval_loss(run.network, run.eval_rows, accelerator)))
+            log.info("finetune: step %d eval loss %.4f", step + 1, measured.eval_losses[-1][1])
+    progress.close()
+    measured.seconds = time.perf_counter() - started
+    return measured
+
+
+def _step(run: _Run, student: Any, step: int, measured: _Log) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of `grad_accum` micro-batches; returns its mean loss and mean loss parts (this process)."""
+    accelerator, settings = run.accelerator, run.settings
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_parts = torch.zeros(len(run.loss.parts), device=accelerator.device)
+    for micro in range(settings.grad_accum):
+        rows = _batch_rows(run.train_rows.shape[0], step, micro, settings, accelerator.process_index,
+                           accelerator.num_processes)
+        batch = run.train_rows.batch(rows, accelerator.device)
+        measured.tokens += run.train_rows.tokens(rows)
+        with accelerator.accumulate(run.network):
+            loss, parts = run.loss(run.network, student, batch, rows)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and settings.max_grad_norm:
+                accelerator.clip_grad_norm_(run.network.parameters(), settings.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        step_loss += loss.detach() / settings.grad_accum
+        step_parts += parts / settings.grad_accum
+    return step_loss, step_parts
+
+
+# ------------------------------------------------------------------------------------------------------- finetune
 
 
 @quiet_libraries()  # our own loads and saves: no library bars or deprecation warnings
@@ -395,153 +627,23 @@ def finetune(
     `accelerate launch` every process calls this; only the main one writes. `base` is what `distill: {teacher:
     base}` names (a recipe passes its input model); without it, the checkpoint the last patch was applied to.
     """
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
-    from ..io.checkpoint import load_checkpoint
-    from ..modeling.remote_code import runs_our_code
-
     settings = settings or FinetuneSettings(**options)
-    checkpoint = load_checkpoint(model)
-    checkpoint.require_complete()  # transformers would train randomly initialised weights in place of missing ones
-    history = checkpoint.history
-    if settings.distill is not None:
-        from .distill import resolve_teacher
-
-        resolve_teacher(settings.distill.teacher, history, None if base is None else os.fspath(base))  # fail first
-    precision = _mixed_precision(settings.bf16)
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # An MoE batch may route no token to some expert: DDP must not wait for gradients that never come.
-    unused = DistributedDataParallelKwargs(find_unused_parameters="num_local_experts" in checkpoint.config)
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed precision than
-    # the first one's; each finetune chooses its own (a recipe's bf16 finetune after a float32 one in the same
-    # process), so the previous finetune's state is dropped. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
-                              kwargs_handlers=[unused])
-    torch.manual_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    # A runtime patch's shipped code (Infini's memory and gates, an attention pattern) trains as it will run.
-    trusted = runs_our_code(checkpoint.path, checkpoint.config)
-    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=trusted)
-    saved_dtype = _checkpoint_dtype(checkpoint)
-    network.config.use_cache = False
-    model_attention = shifted_sparse_attention.enable(network) if settings.s2_attn else None
-    transformers_model = network  # before peft wraps it: where the attention implementation is switched back
-    if settings.lora is not None:
-        network = settings.lora.attach(network)
-    else:
-        apply_freeze_spec(network, settings.train, history)
-    if settings.gradient_checkpointing:
-        # transformers 5 renamed it (the old name warns); both take the checkpoint() kwargs first, under other names.
-        enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        network.enable_input_require_grads()
-    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
-    data = training_rows(tokenizer, settings, checkpoint.path)
-    held_out = settings.eval_sequences if settings.eval_every and data.shape[0] > settings.eval_sequences else 0
-    train_rows, eval_rows = data.split(held_out)
-    if settings.eval_every and not held_out:
-        log.warning("finetune: %d sequences are too few to hold %d out for eval; no eval loss", data.shape[0],
-                    settings.eval_sequences)
-
-    distiller = chunk = None
-    if settings.distill is not None:
-        from accelerate.utils import DistributedType
-
-        from .distill import Distiller, chunk_size
-
-        if accelerator.distributed_type == DistributedType.FSDP:
-            # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
-            raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
-                                "--multi_gpu) or one process.")
-        # A bf16 teacher halves its memory on a GPU. On a CPU a float32 one under the student's bf16 autocast is
-        # faster (modeling/precision.py: 14.0 s against 18.4 s a forward) and computes what the student computes,
-        # so a student equal to its teacher has a KL of exactly 0 there too.
-        teacher_dtype = torch.bfloat16 if precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
-        distiller = Distiller(settings.distill, dict(checkpoint.config), history, train_rows.ids, Path(output),
-                              accelerator.device, teacher_dtype, base)
-        chunk = chunk_size(network.config.get_text_config().vocab_size)
-        log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
-                 settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
-
-    optimizer = torch.optim.AdamW(parameter_groups(network, settings, history))
-    network, optimizer = accelerator.prepare(network, optimizer)
-    student = accelerator.unwrap_model(network)
-    total = settings.total_steps(accelerator.num_processes)
-    scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total)
-    log.info("finetune: %d steps of %d tokens, %d trainable parameters, %d sequences of %d, %s", total,
-             settings.tokens_per_step(accelerator.num_processes), trainable, train_rows.shape[0], settings.seq_len,
-             precision)
-
-    losses: list[float] = []
-    lm_losses: list[float] = []
-    kl_losses: list[float] = []
-    eval_losses: list[tuple[int, float]] = []
-    trained_tokens = 0  # this process's real tokens: padding of chat rows is not counted
-    started = time.perf_counter()
-    network.train()
-    progress = Progress(total, "finetune", "step", enabled=accelerator.is_main_process)
-    for step in range(total):
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_parts = torch.zeros(2, device=accelerator.device)  # with distill: (lm, kl)
-        for micro in range(settings.grad_accum):
-            rows = _batch_rows(train_rows.shape[0], step, micro, settings, accelerator.process_index,
-                               accelerator.num_processes)
-            batch = train_rows.batch(rows, accelerator.device)
-            trained_tokens += train_rows.tokens(rows)
-            with accelerator.accumulate(network):
-                if distiller is not None:
-                    with accelerator.autocast():  # the head runs outside the (autocast) forward
-                        parts = distiller.loss(network, student, batch["input_ids"], rows, chunk)
-                    loss = parts.total
-                    step_parts += torch.stack([parts.lm, parts.kl]).detach().float() / settings.grad_accum
-                else:
-                    loss = network(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm:
-                    accelerator.clip_grad_norm_(network.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            step_loss += loss.detach() / settings.grad_accum
-        scheduler.step()
-        losses.append(accelerator.reduce(step_loss, reduction="mean").item())
-        shown = {"loss": f"{losses[-1]:.4f}"}
-        if distiller is not None:
-            lm, kl = accelerator.reduce(step_parts, reduction="mean").tolist()
-            lm_losses.append(lm)
-            kl_losses.append(kl)
-            shown |= {"lm": f"{lm:.4f}", "kl": f"{kl:.4f}"}
-        elapsed = time.perf_counter() - started
-        progress.set_postfix(**shown,
-                             tok_s=f"{trained_tokens * accelerator.num_processes / elapsed:.0f}")
-        progress.update()
-        if held_out and ((step + 1) % settings.eval_every == 0 or step + 1 == total):
-            eval_losses.append((step + 1, _eval_loss(network, eval_rows, accelerator)))
-            log.info("finetune: step %d eval loss %.4f", step + 1, eval_losses[-1][1])
-    progress.close()
-    seconds = time.perf_counter() - started
-    tokens = int(accelerator.reduce(torch.tensor(trained_tokens, device=accelerator.device), reduction="sum").item())
+    run = _setup(model, Path(output), settings, base)
+    measured = _train(run)
+    accelerator = run.accelerator
+    tokens = int(accelerator.reduce(torch.tensor(measured.tokens, device=accelerator.device), reduction="sum").item())
     accelerator.wait_for_everyone()
     target = Path(output).expanduser()
-    if model_attention is not None:
-        transformers_model.set_attn_implementation(model_attention)  # the saved model runs full attention
-    distilled = None
-    facts: dict[str, Any] = {"steps": total, "tokens": tokens,
-                             "final_loss": round(losses[-1], 5)}
-    if distiller is not None:
-        distilled = distiller.summary()
-        facts |= {"final_lm_loss": round(lm_losses[-1], 5), "final_kl": round(kl_losses[-1], 5), "distill": distilled}
+    run.restore_attention()
+    facts = {"steps": run.total_steps, "tokens": tokens, "final_loss": round(measured.losses[-1], 5)}
+    facts |= run.loss.facts(measured.parts)
     if accelerator.is_main_process:
-        _save(accelerator.unwrap_model(network), tokenizer, checkpoint, target, settings, saved_dtype, facts)
+        _save(accelerator.unwrap_model(run.network), run.tokenizer, run.checkpoint, target, settings, run.saved_dtype,
+              facts)
     accelerator.wait_for_everyone()
-    return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, total,
-                          tokens, seconds, losses, eval_losses,
-                          trainable, lm_losses, kl_losses, distilled)
+    return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, run.total_steps,
+                          tokens, measured.seconds, measured.losses, measured.eval_losses, run.trainable,
+                          measured.parts.get("lm", []), measured.parts.get("kl", []), facts.get("distill"))
 
 
 def _mixed_precision(bf16: Any) -> str:

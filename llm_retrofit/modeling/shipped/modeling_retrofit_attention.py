@@ -49,6 +49,7 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaForCa
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralForCausalLM, MistralModel
 
 CONFIG_KEY = "retrofit_attention"
+FEATURE = "a retrofit attention pattern"  # what messages call it
 QUERY_CHUNK = 256  # sinks attention handles this many query rows at a time: memory O(chunk * (S + W + chunk))
 FLEX_TILE = 128  # flex_attention's block size: what its BlockMask skips or computes
 
@@ -431,12 +432,12 @@ def block_sparse_attention(module: torch.nn.Module, pattern: BlockSparse, query:
 # --- the modules ------------------------------------------------------------------------------------------------------
 
 def _check_unpadded(attention_mask: torch.Tensor | None) -> None:
-    """Both patterns number tokens 0, 1, 2, ... of one stream; padding would shift them, so it is refused."""
+    """Positions are those of one unpadded stream (0, 1, 2, ...); padding would shift them, so it is refused."""
     if attention_mask is None:
         return
     if attention_mask.dim() != 2 or not bool(attention_mask.all()):
-        raise ValueError(f"the {CONFIG_KEY} patterns do not support padded batches or custom 4-D masks: pass "
-                         "sequences of equal length, without padding (a 2-D attention mask of ones, or none)")
+        raise ValueError(f"{FEATURE} does not support padded batches or custom 4-D masks: pass sequences of equal "
+                         "length, without padding (a 2-D attention mask of ones, or none)")
 
 
 _MASK_PLACEHOLDER = torch.empty(1, 1, 0, 0, device="meta")  # never read: the attention below ignores its mask
@@ -527,13 +528,16 @@ class _PatternCausalLM:
                                       **kwargs: Any) -> Any:
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
-                raise ValueError(f"the {CONFIG_KEY} patterns bring their own cache; cache_implementation="
+                raise ValueError(f"{FEATURE} brings its own cache; cache_implementation="
                                  f"{generation_config.cache_implementation!r} is not supported")
-            pattern = pattern_of(self.config)
-            model_kwargs["cache"] = (SinkCache(pattern, self.config.num_hidden_layers) if isinstance(pattern, Sinks)
-                                     else DynamicCache())
+            model_kwargs["cache"] = self._new_cache()
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _new_cache(self) -> Cache:
+        """The pattern's own cache: the bounded SinkCache for sinks, a plain full cache for block sparsity."""
+        pattern = pattern_of(self.config)
+        return SinkCache(pattern, self.config.num_hidden_layers) if isinstance(pattern, Sinks) else DynamicCache()
 
 
 class RetrofitLlamaAttention(_PatternAttention, LlamaAttention):
@@ -567,12 +571,13 @@ _FAMILIES: dict[type, tuple[type, type, type]] = {
 }
 
 
-def _family(model: torch.nn.Module) -> tuple[type, type, type]:
+def _family(model: Any) -> tuple[type, type, type]:
+    """The classes to give `model`: only the stock class itself or ours, never a subclass of the stock class (its
+    own overrides, say another patch's attention, would be silently dropped by re-classing)."""
     for stock, classes in _FAMILIES.items():
         if type(model) in (stock, classes[0]):
             return classes
-    raise TypeError(f"retrofit attention patterns apply to LlamaForCausalLM and MistralForCausalLM, "
-                    f"not {type(model).__name__}")
+    raise TypeError(f"{FEATURE} is for LlamaForCausalLM and MistralForCausalLM only, not {type(model).__name__}")
 
 
 def _swap_modules(model: torch.nn.Module) -> None:

@@ -51,6 +51,7 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaForCa
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralForCausalLM, MistralModel
 
 CONFIG_KEY = "retrofit_infini"
+FEATURE = "Infini-attention"  # what messages call it
 DEFAULT_GATE_INIT = -8.0  # sigmoid(-8) ~ 3e-4: a freshly patched model is the stock model plus a faint memory term
 UPDATE_RULES = ("linear", "delta")
 
@@ -323,11 +324,11 @@ class _InfiniAttention:
 
 
 def _check_unpadded(attention_mask: torch.Tensor | None) -> None:
-    """Segments and positions are those of one unpadded stream; padding would shift them, so it is refused."""
+    """Positions are those of one unpadded stream (0, 1, 2, ...); padding would shift them, so it is refused."""
     if attention_mask is None:
         return
     if attention_mask.dim() != 2 or not bool(attention_mask.all()):
-        raise ValueError(f"{CONFIG_KEY} does not support padded batches or custom 4-D masks: pass sequences of equal "
+        raise ValueError(f"{FEATURE} does not support padded batches or custom 4-D masks: pass sequences of equal "
                          "length, without padding (a 2-D attention mask of ones, or none)")
 
 
@@ -450,11 +451,14 @@ class _InfiniCausalLM:
                                       **kwargs: Any) -> Any:
         if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
-                raise ValueError(f"{CONFIG_KEY} brings its own cache; cache_implementation="
+                raise ValueError(f"{FEATURE} brings its own cache; cache_implementation="
                                  f"{generation_config.cache_implementation!r} is not supported")
-            model_kwargs["cache"] = InfiniCache(self.config)
+            model_kwargs["cache"] = self._new_cache()
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _new_cache(self) -> Cache:
+        return InfiniCache(self.config)
 
 
 class RetrofitInfiniLlamaAttention(_InfiniAttention, LlamaAttention):
@@ -488,11 +492,13 @@ _FAMILIES: dict[type, tuple[type, type, type]] = {
 }
 
 
-def _family(model: nn.Module) -> tuple[type, type, type]:
+def _family(model: Any) -> tuple[type, type, type]:
+    """The classes to give `model`: only the stock class itself or ours, never a subclass of the stock class (its
+    own overrides, say another patch's attention, would be silently dropped by re-classing)."""
     for stock, classes in _FAMILIES.items():
-        if isinstance(model, stock):
+        if type(model) in (stock, classes[0]):
             return classes
-    raise TypeError(f"Infini-attention applies to LlamaForCausalLM and MistralForCausalLM, not {type(model).__name__}")
+    raise TypeError(f"{FEATURE} is for LlamaForCausalLM and MistralForCausalLM only, not {type(model).__name__}")
 
 
 def _convert(model: nn.Module, gate_init: float) -> None:
