@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +60,34 @@ class PassCost:
         group = min(attention_group or length, length)
         one_forward = self.linear * length + self.attention * group * length
         return one_forward * (TRAIN_STEP_FORWARDS + (1 if checkpointing else 0))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass a step will run: `tokens` long, through a model of `config`'s shape, forward or training."""
+
+    tokens: int
+    config: Mapping[str, Any] = field(compare=False, hash=False)
+    training: bool = False
+    checkpointing: bool = False
+    attention_group: int | None = None
+
+    def seconds(self, cost: PassCost) -> float:
+        if self.training:
+            return cost.train_step(self.tokens, checkpointing=self.checkpointing, attention_group=self.attention_group)
+        return cost.forward(self.tokens)
+
+
+def expected_seconds(passes: Sequence[Pass], autocast: torch.dtype | None = None, device: str = "cpu") -> float:
+    """What `passes` take on this machine: each model shape among them probed once (`measure`)."""
+    costs: dict[tuple[int, ...], PassCost] = {}
+    total = 0.0
+    for one in passes:
+        key = tuple(_shape(one.config).values())
+        if key not in costs:
+            costs[key] = measure(one.config, autocast, device)
+        total += one.seconds(costs[key])
+    return total
 
 
 def measure(config: Mapping[str, Any], autocast: torch.dtype | None = None, device: str = "cpu") -> PassCost:

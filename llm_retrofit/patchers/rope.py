@@ -285,6 +285,16 @@ class LongRope(_ContextExtension):
     def plan(self, model: ModelView) -> TensorPlan:
         shape = RopeShape.of(model.config)
         searched = read_factors(self.factors, shape) if self.factors else self._search(model, shape)
+        return self._plan_with(model, shape, searched)
+
+    def shape_plan(self, model: ModelView) -> TensorPlan:
+        """The config a search would write, with factors of 1.0 standing in for the ones it finds: the same rope
+        type, lengths and so the same passes for whatever runs the model after it."""
+        shape = RopeShape.of(model.config)
+        searched = read_factors(self.factors, shape) if self.factors else {"long_factor": [1.0] * shape.pairs}
+        return self._plan_with(model, shape, searched)
+
+    def _plan_with(self, model: ModelView, shape: RopeShape, searched: dict[str, Any]) -> TensorPlan:
         length = self.target_length or (round(shape.original_length * self.factor) if self.factor else searched.get("target_length"))
         if length is None:
             raise PatchSpecError(f"longrope: {self.factors} names no target_length; pass target_length=N.")
