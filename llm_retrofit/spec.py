@@ -15,6 +15,7 @@ import dataclasses
 import math
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -73,6 +74,16 @@ class Patcher(ABC):
         """True when planning this patch runs the model (a search, calibration activations): it must then be the
         first patch of a chain, and a dry run cannot know its result."""
         return False
+
+    def shape_plan(self, model: ModelView) -> TensorPlan | None:
+        """The plan as far as the model's shape goes (its config; stand-ins for what only running it can tell), made
+        without running the model, so that a recipe can price the steps after this one; None if unknown."""
+        return None if self.loads_model() else self.plan(model)
+
+    def forward_lengths(self, config: Mapping[str, Any]) -> list[int]:
+        """The token counts of the forward passes planning this patch runs on a model with this config.json (a
+        search's candidates), for the time a recipe expects before it starts; none for a patch that only rewrites."""
+        return []
 
     @classmethod
     def card_limitation(cls, params: dict[str, Any]) -> str | None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -39,7 +39,7 @@ import torch
 from ..errors import EvaluationError
 from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
 from ..modeling.precision import arithmetic, check_autocast, inference_autocast
-from ..modeling.rope import rope_depends_on_length, rope_length_classes
+from ..modeling.rope import rope_depends_on_length, rope_length_classes, rotary_of
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
 
@@ -256,6 +256,33 @@ def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
 
 def _size(job: _Job) -> int:
     return job.window.end - job.window.start
+
+
+def forward_lengths(
+    config: Mapping[str, Any],
+    sizes: Sequence[int],
+    lengths: Sequence[int],
+    *,
+    protocol: str = "truncate",
+    stride: int | None = None,
+    passkey: bool = False,
+    passkey_lengths: Sequence[int] | None = None,
+    passkey_depths: Sequence[float] | None = None,
+    passkey_trials: int = 1,
+) -> list[int]:
+    """The token counts of the forward passes `evaluate` runs on a model with this config.json over documents of
+    `sizes` tokens: the passes `perplexity` plans (`_plan`, with the RoPE classes of the config's own rotary
+    embedding) and one prompt of about its length per passkey cell. What a recipe prices before it runs anything."""
+    from .passkey import DEFAULT_DEPTHS
+
+    lengths = sorted({int(n) for n in lengths})
+    classes = rope_length_classes(rotary_of(config), lengths) if protocol == "truncate" else [[n] for n in lengths]
+    passes = [job.window.end - job.window.start for job in _plan(sizes, lengths, protocol, stride, classes)]
+    if passkey:
+        cells = len(passkey_depths if passkey_depths is not None else DEFAULT_DEPTHS) * passkey_trials
+        key_lengths = sorted({int(n) for n in passkey_lengths}) if passkey_lengths else lengths
+        passes += [n for n in key_lengths for _ in range(cells)]
+    return passes
 
 
 # -- the whole evaluation --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ turn these into `rope_parameters`; the LongRoPE search (`rope_search.py`) seeds 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,16 @@ def rope_length_classes(model: torch.nn.Module, lengths: Sequence[int]) -> list[
         else:
             groups.append([n])
     return groups
+
+
+def rotary_of(config: Mapping[str, Any]) -> torch.nn.Module:
+    """transformers' rotary embedding of a model with this config.json, without the model: what `rope_length_classes`
+    asks when a recipe prices its evaluations before any model is loaded (Llama, Mistral and Mixtral share it)."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    kept = {key: value for key, value in config.items() if key not in ("architectures", "auto_map")}
+    return LlamaRotaryEmbedding(config=AutoConfig.for_model(**kept).get_text_config())
 
 
 def rope_depends_on_length(model: torch.nn.Module, lengths: Sequence[int]) -> bool:

@@ -74,6 +74,13 @@ class SearchSettings:
     """None: the paper's sqrt(1 + ln s / ln L). transformers applies it at every length, short ones included, so
     1.0 keeps short contexts exactly as they were (the long factors are then searched without the scaling)."""
 
+    @property
+    def candidates(self) -> int:
+        """The most candidates the search scores (a repeated one is scored once): its cost in forward passes per
+        document."""
+        crossovers = self.crossovers if self.parents > 1 else 0
+        return self.population + self.iterations * (self.mutations + crossovers)
+
     def __post_init__(self) -> None:
         if self.population < 2 or self.parents < 1 or self.parents > self.population or self.segments < 1:
             raise SearchError("search-rope: need population >= 2, 1 <= parents <= population, segments >= 1.")
@@ -282,7 +289,7 @@ def search(
         rng = random.Random(settings.seed)
         initial = initial_population(shape, scale, settings, rng)
         # At most this many candidates (a repeated one is not evaluated again): the ETA covers the whole search.
-        progress = Progress(len(initial) + settings.iterations * children, "search-rope", "candidate",
+        progress = Progress(settings.candidates, "search-rope", "candidate",
                             enabled=distributed.is_main_process)
         _evaluate_generation(state, evaluator, initial, distributed, "initial", progress)
         _finish_generation(state, rng, state_path, distributed)

@@ -25,15 +25,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
 
 from ..errors import PatchError, PatchSpecError
 from ..modeling.activations import calibration_model
 from ..modeling.rope import RopeShape, longrope_attention_factor
 from ..plan import ModelView, TensorPlan
 from ..spec import PatchCard, Patcher, register
+
+if TYPE_CHECKING:
+    from ..modeling.rope_search import SearchSettings
 
 
 # ------------------------------------------------------------------------------------------------- patchers
@@ -279,6 +285,16 @@ class LongRope(_ContextExtension):
     def plan(self, model: ModelView) -> TensorPlan:
         shape = RopeShape.of(model.config)
         searched = read_factors(self.factors, shape) if self.factors else self._search(model, shape)
+        return self._plan_with(model, shape, searched)
+
+    def shape_plan(self, model: ModelView) -> TensorPlan:
+        """The config a search would write, with factors of 1.0 standing in for the ones it finds: the same rope
+        type, lengths and so the same passes for whatever runs the model after it."""
+        shape = RopeShape.of(model.config)
+        searched = read_factors(self.factors, shape) if self.factors else {"long_factor": [1.0] * shape.pairs}
+        return self._plan_with(model, shape, searched)
+
+    def _plan_with(self, model: ModelView, shape: RopeShape, searched: dict[str, Any]) -> TensorPlan:
         length = self.target_length or (round(shape.original_length * self.factor) if self.factor else searched.get("target_length"))
         if length is None:
             raise PatchSpecError(f"longrope: {self.factors} names no target_length; pass target_length=N.")
@@ -305,21 +321,36 @@ class LongRope(_ContextExtension):
         """Run the factor search on the first `max_docs` documents of `data` (default budget unless given)."""
         from ..evaluation.documents import load_documents
         from ..evaluation.perplexity import tokenize
-        from ..modeling.rope_search import FactorEvaluator, SearchSettings, search
+        from ..modeling.rope_search import FactorEvaluator, search
 
         network, tokenizer = calibration_model(model, "longrope: data=DOCS (a factor search)")
         length = self.new_length(shape)
         ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
-        segments = self.segments or (4 if network.device.type == "cuda" else 1)
-        evaluator = FactorEvaluator(network, ids, shape, length, segments, attention_factor=self.attention_factor)
+        settings = self.search_settings(length, network.device.type)
+        evaluator = FactorEvaluator(network, ids, shape, length, settings.segments,
+                                    attention_factor=self.attention_factor)
+        best = search(evaluator, settings).population[0]
+        return {"target_length": length, "long_factor": best.factors}
+
+    def search_settings(self, length: int, device_type: str) -> SearchSettings:
+        """The search this patch runs for `length` on a device of `device_type` (its budget, or the default)."""
+        from ..modeling.rope_search import SearchSettings
+
+        segments = self.segments or (4 if device_type == "cuda" else 1)
         budget: dict[str, Any] = {"iterations": self.iterations} if self.iterations is not None else {}
         if self.population is not None:  # as many children as survivors, half mutations and half crossovers
             budget |= {"population": self.population, "parents": min(4, self.population),
                        "mutations": self.population // 2, "crossovers": self.population - self.population // 2}
-        settings = SearchSettings(target_length=length, attention_factor=self.attention_factor, segments=segments,
-                                  **budget)
-        best = search(evaluator, settings).population[0]
-        return {"target_length": length, "long_factor": best.factors}
+        return SearchSettings(target_length=length, attention_factor=self.attention_factor, segments=segments,
+                              **budget)
+
+    def forward_lengths(self, config: Mapping[str, Any]) -> list[int]:
+        """With data=DOCS, one pass of the target length per candidate and document (the most the search runs)."""
+        if self.data is None:
+            return []
+        length = self.new_length(RopeShape.of(dict(config)))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return [length] * (self.search_settings(length, device).candidates * self.max_docs)
 
 
 def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""What a forward or training pass of a model costs on this machine, from a probe of about a second.
+
+A recipe prints the time it expects before it starts (`recipes` adds up the passes of its steps); this module prices
+one pass. A pass over L tokens costs a part linear in L (the weights' matrix products, norms and activations: the
+same work for every token) and a part quadratic in L (causal attention: every token against all before it). Both are
+measured here, on one decoder layer of the model's own shape with random weights, in the arithmetic the run will use
+(float32, or bfloat16 autocast where the hardware has bf16 units, as `precision.inference_autocast` decides):
+
+- linear: the layer's forward over `LINEAR_PROBE` tokens, minus its attention at that length;
+- quadratic: causal `scaled_dot_product_attention` at `ATTENTION_PROBE` tokens with the model's heads;
+- the LM head: counted at the linear part's rate per multiply-add (2 x hidden x vocab FLOPs a token).
+
+Measured against whole SmolLM2-135M passes on an AVX2-only AMD EPYC (2 cores, float32; 1 thread, CPU seconds, so
+that a shared machine does not skew it): the probe's estimate of a 4096-token pass was within 10% of the pass.
+The figure is the machine's speed while the probe runs: a machine busy with other work runs slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LINEAR_PROBE = 512
+"""Tokens of the probe layer's forward: enough for the matrix products to run at full speed, short enough that
+attention is a few percent of it (and is subtracted)."""
+_NOT_SHAPE = {"architectures", "auto_map", "quantization_config", "layer_types", "use_cache"}
+"""config.json keys the probe layer leaves out: which classes and code load the checkpoint, and per-layer lists."""
+ATTENTION_PROBE = 2048
+"""Tokens of the probe attention: long enough that the quadratic term dominates the kernel's fixed costs."""
+
+TRAIN_STEP_FORWARDS = 3.0
+"""A training step costs about three forwards: the forward, and a backward that computes gradients of the
+activations and of the trained weights (each about a forward's work; LoRA skips most weight gradients but its
+frozen weights still pass activation gradients back). Gradient checkpointing adds a fourth: the recomputed forward."""
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """Seconds of one pass of a model on this machine, as `linear x L + attention x L^2` for L tokens."""
+
+    linear: float
+    """Seconds per token of the whole model's token-wise work (every layer, and the LM head)."""
+    attention: float
+    """Seconds per token^2 of the whole model's causal attention (every layer)."""
+    arithmetic: str
+    """What the probe ran in: `float32` or `bfloat16 autocast` (and the device)."""
+
+    def forward(self, length: int) -> float:
+        return self.linear * length + self.attention * length * length
+
+    def train_step(self, length: int, *, checkpointing: bool, attention_group: int | None = None) -> float:
+        """One optimizer micro-step over `length` tokens; with `attention_group`, attention runs within groups of
+        that many tokens (LongLoRA's shifted sparse attention), so its quadratic part is per group."""
+        group = min(attention_group or length, length)
+        one_forward = self.linear * length + self.attention * group * length
+        return one_forward * (TRAIN_STEP_FORWARDS + (1 if checkpointing else 0))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass a step will run: `tokens` long, through a model of `config`'s shape, forward or training."""
+
+    tokens: int
+    config: Mapping[str, Any] = field(compare=False, hash=False)
+    training: bool = False
+    checkpointing: bool = False
+    attention_group: int | None = None
+
+    def seconds(self, cost: PassCost) -> float:
+        if self.training:
+            return cost.train_step(self.tokens, checkpointing=self.checkpointing, attention_group=self.attention_group)
+        return cost.forward(self.tokens)
+
+
+def expected_seconds(passes: Sequence[Pass], autocast: torch.dtype | None = None, device: str = "cpu") -> float:
+    """What `passes` take on this machine: each model shape among them probed once (`measure`)."""
+    costs: dict[tuple[int, ...], PassCost] = {}
+    total = 0.0
+    for one in passes:
+        key = tuple(_shape(one.config).values())
+        if key not in costs:
+            costs[key] = measure(one.config, autocast, device)
+        total += one.seconds(costs[key])
+    return total
+
+
+def measure(config: Mapping[str, Any], autocast: torch.dtype | None = None, device: str = "cpu") -> PassCost:
+    """The `PassCost` of a model with this config.json on `device`, measured now (about a second for a small
+    model, a few seconds for a 7B one)."""
+    from transformers import AutoConfig, AutoModel
+
+    shape = _shape(config)
+    kept = {key: value for key, value in config.items() if key not in _NOT_SHAPE}
+    probe_config = AutoConfig.for_model(**{**kept, "num_hidden_layers": 1, "vocab_size": 256})
+    with torch.device(device):
+        layer_model = AutoModel.from_config(probe_config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, LINEAR_PROBE), device=device)
+    query = torch.randn(1, shape["heads"], ATTENTION_PROBE, shape["head_dim"], device=device)
+    context = torch.autocast(device_type=torch.device(device).type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), context:
+        layer = _seconds(lambda: layer_model(input_ids=ids))
+        attention = _seconds(lambda: F.scaled_dot_product_attention(query, query, query, is_causal=True))
+    per_square = attention / ATTENTION_PROBE**2
+    per_token = max(layer - per_square * LINEAR_PROBE**2, layer / 2) / LINEAR_PROBE
+    head_share = shape["hidden"] * shape["vocab"] / max(shape["layer_params"], 1)
+    what = f"{'bfloat16 autocast' if autocast else 'float32'} on {device}"
+    return PassCost(per_token * (shape["layers"] + head_share), per_square * shape["layers"], what)
+
+
+def _shape(config: Mapping[str, Any]) -> dict[str, int]:
+    text = dict(config.get("text_config") or config)
+    hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    intermediate = int(text.get("intermediate_size") or 4 * hidden)
+    experts = int(text.get("num_experts_per_tok") or 1)  # a token runs through its chosen experts only
+    layer_params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate * experts
+    return {"hidden": hidden, "layers": layers, "heads": heads, "head_dim": head_dim, "vocab": int(text["vocab_size"]),
+            "layer_params": layer_params}
+
+
+CLOCK = time.perf_counter
+
+
+def _seconds(run: Callable[[], Any], repeats: int = 3) -> float:
+    """The fastest of `repeats` runs after one warm-up: the machine's speed, not its hiccups."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = CLOCK()
+        run()
+        best = min(best, CLOCK() - started)
+    return best
