@@ -74,6 +74,11 @@ class Patcher(ABC):
         first patch of a chain, and a dry run cannot know its result."""
         return False
 
+    def check(self, model: ModelView) -> None:
+        """Raise what `plan(model)` would refuse about these parameters on this model, without running the model.
+        A recipe's dry run cannot plan a patch that loads the model (`loads_model`), so it calls this; such a patch
+        overrides it with the checks its `plan` makes before it loads anything (the others are planned whole)."""
+
     @classmethod
     def card_limitation(cls, params: dict[str, Any]) -> str | None:
         """The limitation a patch with these recorded parameters brings (some hold only for some parameters)."""

@@ -17,7 +17,8 @@ from llm_retrofit.cli import main
 from llm_retrofit.recipes import RecipeError, apply_overrides, builtin_names, dry_run, load_recipe, parse_recipe
 from llm_retrofit.recipes import runner
 from llm_retrofit.recipes.expressions import evaluate_expression
-from llm_retrofit.recipes.runner import finetune_settings
+from llm_retrofit.recipes.steps import STEP_KINDS
+from llm_retrofit.recipes.values import finetune_settings
 from llm_retrofit.recipes.schema import EvalSettings
 from test_finetune import chars_model, corpus
 from test_hub import hub  # noqa: F401 - the test Hub fixture
@@ -125,19 +126,16 @@ def test_settings_are_read_as_their_fields_say() -> None:
             finetune_settings(values)
 
 
-ORIGINAL_RUNNERS = dict(runner.STEP_RUNNERS)
-
-
 def counting(monkeypatch: pytest.MonkeyPatch, fail_at: str | None = None) -> dict[str, int]:
-    """Wrap every step runner with a call counter; `fail_at` makes that kind raise once, as a crash would."""
+    """Wrap every step kind's run with a call counter; `fail_at` makes that kind raise once, as a crash would."""
     calls: dict[str, int] = {}
-    for kind, run in ORIGINAL_RUNNERS.items():
-        def counted(step, params, state, directory, run=run, kind=kind):
+    for kind, step_kind in STEP_KINDS.items():
+        def counted(step, params, state, directory, run=type(step_kind).run, step_kind=step_kind, kind=kind):
             calls[kind] = calls.get(kind, 0) + 1
             if kind == fail_at:
                 raise KeyboardInterrupt  # Ctrl-C in the middle of the step
-            return run(step, params, state, directory)
-        monkeypatch.setitem(runner.STEP_RUNNERS, kind, counted)
+            return run(step_kind, step, params, state, directory)
+        monkeypatch.setattr(step_kind, "run", counted)
     return calls
 
 

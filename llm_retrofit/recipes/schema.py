@@ -244,12 +244,17 @@ class EvalSettings(_Settings):
     @classmethod
     def read(cls, values: typing.Mapping[str, Any]) -> EvalSettings:
         settings = cls(**read_settings(cls, values))
-        from ..evaluation.perplexity import check_protocol, evaluate
+        from ..evaluation.perplexity import DEFAULT_PROTOCOL, check_protocol
 
-        lengths = settings.lengths or evaluate.__kwdefaults__["lengths"]
-        check_protocol(lengths, settings.protocol or evaluate.__kwdefaults__["protocol"], settings.stride)
+        check_protocol(settings.measured_lengths(), settings.protocol or DEFAULT_PROTOCOL, settings.stride)
         settings.baseline_patchers()  # a bad spec is refused before the run
         return settings
+
+    def measured_lengths(self) -> list[int]:
+        """The lengths the step measures: its own, or `evaluate`'s default ones."""
+        from ..evaluation.perplexity import DEFAULT_LENGTHS
+
+        return list(self.lengths or DEFAULT_LENGTHS)
 
     def labels(self) -> list[str]:
         """The models this step evaluates, in the order of its table's columns."""
