@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..schema import Recipe, Step, Unknown
+from ...errors import RetrofitError
+from ..schema import Recipe, RecipeError, Step, Unknown
 from ..values import require_patch_fields, build_patcher, patch_value
 from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, at, has_unknown, size_text
+
+if TYPE_CHECKING:
+    from ...plan import ModelView
+    from ...spec import Patcher
 
 
 class PatchStep(StepKind):
@@ -36,8 +42,7 @@ class PatchStep(StepKind):
 
         patcher = None if item.unknown else build_patcher(item.step, item.params)
         if patcher is not None and planning.view is not None and patcher.loads_model():
-            view = planning.view
-            at(planning.recipe, item.step, lambda: patcher.check(view))
+            _check_on(patcher, planning.view, planning.recipe, item)
         if patcher is None or patcher.loads_model() or planning.view is None:
             if patcher is None:
                 why = "whose values are not known before the run"
@@ -66,3 +71,16 @@ class PatchStep(StepKind):
         patcher = build_patcher(step, params)
         path = apply_to_checkpoint(load_checkpoint(state.model), [patcher], output=directory)
         return StepOutcome({"output": str(path), "patch": patcher.spec()}, model=str(path))
+
+
+def _check_on(patcher: Patcher, view: ModelView, recipe: Recipe, item: PlannedStep) -> None:
+    """`patcher.check(view)`, its error followed by the numbers of the step that expressions computed (the mistake
+    may be in an input they read, `--set inputs.factor=-5`)."""
+    try:
+        patcher.check(view)
+    except RetrofitError as e:
+        computed = [f"{key}: {item.step.params[key]} = {json.dumps(value, default=str)}"
+                    for key, value in item.params.items()
+                    if isinstance(value, (int, float)) and "${" in str(item.step.params.get(key))]
+        shown = f" ({'; '.join(computed)})" if computed else ""
+        raise RecipeError(f"{recipe.where(item.step)}: step {item.step.id}: {e}{shown}") from None
