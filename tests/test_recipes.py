@@ -282,6 +282,18 @@ def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path:
     assert other["dataset"]["name"] == "bundled:python-source[:1]" and "passkey" not in other
     readme = (done.model / "README.md").read_text()
     assert "Passkey" in readme and "### On bundled:python-source[:1]" in readme
+    # The card as the Hub reads it: a model-index result per data set, holding that data set's numbers of this model
+    # (the code ones were listed under the docs' name), and the model named by the run's output directory, not by
+    # the step directory it is in (02-finetune).
+    from huggingface_hub import metadata_load
+
+    index = metadata_load(done.model / "README.md")["model-index"]
+    assert [entry["name"] for entry in index] == ["run"] and "\n# run\n" in readme
+    perplexity = {result["dataset"]["name"]: {m["config"]: m["value"] for m in result["metrics"]}
+                  for result in index[0]["results"] if result["metrics"][0]["type"] == "perplexity"}
+    assert perplexity == {evaluation["dataset"]["name"]: {f"context_length={n}": value
+                                                          for n, value in evaluation["perplexity"]["after"].items()}
+                          for evaluation in (card, other)}
     # Each eval step's plot, under its own name beside the card: the two perplexity.png do not overwrite each other.
     assert re.findall(r"\]\((\S+\.png)\)", readme) == ["03-eval-perplexity.png", "04-eval-code-perplexity.png"]
     for step in ("03-eval", "04-eval-code"):
