@@ -55,6 +55,9 @@ from .patch_notes import base_model_relation, limitation, patch_info, record_not
 from ..io.provenance import HISTORY_KEY
 
 if TYPE_CHECKING:
+    import jinja2
+    from huggingface_hub import ModelCardData
+
     from ..evaluation.report import EvalResult
 
 log = logging.getLogger(__name__)
@@ -520,7 +523,7 @@ def _versions(model: ModelDirectory, history: list[dict[str, Any]]) -> list[str]
     return lines
 
 
-def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> Any:
+def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> ModelCardData:
     from huggingface_hub import EvalResult, ModelCardData
 
     results = []
@@ -622,7 +625,7 @@ def _comment_json(state: dict[str, Any]) -> str:
     return json.dumps(state, sort_keys=True).replace(">", "\\u003e")
 
 
-def _environment() -> Any:
+def _environment() -> jinja2.Environment:
     import jinja2
 
     environment = jinja2.Environment(

@@ -106,3 +106,9 @@ def _override_pairs(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[
                               "complete list such as [a, b] (quote text that starts with [ or {).") from None
         pairs.append((key.strip(), value))
     return pairs
+
+
+def profile_of(overrides: Mapping[str, Any] | Sequence[str] | None) -> str | None:
+    """The profile the overrides apply (the last `profile=NAME`), if any."""
+    found = [str(value) for key, value in _override_pairs(overrides or []) if key == "profile"]
+    return found[-1] if found else None

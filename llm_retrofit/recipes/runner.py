@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -41,15 +40,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RetrofitError
 from ..io.progress import quiet_libraries
 from .expressions import Unresolved, resolve
-from .overrides import _override_pairs, apply_overrides
+from .overrides import apply_overrides, profile_of
 from .schema import Recipe, RecipeError, Step, Unknown, load_recipe
 from .steps import STEP_KINDS, StepKind
 from .steps.base import PlannedStep, Planning, RunState, StepOutcome, has_unknown, model_config, size_text
 
 if TYPE_CHECKING:
     from ..io.checkpoint import TensorMeta
-
-log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MODEL_LINK = "model"
@@ -63,7 +60,7 @@ class RecipeRun:
 
     output: Path
     model: Path
-    results: dict[str, dict[str, Any]]
+    results: dict[str, Mapping[str, Any]]
     ran: list[str]
     skipped: list[str]
     recipe: str = ""
@@ -187,7 +184,7 @@ def run_recipe(
         link.unlink()
     link.symlink_to(os.path.relpath(state.model, out) if Path(state.model).is_relative_to(out) else state.model)
     return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name, profiles=recipe.profiles,
-                     profile=_profile_of(overrides), seconds=time.perf_counter() - run_started)
+                     profile=profile_of(overrides), seconds=time.perf_counter() - run_started)
 
 
 def _finished(entry: Mapping[str, Any] | None, kind: StepKind, directory: Path) -> StepOutcome | None:
@@ -228,11 +225,6 @@ def _described(kind: StepKind, step: Step, params: dict[str, Any]) -> str:
         return kind.describe(step, params)
     except RetrofitError:
         return step.describe()
-
-
-def _profile_of(overrides: Mapping[str, Any] | Sequence[str] | None) -> str | None:
-    found = [str(value) for key, value in _override_pairs(overrides or []) if key == "profile"]
-    return found[-1] if found else None
 
 
 def _reported(result: Mapping[str, Any]) -> str:

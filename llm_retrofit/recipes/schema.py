@@ -202,11 +202,14 @@ def read_settings(cls: type, values: typing.Mapping[str, Any], prefix: str = "")
     return {key: typed_value(prefix + key, value, hints[key], fields[key].metadata) for key, value in values.items()}
 
 
+_S = typing.TypeVar("_S", bound="_Settings")
+
+
 class _Settings:
     """Settings read from a step's YAML values: `cls.read(values)` checks each value, then (EvalSettings) the whole."""
 
     @classmethod
-    def read(cls, values: typing.Mapping[str, Any]) -> Any:
+    def read(cls: type[_S], values: typing.Mapping[str, Any]) -> _S:
         return cls(**read_settings(cls, values))
 
 
