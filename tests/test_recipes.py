@@ -93,15 +93,20 @@ def test_expressions_stay_within_what_a_recipe_value_can_be() -> None:
         evaluate_expression("inputs.name * 10**12", scope)
 
 
-def test_an_expression_that_would_compute_for_hours_is_refused_at_once() -> None:
+@pytest.mark.parametrize("expression, message", [
+    ("9**9**9", "RecipeError: ${9**9**9}: 9 ** 387420489 has about 369,693,100 digits"),
+    # round(x, n) computes 10**-n first: n = -10**8 took 15 s, -10**18 forever (issue 25)
+    ("round(5, -10**18)", "RecipeError: ${round(5, -10**18)}: round to -1000000000000000000 digits is beyond"),
+])
+def test_an_expression_that_would_compute_for_hours_is_refused_at_once(expression: str, message: str) -> None:
     import subprocess
     import sys
 
-    # In a process of its own: before the bound, 9**9**9 (370 million digits) ran for as long as one let it.
-    code = "from llm_retrofit.recipes.expressions import evaluate_expression as e; e('9**9**9', {})"
+    # In a process of its own: before the bound, each ran for as long as one let it.
+    code = f"from llm_retrofit.recipes.expressions import evaluate_expression as e; e({expression!r}, {{}})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert "RecipeError: ${9**9**9}: 9 ** 387420489 has about 369,693,100 digits" in done.stderr
+    assert message in done.stderr
 
 
 def test_settings_are_read_as_their_fields_say() -> None:
