@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import RetrofitError
 from ..schema import Recipe, RecipeError, Step, Unknown
-from ..values import require_patch_fields, build_patcher, patch_value
+from ..values import build_patcher, patch_value, require_patch_fields
 from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, at, has_unknown, size_text
 
 if TYPE_CHECKING:
