@@ -75,6 +75,11 @@ class Patcher(ABC):
         first patch of a chain, and a dry run cannot know its result."""
         return False
 
+    def check(self, model: ModelView) -> None:
+        """Raise what `plan(model)` would refuse about these parameters on this model, without running the model.
+        A recipe's dry run cannot plan a patch that loads the model (`loads_model`), so it calls this; such a patch
+        overrides it with the checks its `plan` makes before it loads anything (the others are planned whole)."""
+
     def shape_plan(self, model: ModelView) -> TensorPlan | None:
         """The plan as far as the model's shape goes (its config; stand-ins for what only running it can tell), made
         without running the model, so that a recipe can price the steps after this one; None if unknown."""

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
@@ -319,3 +320,46 @@ def test_the_json_of_retrofit_eval_feeds_the_card(tiny_llama_chars: Path, tmp_pa
     evaluation = load_evaluation(results)
     assert evaluation.model in evaluation.perplexity
     assert sorted(evaluation.perplexity[evaluation.model]) == [64, 128]
+
+
+def test_two_evaluations_are_two_model_index_results_each_with_its_own_numbers(tiny_bf16: Path) -> None:
+    """Issue 25: the Hub keys a model-index result by task and dataset *type*; two evaluations typed alike (as our
+    own results are) were one result under the first data set's name, the second's numbers shown as the first's."""
+    docs = {"model": "after", "dataset": {"name": "bundled:python-docs[:1]", "type": "long-documents"},
+            "perplexity": {"before": {"256": 9.0}, "after": {"256": 8.5, "512": 9.5}}}
+    code = {"model": "after", "dataset": {"name": "bundled:python-source[:1]", "type": "long-documents"},
+            "perplexity": {"before": {"256": 4.0}, "after": {"256": 3.5, "512": 3.25}}}
+    render_card(tiny_bf16, eval_results=[docs, code])
+    index = yaml.safe_load(card_of(tiny_bf16).content.split("---")[1])["model-index"]
+    assert len(index) == 1
+    shown = {result["dataset"]["name"]: {m["config"]: m["value"] for m in result["metrics"]}
+             for result in index[0]["results"]}
+    assert shown == {"bundled:python-docs[:1]": {"context_length=256": 8.5, "context_length=512": 9.5},
+                     "bundled:python-source[:1]": {"context_length=256": 3.5, "context_length=512": 3.25}}
+    assert len(index[0]["results"]) == 2, "one result per data set"
+    assert validate_card_metadata(str(card_of(tiny_bf16))) == []
+
+
+def test_the_model_is_named_as_given_and_keeps_that_name_on_refresh(tiny_bf16: Path) -> None:
+    render_card(tiny_bf16, eval_results=EVALUATION, name="tiny-long-context")
+    card = card_of(tiny_bf16)
+    assert card.text.lstrip().startswith("# tiny-long-context\n") and card.data.model_name == "tiny-long-context"
+    render_card(tiny_bf16)  # `retrofit card DIR` again: the same state, so the same name
+    assert card_of(tiny_bf16).data.model_name == "tiny-long-context"
+    render_card(tiny_bf16, repo_id="alice/tiny-16k")  # pushed: named by its repo
+    assert card_of(tiny_bf16).data.model_name == "tiny-16k"
+
+
+def test_a_length_without_a_perplexity_is_left_out_of_the_card(tiny_llama_chars: Path, tmp_path: Path) -> None:
+    """`retrofit eval --json` with a length no document reaches (its perplexity is null) feeds the card: that
+    length has no number, as in the tables of `retrofit eval` (it failed with 'a value that is not a number')."""
+    from llm_retrofit import evaluate
+
+    results = tmp_path / "results.json"
+    evaluate(tiny_llama_chars, ["a short document " * 6], lengths=[32, 4096], progress=False).to_json(results)
+    assert [r["perplexity"] is None for r in json.loads(results.read_text())["models"][0]["perplexity"]] == [False,
+                                                                                                            True]
+    directory = patch(tiny_llama_chars, "dtype:to=bfloat16", output=tmp_path / "model")
+    render_card(directory, eval_results=results)
+    metrics = {r.metric_config for r in card_of(directory).data.eval_results}
+    assert metrics == {"context_length=32"}

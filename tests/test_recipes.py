@@ -17,7 +17,8 @@ from llm_retrofit.cli import main
 from llm_retrofit.recipes import RecipeError, apply_overrides, builtin_names, dry_run, load_recipe, parse_recipe
 from llm_retrofit.recipes import runner
 from llm_retrofit.recipes.expressions import evaluate_expression
-from llm_retrofit.recipes.runner import finetune_settings
+from llm_retrofit.recipes.steps import STEP_KINDS
+from llm_retrofit.recipes.values import finetune_settings
 from llm_retrofit.recipes.schema import EvalSettings
 from test_finetune import chars_model, corpus
 from test_hub import hub  # noqa: F401 - the test Hub fixture
@@ -92,15 +93,20 @@ def test_expressions_stay_within_what_a_recipe_value_can_be() -> None:
         evaluate_expression("inputs.name * 10**12", scope)
 
 
-def test_an_expression_that_would_compute_for_hours_is_refused_at_once() -> None:
+@pytest.mark.parametrize("expression, message", [
+    ("9**9**9", "RecipeError: ${9**9**9}: 9 ** 387420489 has about 369,693,100 digits"),
+    # round(x, n) computes 10**-n first: n = -10**8 took 15 s, -10**18 forever (issue 25)
+    ("round(5, -10**18)", "RecipeError: ${round(5, -10**18)}: round to -1000000000000000000 digits is beyond"),
+])
+def test_an_expression_that_would_compute_for_hours_is_refused_at_once(expression: str, message: str) -> None:
     import subprocess
     import sys
 
-    # In a process of its own: before the bound, 9**9**9 (370 million digits) ran for as long as one let it.
-    code = "from llm_retrofit.recipes.expressions import evaluate_expression as e; e('9**9**9', {})"
+    # In a process of its own: before the bound, each ran for as long as one let it.
+    code = f"from llm_retrofit.recipes.expressions import evaluate_expression as e; e({expression!r}, {{}})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert "RecipeError: ${9**9**9}: 9 ** 387420489 has about 369,693,100 digits" in done.stderr
+    assert message in done.stderr
 
 
 def test_settings_are_read_as_their_fields_say() -> None:
@@ -125,19 +131,16 @@ def test_settings_are_read_as_their_fields_say() -> None:
             finetune_settings(values)
 
 
-ORIGINAL_RUNNERS = dict(runner.STEP_RUNNERS)
-
-
 def counting(monkeypatch: pytest.MonkeyPatch, fail_at: str | None = None) -> dict[str, int]:
-    """Wrap every step runner with a call counter; `fail_at` makes that kind raise once, as a crash would."""
+    """Wrap every step kind's run with a call counter; `fail_at` makes that kind raise once, as a crash would."""
     calls: dict[str, int] = {}
-    for kind, run in ORIGINAL_RUNNERS.items():
-        def counted(step, params, state, directory, run=run, kind=kind):
+    for kind, step_kind in STEP_KINDS.items():
+        def counted(step, params, state, directory, run=type(step_kind).run, step_kind=step_kind, kind=kind):
             calls[kind] = calls.get(kind, 0) + 1
             if kind == fail_at:
                 raise KeyboardInterrupt  # Ctrl-C in the middle of the step
-            return run(step, params, state, directory)
-        monkeypatch.setitem(runner.STEP_RUNNERS, kind, counted)
+            return run(step_kind, step, params, state, directory)
+        monkeypatch.setattr(step_kind, "run", counted)
     return calls
 
 
@@ -284,6 +287,18 @@ def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path:
     assert other["dataset"]["name"] == "bundled:python-source[:1]" and "passkey" not in other
     readme = (done.model / "README.md").read_text()
     assert "Passkey" in readme and "### On bundled:python-source[:1]" in readme
+    # The card as the Hub reads it: a model-index result per data set, holding that data set's numbers of this model
+    # (the code ones were listed under the docs' name), and the model named by the run's output directory, not by
+    # the step directory it is in (02-finetune).
+    from huggingface_hub import metadata_load
+
+    index = metadata_load(done.model / "README.md")["model-index"]
+    assert [entry["name"] for entry in index] == ["run"] and "\n# run\n" in readme
+    perplexity = {result["dataset"]["name"]: {m["config"]: m["value"] for m in result["metrics"]}
+                  for result in index[0]["results"] if result["metrics"][0]["type"] == "perplexity"}
+    assert perplexity == {evaluation["dataset"]["name"]: {f"context_length={n}": value
+                                                          for n, value in evaluation["perplexity"]["after"].items()}
+                          for evaluation in (card, other)}
     # Each eval step's plot, under its own name beside the card: the two perplexity.png do not overwrite each other.
     assert re.findall(r"\]\((\S+\.png)\)", readme) == ["03-eval-perplexity.png", "04-eval-code-perplexity.png"]
     for step in ("03-eval", "04-eval-code"):

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("truncate", "sliding")
+DEFAULT_LENGTHS = (2048, 4096, 8192)
+"""The lengths `evaluate` measures when none are given (what a recipe's eval step without `lengths` plans for)."""
+DEFAULT_PROTOCOL = "truncate"
 BOS_CONVENTION = "the tokenizer's default special tokens; a BOS token, if added, is context and never scored"
 
 
@@ -399,8 +402,8 @@ def evaluate(
     model_or_path: str | os.PathLike[str] | PreTrainedModel,
     documents: Sequence[str | Document | Sequence[int] | torch.Tensor],
     *,
-    lengths: Sequence[int] = (2048, 4096, 8192),
-    protocol: str = "truncate",
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    protocol: str = DEFAULT_PROTOCOL,
     stride: int | None = None,
     tokenizer: Any = None,
     max_docs: int | None = None,

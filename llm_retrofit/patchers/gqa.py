@@ -151,6 +151,9 @@ class PoolKVHeads(Patcher):
     def loads_model(self) -> bool:
         return self.method == "fit"
 
+    def check(self, model: ModelView) -> None:
+        self._shape(model.config)  # the first thing `plan` does
+
     def plan(self, model: ModelView) -> TensorPlan:
         shape = self._shape(model.config)
         fit = self._lazy_fit(model, shape) if self.method == "fit" else None

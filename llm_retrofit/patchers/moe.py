@@ -81,7 +81,7 @@ class UpcycleMoE(Patcher):
         if self.split and (self.drop or self.noise):
             raise PatchSpecError("moe: split=true partitions neurons; it does not combine with noise or drop.")
 
-    def plan(self, model: ModelView) -> TensorPlan:
+    def check(self, model: ModelView) -> None:
         config = model.config
         if model.architecture.model_type not in ("llama", "mistral"):
             raise PatchError(f"moe upcycles dense llama or mistral models; this one is {config.get('model_type')!r}.")
@@ -92,6 +92,13 @@ class UpcycleMoE(Patcher):
             raise PatchError(
                 f"moe: split=true needs intermediate_size ({intermediate}) divisible by num_experts ({self.num_experts})."
             )
+        if self.router == "hidden":
+            _read_prompts(self.prompts, self.num_experts)  # type: ignore[arg-type]
+
+    def plan(self, model: ModelView) -> TensorPlan:
+        self.check(model)
+        config = model.config
+        intermediate = config["intermediate_size"]
         routers = self._lazy_hidden_routers(model) if self.router == "hidden" else None
         partitions: dict[int, list[torch.Tensor]] = {}  # layer -> neuron indices per expert, computed once
 

@@ -282,7 +282,12 @@ class LongRope(_ContextExtension):
         if self.max_docs < 1:
             raise PatchSpecError(f"longrope: max_docs={self.max_docs} must be at least 1 (documents the search reads).")
 
+    def check(self, model: ModelView) -> None:
+        if self.data is not None:  # the search's length: refused before the model is loaded to search
+            self.new_length(RopeShape.of(model.config))
+
     def plan(self, model: ModelView) -> TensorPlan:
+        self.check(model)
         shape = RopeShape.of(model.config)
         searched = read_factors(self.factors, shape) if self.factors else self._search(model, shape)
         return self._plan_with(model, shape, searched)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from xxhash import xxh3_64
@@ -54,6 +54,12 @@ from .lineage import CARD_FILE, REPO_ID, card_metadata, describe_source, license
 from .patch_notes import base_model_relation, limitation, patch_info, record_note
 from ..io.provenance import HISTORY_KEY
 
+if TYPE_CHECKING:
+    import jinja2
+    from huggingface_hub import ModelCardData
+
+    from ..evaluation.report import EvalResult
+
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "retrofit_recipe.yaml"
@@ -64,6 +70,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 _STATE = re.compile(r"<!-- llm-retrofit-card (\{.*?\}) -->", re.S)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
+GENERIC_DATASET = "long-documents"
+"""The dataset type of results that name no type of their own (ours): the card's model-index types them by their
+name instead, so that each data set is a result of its own."""
 
 
 EvalSource = str | os.PathLike[str] | Mapping[str, Any]
@@ -123,24 +132,35 @@ def load_evaluation(source: str | os.PathLike[str] | Mapping[str, Any]) -> Evalu
         passkey=tables["passkey"],
         model=str(model),
         dataset_name=str(dataset.get("name", "long documents")),
-        dataset_type=str(dataset.get("type", "long-documents")),
+        dataset_type=str(dataset.get("type", GENERIC_DATASET)),
         chat=chat,
     )
 
 
 def _from_eval_result(data: Mapping[str, Any]) -> dict[str, Any]:
-    """`retrofit eval --json` output -> the tables above (passkey: accuracy per length, averaged over depths)."""
+    """`retrofit eval --json` output -> the tables above."""
     from ..evaluation.report import EvalResult
 
-    result = EvalResult.from_dict(dict(data))
-    passkey = {model.name: model.passkey_by_length() for model in result.models if model.passkey}
-    return {
-        "model": result.models[-1].name,
-        "dataset": {"name": ", ".join(map(str, result.settings.get("data", []))) or "long documents", "type": "long-documents"},
-        "perplexity": {m.name: {r.length: r.perplexity for r in m.perplexity} for m in result.models},
-        "passkey": passkey,
-        "chat": {m.name: m.chat["perplexity"] for m in result.models if m.chat},
-    }
+    return evaluation_summary(EvalResult.from_dict(dict(data)))
+
+
+def evaluation_summary(result: EvalResult, dataset: str | None = None) -> dict[str, Any]:
+    """An evaluation in the shape of this module's docstring (what `load_evaluation` reads): {model: {length: value}}
+    per measure, passkey as accuracy per length (the mean over depths). `dataset` names what was measured (default:
+    the result's data sources). A length without a perplexity (no document was that long) is left out, as a card
+    table shows no number for it."""
+    perplexity = {m.name: {str(r.length): r.perplexity for r in m.perplexity if r.perplexity is not None}
+                  for m in result.models}
+    passkey = {m.name: {str(n): a for n, a in m.passkey_by_length().items()} for m in result.models if m.passkey}
+    chat = {m.name: m.chat["perplexity"] for m in result.models if m.chat}
+    name = dataset or ", ".join(map(str, result.settings.get("data", []))) or "long documents"
+    summary: dict[str, Any] = {"model": result.models[-1].name, "dataset": {"name": name, "type": GENERIC_DATASET},
+                               "perplexity": perplexity}
+    if passkey:
+        summary["passkey"] = passkey
+    if chat:
+        summary["chat"] = chat
+    return summary
 
 
 def _chat_table(raw: Any, where: str) -> dict[str, float]:
@@ -267,6 +287,7 @@ def render_card(
     plot: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
+    name: str | None = None,
 ) -> Path:
     """Write (or refresh) the README.md model card of a checkpoint or adapter directory; returns its path.
 
@@ -274,10 +295,13 @@ def render_card(
     each); `plot` a PNG, or a list of them, copied beside the card and embedded. `repo_id` is where the model is (or will be) on the Hub, for the loading snippet; `base_model`
     overrides the base model's repo id when the history names only a local path. What is not given is carried over
     from the card already there if llm-retrofit wrote it for this same state of the model (see the module docstring);
-    a card of another state lends only its license. The file is rewritten only if its content changes.
+    a card of another state lends only its license. `name` is the model's name in the title and the model-index
+    (default: the repo's name, else the one the card already gives, else the directory's). The file is rewritten
+    only if its content changes.
     """
     model = open_model_directory(path)
-    content = card_content(model, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model)
+    content = card_content(model, eval_results=eval_results, plot=plot, repo_id=repo_id, base_model=base_model,
+                           name=name)
     readme = model.path / CARD_FILE
     if not readme.is_file() or readme.read_text(encoding="utf-8", errors="replace") != content:
         replace_file(readme, content)  # the README of a patched copy may be the source's, hard-linked
@@ -292,6 +316,7 @@ def card_content(
     plot: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
+    name: str | None = None,
 ) -> str:
     """The text of the card (see `render_card`); copies the plot into the directory, writes nothing else."""
     from huggingface_hub import ModelCard
@@ -315,13 +340,15 @@ def card_content(
         load_evaluation(e) for e in _carried_evaluations(carried)
     ]
     plots = _place_plots(model.path, _as_list(plot)) if plot is not None else [
-        name for name in _carried_plots(carried) if (model.path / name).is_file()
+        plot_name for plot_name in _carried_plots(carried) if (model.path / plot_name).is_file()
     ]
-    facts = _facts(model, existing, repo_id, base_override)
+    name = name or (repo_id.split("/")[-1] if repo_id else carried.get("name")) or model.path.name
+    facts = _facts(model, existing, repo_id, base_override) | {"name": name}
     data = _card_data(facts, evaluations)
     state = {
         "state_xxh3": model.state_hash,
         "repo_id": repo_id,
+        "name": name,
         "base_model": base_override,
         "evaluations": [e.to_json() for e in evaluations],
         "plots": plots,
@@ -352,11 +379,9 @@ def _facts(
     relation = base_model_relation({str(record.get("patch")) for record in history}, model.is_adapter)
     base = base_override or source.repo_id
     license_ = license_of(existing.metadata) or source.license
-    name = repo_id.split("/")[-1] if repo_id else model.path.name
     files = {p.name for p in model.path.iterdir()}
     recipe = model.path / RECIPE_FILE
     return {
-        "name": name,
         "load_id": repo_id or model.path.name,
         "is_adapter": model.is_adapter,
         "base_model": base,
@@ -498,29 +523,33 @@ def _versions(model: ModelDirectory, history: list[dict[str, Any]]) -> list[str]
     return lines
 
 
-def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> Any:
+def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> ModelCardData:
     from huggingface_hub import EvalResult, ModelCardData
 
     results = []
+    types = _DatasetTypes()
     for evaluation in evaluations:
+        documents = types.of(evaluation.dataset_name, evaluation.dataset_type)
         for length, value in sorted(evaluation.perplexity.get(evaluation.model, {}).items()):
             results.append(EvalResult(
                 task_type="text-generation", task_name="Long-context language modeling",
-                dataset_type=evaluation.dataset_type, dataset_name=evaluation.dataset_name,
+                dataset_type=documents, dataset_name=evaluation.dataset_name,
                 metric_type="perplexity", metric_name=f"Perplexity at {length} tokens", metric_value=value,
                 metric_config=f"context_length={length}",
             ))
+        passkey = types.of(f"passkey after {evaluation.dataset_name}", "passkey")
         for length, value in sorted(evaluation.passkey.get(evaluation.model, {}).items()):
             results.append(EvalResult(
                 task_type="text-generation", task_name="Passkey retrieval",
-                dataset_type="passkey", dataset_name="Passkey retrieval (synthetic)",
+                dataset_type=passkey, dataset_name="Passkey retrieval (synthetic)",
                 metric_type="accuracy", metric_name=f"Passkey accuracy at {length} tokens", metric_value=value,
                 metric_config=f"context_length={length}",
             ))
         if evaluation.model in evaluation.chat:
             results.append(EvalResult(
                 task_type="text-generation", task_name="Chat (assistant tokens of held-out conversations)",
-                dataset_type="chat", dataset_name=evaluation.dataset_name, metric_type="perplexity",
+                dataset_type=types.of(f"chat on {evaluation.dataset_name}", "chat"),
+                dataset_name=evaluation.dataset_name, metric_type="perplexity",
                 metric_name="Assistant-token perplexity", metric_value=evaluation.chat[evaluation.model],
             ))
     extra: dict[str, Any] = {}
@@ -536,6 +565,31 @@ def _card_data(facts: dict[str, Any], evaluations: list[Evaluation]) -> Any:
         **facts["license"],
         **extra,
     )
+
+
+class _DatasetTypes:
+    """The `dataset.type` of each result of the model-index, one per data set.
+
+    The Hub (huggingface_hub's `eval_results_to_model_index`) puts every result of one task and dataset type in one
+    entry, under the name of the first: two evaluations typed alike (ours, `long-documents`) would show the second
+    data set's numbers as the first's. So results of our generic type are typed by their data set's name, and a type
+    another data set already took gets a number."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, str] = {}
+
+    def of(self, owner: str, given: str) -> str:
+        base = _slug(owner) if given == GENERIC_DATASET else given
+        candidate, number = base, 1
+        while self.owners.setdefault(candidate, owner) != owner:
+            number += 1
+            candidate = f"{base}-{number}"
+        return candidate
+
+
+def _slug(text: str) -> str:
+    """`bundled:python-docs[:1]` -> `bundled-python-docs-1`: a dataset type of letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or GENERIC_DATASET
 
 
 def _place_plots(directory: Path, plots: list[str | os.PathLike[str]]) -> list[str]:
@@ -571,7 +625,7 @@ def _comment_json(state: dict[str, Any]) -> str:
     return json.dumps(state, sort_keys=True).replace(">", "\\u003e")
 
 
-def _environment() -> Any:
+def _environment() -> jinja2.Environment:
     import jinja2
 
     environment = jinja2.Environment(

@@ -3,7 +3,8 @@
 `${model.KEY}`, `${base.KEY}`, `${inputs.NAME}`, `${steps.ID.KEY}` name values of the run's scope; arithmetic and
 min/max/int/round/float combine them. A string that is one `${...}` takes the expression's type; `${...}` inside a
 longer string is formatted into it. Results stay within what a recipe value can be (numbers below 1e18, finite, no
-arithmetic on text or lists), so a typo cannot make the runner compute for hours or fill the memory.
+arithmetic on text or lists), and so do the operands that make a computation long (a power's exponent, the digits
+`round` rounds to), so a typo cannot make the runner compute for hours or fill the memory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "int": int,
 MAX_MAGNITUDE = 10**18
 """The largest number an expression may reach: recipe values are lengths, counts, factors and token budgets (a
 trillion tokens is 1e12); `9**9**9` would otherwise compute a number of 370 million digits for minutes."""
-_LIMIT = f"1e{round(math.log10(MAX_MAGNITUDE))}"
+MAX_DIGITS = round(math.log10(MAX_MAGNITUDE))
+_LIMIT = f"1e{MAX_DIGITS}"
 MAX_TEXT = 10_000
 """The longest text an expression may make (`+` joins texts)."""
 
@@ -65,7 +67,9 @@ def evaluate_expression(text: str, scope: Mapping[str, Any]) -> Any:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
             if node.keywords:
                 raise RecipeError(f"${{{text}}}: {node.func.id}() takes values, not keywords.")
-            return _bounded(_FUNCTIONS[node.func.id](*map(walk, node.args)), text)
+            arguments = [walk(argument) for argument in node.args]
+            _check_arguments(node.func.id, arguments, text)
+            return _bounded(_FUNCTIONS[node.func.id](*arguments), text)
         raise RecipeError(f"${{{text}}}: only names, numbers, arithmetic and {', '.join(_FUNCTIONS)} are allowed.")
 
     try:
@@ -91,6 +95,16 @@ def _check_operands(op: ast.AST, operands: list[Any], text: str) -> None:
         if abs(base) > 1 and exponent > 0 and exponent * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE):
             raise RecipeError(f"${{{text}}}: {base} ** {exponent} has about {exponent * math.log10(abs(base)):,.0f} "
                               f"digits; a recipe value is below {_LIMIT} (a length, a count, a factor).")
+
+
+def _check_arguments(function: str, arguments: list[Any], text: str) -> None:
+    """`round(x, n)` with n far below 0 computes 10**-n first (`round(5, -10**8)` takes 15 s, `-10**18` forever):
+    a recipe value has at most MAX_DIGITS digits, so rounding to more on either side of the point means nothing."""
+    if function == "round" and len(arguments) == 2:
+        digits = arguments[1]
+        if isinstance(digits, int) and not isinstance(digits, bool) and abs(digits) > MAX_DIGITS:
+            raise RecipeError(f"${{{text}}}: round to {digits} digits is beyond what a recipe value holds (below "
+                              f"{_LIMIT}); give round(x, n) with n between -{MAX_DIGITS} and {MAX_DIGITS}.")
 
 
 def _bounded(value: Any, text: str) -> Any:

@@ -16,355 +16,40 @@ A string that is one `${...}` takes the expression's type; `${...}` inside a lon
 Expressions stay within what a recipe value can be (numbers below 1e18, no arithmetic on text or lists).
 
 Before the first step runs, and in a dry run, every step's values are resolved as far as they are known and checked
-as the step will read them (`plan_steps`, `check_step`): a mistake in the last step is found before an hour-long
+as the step will read them (`plan_steps`, each kind's `check`): a mistake in the last step is found before an hour-long
 first one, and the output directory is not created. A value known only when run (the config after a search, a
 number a step reports) is checked when its step starts, before the step does anything.
+
+What each kind of step does (checks, plan, start line, run) is its `StepKind` in `steps/`; `--set` is `overrides`.
+Nothing a run does writes into its input: a step that writes into the model it works on (a card, a push's card) gets
+a copy made of hard links where that model is the input.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import logging
 import os
-import re
 import shutil
 import time
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RetrofitError
 from ..io.progress import quiet_libraries
 from .expressions import Unresolved, resolve
-from .schema import (SETTINGS, EvalSettings, Recipe, RecipeError, Step, Unknown, load_recipe, parse_recipe,
-                     read_settings)
+from .overrides import apply_overrides, profile_of
+from .schema import Recipe, RecipeError, Step, Unknown, load_recipe
+from .steps import STEP_KINDS, StepKind
+from .steps.base import PlannedStep, Planning, RunState, StepOutcome, has_unknown, model_config, size_text
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ..io.checkpoint import TensorMeta
 
 MANIFEST = "manifest.json"
 MODEL_LINK = "model"
-
-# ------------------------------------------------------------------------------------------------- overrides
-
-
-def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]) -> Recipe:
-    """`{"finetune.steps": 200}` or `["finetune.steps=200"]` applied to a copy of the recipe.
-
-    The first part is a step id or `inputs`; the rest is the key (dotted for nested mappings, e.g.
-    `finetune.lora.r=8`); a patch step's parameters are addressed directly (`expand.every=2`). Values given as text
-    are read as YAML (`200` is a number, `[a, b]` a list). The result is checked like a recipe file.
-    """
-    pairs = _with_profiles(recipe, _override_pairs(overrides))
-    if not pairs:
-        return recipe  # the text as written, comments and all, is what is kept beside the model
-    data = yaml.safe_load(recipe.text)
-    overridden = dict(recipe.overridden)
-    for dotted, value in pairs:
-        head, _, rest = dotted.partition(".")
-        if not rest:
-            raise RecipeError(f"--set {dotted}: give STEP.KEY=VALUE or inputs.NAME=VALUE, e.g. finetune.steps=200.")
-        if head == "inputs":
-            data.setdefault("inputs", {})
-            data["inputs"] = data["inputs"] or {}
-            target, keys = data["inputs"], rest.split(".")
-            path: tuple[Any, ...] = ("inputs", *keys)
-        else:
-            index = recipe.steps.index(recipe.step(head))
-            raw = data["steps"][index]
-            step = recipe.steps[index]
-            if step.kind == "patch":
-                raw["with"] = raw.get("with") or {}
-                target = raw["with"]
-            else:
-                raw[step.kind] = raw.get(step.kind) or {}
-                target = raw[step.kind]
-            keys = rest.split(".")
-            path = ("steps", index, "with" if step.kind == "patch" else step.kind, *keys)
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-            if not isinstance(target, dict):
-                raise RecipeError(f"--set {dotted}: {key} is not a mapping.")
-        target[keys[-1]] = value
-        overridden[path] = f"--set {dotted}"
-    header = f"# {recipe.source} with " + " ".join(f"--set {k}={json.dumps(v, default=str)}" for k, v in pairs) + "\n"
-    try:
-        text = header + yaml.safe_dump(data, sort_keys=False)
-    except yaml.YAMLError:
-        raise RecipeError(f"overrides {dict(pairs)!r}: a value must be a number, text, a list or a mapping.") from None
-    try:
-        result = parse_recipe(text, f"{recipe.source} with --set")
-    except RecipeError as e:
-        # The line numbers of the re-dumped text mean nothing to the user; the key named in the message does.
-        raise RecipeError(re.sub(r"^(.*?):\d+: ", r"\1: ", str(e))) from None
-    # Later errors point into the file the user wrote, or name the --set that gave the value.
-    result.source, result.overridden = recipe.source, overridden
-    result.lines = {p: line for p, line in recipe.lines.items() if not any(p[:len(o)] == o for o in overridden)}
-    for new, old in zip(result.steps, recipe.steps):
-        new.line = old.line
-    return result
-
-
-def _with_profiles(recipe: Recipe, pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """`profile=NAME` replaced by the settings of the recipe's profile NAME, where it stands (a later --set wins)."""
-    expanded: list[tuple[str, Any]] = []
-    for key, value in pairs:
-        if key != "profile":
-            expanded.append((key, value))
-            continue
-        if str(value) not in recipe.profiles:
-            known = ", ".join(recipe.profiles) or "none"
-            raise RecipeError(f"--set profile={value}: {recipe.source} has no profile {str(value)!r}; its profiles: "
-                              f"{known}.")
-        expanded += [(str(k), v) for k, v in recipe.profiles[str(value)].items()]
-    return expanded
-
-
-def _override_pairs(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[str, Any]]:
-    if isinstance(overrides, Mapping):
-        return [(key, os.fspath(value) if isinstance(value, os.PathLike) else value) for key, value in overrides.items()]
-    pairs = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set finetune.steps=200.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise RecipeError(f"--set {item}: {raw!r} is not a YAML value ({problem}); write a number, text, or a "
-                              "complete list such as [a, b] (quote text that starts with [ or {).") from None
-        pairs.append((key.strip(), value))
-    return pairs
-
-
-# ---------------------------------------------------------------------------------------------------- state
-
-
-@dataclass
-class RunState:
-    """What the steps see and change: the current model, configs, earlier results."""
-
-    base: str
-    output: Path
-    inputs: dict[str, Any]
-    model: str
-    model_config: dict[str, Any] | Unknown
-    base_config: dict[str, Any]
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    eval_results: list[str] = field(default_factory=list)
-    """Every eval step's card results so far, in order: the card shows a section for each."""
-    plots: list[str] = field(default_factory=list)
-    push_repo: str | None = None
-    recipe_text: str = ""
-
-    def scope(self) -> dict[str, Any]:
-        return {"model": self.model_config, "base": self.base_config, "inputs": self.inputs, "steps": self.results,
-                "output": str(self.output)}
-
-
-@dataclass
-class StepOutcome:
-    """A finished step: what it reports (`${steps.ID.KEY}`), and the model it leaves (a directory) if it made one."""
-
-    result: dict[str, Any]
-    model: str | None = None
-    eval_results: str | None = None
-    plot: str | None = None
-
-
-# ----------------------------------------------------------------------------------------------------- steps
-
-
-def _patch_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..io.checkpoint import load_checkpoint
-    from ..plan import apply_to_checkpoint
-
-    patcher = build_patcher(step, params)
-    path = apply_to_checkpoint(load_checkpoint(state.model), [patcher], output=directory)
-    return StepOutcome({"output": str(path), "patch": patcher.spec()}, model=str(path))
-
-
-def build_patcher(step: Step, params: dict[str, Any]) -> Any:
-    """The patcher of a patch step from resolved YAML values, each converted as its spec text would be."""
-    from ..patchers import get_patcher
-
-    cls = get_patcher(step.patcher or "")
-    values = {key: patch_value(cls, key, value) for key, value in params.items()}
-    _require_patch_fields(cls, values)
-    return cls(**values)
-
-
-def patch_value(cls: Any, key: str, value: Any) -> Any:
-    """One YAML value of a patch step read as the same value in a `--patch` spec would be (`parse_value`)."""
-    from ..errors import PatchSpecError
-    from ..spec import parse_value
-
-    if isinstance(value, (list, dict)):  # a spec value is one value; text `+`-joins several where a patch takes them
-        raise PatchSpecError(f"patch {cls.name!r}: {key}={value!r} is not valid; expected one value, not a "
-                             f"{'list' if isinstance(value, list) else 'mapping'}. Example: {cls.example}.")
-    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    return parse_value(cls, key, text, typing.get_type_hints(cls)[key])
-
-
-def _require_patch_fields(cls: Any, values: Mapping[str, Any]) -> None:
-    from ..errors import PatchSpecError
-
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise PatchSpecError(f"patch {cls.name!r} needs {', '.join(missing)} (under `with:`). Example: {cls.example}.")
-
-
-def _finetune_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..training.finetune import finetune
-
-    result = finetune(state.model, directory, finetune_settings(params), base=state.base)  # distill's `teacher: base`
-    return StepOutcome(result.to_json() | {"output": str(result.path)}, model=str(result.path))
-
-
-def finetune_settings(params: dict[str, Any]) -> Any:
-    """A finetune step's FinetuneSettings from resolved YAML values, each read as its field's type says."""
-    from ..training.finetune import FinetuneSettings
-
-    values = read_settings(FinetuneSettings, params)
-    if "lora" in values:
-        values["lora"] = lora_spec(values["lora"])
-    return FinetuneSettings(**values)
-
-
-def lora_spec(value: Any) -> Any:
-    """A finetune step's `lora:` (a mapping of LoraSpec fields, or a `lora:...` spec text) as a LoraSpec."""
-    from ..training.lora import LoraSpec, parse_lora
-
-    if value is None or isinstance(value, (str, LoraSpec)):
-        return None if value is None else parse_lora(value)
-    return parse_lora(read_settings(LoraSpec, _lora_values(value), prefix="lora."))
-
-
-def _lora_values(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise RecipeError(f"lora={value!r} is not valid; expected a mapping of lora settings, e.g. lora: {{r: 16, "
-                          "alpha: 32}.")
-    # target_modules: [q_proj, v_proj] is the spec's q_proj+v_proj (so is trainable)
-    return {k: "+".join(map(str, v)) if isinstance(v, list) else v for k, v in value.items()}
-
-
-def _eval_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..evaluation.documents import load_documents
-    from ..evaluation.report import EvalResult
-    from ..evaluation.perplexity import evaluate
-
-    settings = EvalSettings.read(params)
-    data = list(settings.data)
-    documents = load_documents(data, max_docs=settings.max_docs)
-    options = settings.evaluate_options()
-    if settings.chat:
-        from ..evaluation.conversations import load_conversations
-
-        options["chat"] = load_conversations(settings.chat)
-    directory.mkdir(parents=True)
-    results = []
-    if settings.compare_base or settings.baselines:
-        from ..plan import apply_to_model
-
-        base, base_tokenizer = _loadable(state.base, options["dtype"])
-        if settings.compare_base:
-            results.append(evaluate(base, documents, tokenizer=base_tokenizer, name="before", **options))
-        for label, patcher in settings.baseline_patchers():
-            alternative = apply_to_model(base, [patcher])
-            results.append(evaluate(alternative, documents, tokenizer=base_tokenizer, name=label, **options))
-            del alternative
-        del base
-    model, tokenizer = _loadable(state.model, options["dtype"])
-    results.append(evaluate(model, documents, tokenizer=tokenizer, name=settings.labels()[-1],
-                            **options))
-    result = EvalResult.merge(results)
-    result.to_json(directory / "eval.json")
-    (directory / "eval.md").write_text(result.to_markdown())
-    summary = card_evaluation(result, [*data, *settings.chat])
-    (directory / "card-eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_path = str(result.plot(directory / "perplexity.png")) if settings.plot else None
-    return StepOutcome({"output": str(directory), **_headline(summary)}, eval_results=str(directory / "card-eval.json"),
-                       plot=plot_path)
-
-
-def _loadable(path: str, dtype: Any = None) -> tuple[Any, Any]:
-    """A model directory, or an adapter directory (merged onto its base in memory), with its tokenizer."""
-    from ..evaluation.perplexity import default_device, load_model
-
-    if (Path(path) / "adapter_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        from ..training.lora import load_merged_adapter
-
-        model = load_merged_adapter(path, dtype)
-        return model.to(default_device()).eval(), AutoTokenizer.from_pretrained(path)
-    return load_model(path, dtype=dtype)
-
-
-def card_evaluation(result: Any, data: Any) -> dict[str, Any]:
-    """The evaluation in the shape model cards read: {model label: {length: value}} per measure."""
-    perplexity = {m.name: {str(r.length): r.perplexity for r in m.perplexity if r.perplexity is not None}
-                  for m in result.models}
-    passkey = {m.name: {str(n): a for n, a in m.passkey_by_length().items()} for m in result.models if m.passkey}
-    chat = {m.name: m.chat["perplexity"] for m in result.models if m.chat}
-    name = ", ".join(data) if isinstance(data, list) else str(data)
-    summary: dict[str, Any] = {"model": result.models[-1].name, "dataset": {"name": name, "type": "long-documents"},
-                               "perplexity": perplexity}
-    if passkey:
-        summary["passkey"] = passkey
-    if chat:
-        summary["chat"] = chat
-    return summary
-
-
-def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """`${steps.eval.perplexity}`: the evaluated model's perplexity at its longest length."""
-    table = summary["perplexity"].get(summary["model"]) or {}
-    if not table:
-        return {}
-    longest = max(table, key=int)
-    return {"perplexity": table[longest], "length": int(longest)}
-
-
-def _card_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..io.commit import linked_copy, replace_file
-    from ..publishing.card import RECIPE_FILE, render_card
-
-    model_dir = Path(state.model)
-    made = None
-    if not model_dir.resolve().is_relative_to(state.output.resolve()):
-        # No step before this one wrote a model, so the model is the recipe's input, which a run never writes to:
-        # the card goes on a copy of it in this step's directory, made of hard links (free), and that copy is the
-        # model the run leaves (and a later push uploads).
-        model_dir = linked_copy(model_dir, directory)
-        made = str(model_dir)
-    # Files of a model written by an earlier step may be hard links to the input's: replace them, never write into them.
-    replace_file(model_dir / RECIPE_FILE, state.recipe_text)
-    path = render_card(model_dir, eval_results=state.eval_results or None, plot=state.plots or None,
-                       repo_id=params.get("repo_id") or state.push_repo, base_model=params.get("base_model"))
-    return StepOutcome({"output": str(path)}, model=made)
-
-
-def _push_step(step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
-    from ..publishing.hub import push
-
-    repo_id = params.get("repo_id") or state.push_repo  # there is one: check_step ran before this step
-    info = push(state.model, repo_id, **{k: v for k, v in params.items() if k != "repo_id"})
-    return StepOutcome({"output": str(info), "repo_id": repo_id})
-
-
-STEP_RUNNERS: dict[str, Callable[[Step, dict[str, Any], RunState, Path], StepOutcome]] = {
-    "patch": _patch_step, "finetune": _finetune_step, "eval": _eval_step, "card": _card_step, "push": _push_step,
-}
-WRITES_DIRECTORY = {"patch", "finetune", "eval"}
-
 
 # ---------------------------------------------------------------------------------------------------- runner
 
@@ -375,7 +60,7 @@ class RecipeRun:
 
     output: Path
     model: Path
-    results: dict[str, dict[str, Any]]
+    results: dict[str, Mapping[str, Any]]
     ran: list[str]
     skipped: list[str]
     recipe: str = ""
@@ -446,30 +131,6 @@ def _duration(seconds: float) -> str:
     return duration(seconds)
 
 
-def _what(step: Step, params: dict[str, Any]) -> str:
-    """A step's start line: what it is about to do."""
-    try:
-        if step.kind == "finetune":
-            settings = finetune_settings(params)
-            steps = settings.total_steps()
-            return (f"{steps} step{'s' if steps != 1 else ''} x {settings.tokens_per_step()} tokens at seq_len "
-                    f"{settings.seq_len}" + (" (LoRA)" if settings.lora else ""))
-        if step.kind == "eval":
-            from ..evaluation.perplexity import evaluate
-
-            settings = EvalSettings.read(params)
-            lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
-            return f"{', '.join(settings.labels())} on {', '.join(settings.data)} at lengths {lengths}" + (
-                ", plus passkey" if settings.passkey else "") + (
-                f", plus chat on {', '.join(settings.chat)}" if settings.chat else "")
-        if step.kind == "patch":
-            shown = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict)))
-            return f"patch {step.patcher}" + (f" ({shown})" if shown else "")
-    except RetrofitError:
-        pass
-    return step.describe()
-
-
 @quiet_libraries()  # our own loads and saves: no library bars, warnings or deprecation notes
 def run_recipe(
     model: str | os.PathLike[str],
@@ -483,7 +144,7 @@ def run_recipe(
     """Run `recipe` (a built-in name, a YAML file or a Recipe) on the checkpoint `model`, keeping every step's output
     under `output`. With `resume`, steps already completed there (same values) are skipped."""
     from ..io.checkpoint import resolve_checkpoint_dir
-    from ..io.progress import duration, note
+    from ..io.progress import note
 
     run_started = time.perf_counter()
     recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
@@ -492,8 +153,8 @@ def run_recipe(
     base = str(resolve_checkpoint_dir(model))
     _check_before_running(recipe, base, out, push_to_hub)  # what a later step would refuse, refused before the first
     _make_directory(out)
-    state = RunState(base, out, dict(recipe.inputs), base, _config(base), _config(base), push_repo=push_to_hub,
-                     recipe_text=recipe.text)
+    state = RunState(base, out, dict(recipe.inputs), base, model_config(base), model_config(base),
+                     push_repo=push_to_hub, recipe_text=recipe.text)
     state.inputs = _resolve_inputs(recipe, state)
     (out / "recipe.yaml").write_text(recipe.text, encoding="utf-8")
     done = {entry["key"]: entry for entry in manifest.get("steps", [])}
@@ -501,25 +162,17 @@ def run_recipe(
     ran, skipped = [], []
     previous_key = hashlib.sha256(f"{recipe.name}\0{base}".encode()).hexdigest()[:16]
     for number, step in enumerate(recipe.steps, 1):
+        kind = STEP_KINDS[step.kind]
         params, _ = resolve_params(recipe, step, state.scope())
-        check_step(recipe, step, params, push_to_hub)  # the values known only now (after a search, say)
+        kind.check(recipe, step, params, push_to_hub)  # the values known only now (after a search, say)
         key = _step_key(previous_key, step, params)
         directory = out / f"{number:02d}-{step.id}"
-        entry = done.get(key)
-        if entry is not None and (step.kind not in WRITES_DIRECTORY or directory.is_dir()) and not ran:
-            outcome = StepOutcome(entry["result"], entry.get("model"), entry.get("eval_results"), entry.get("plot"))
+        outcome = None if ran else _finished(done.get(key), kind, directory)  # after a re-run step, all re-run
+        if outcome is not None:
             skipped.append(step.id)
             note(f"step {number}/{len(recipe.steps)} {step.id}: already done in {directory}, skipped (--resume)")
         else:
-            if directory.exists():
-                shutil.rmtree(directory)  # an earlier, different run of this step; it is redone
-            where = f" -> {directory}" if step.kind in WRITES_DIRECTORY else ""
-            note(f"step {number}/{len(recipe.steps)} {step.id}: {_what(step, params)}{where}")
-            started = time.perf_counter()
-            outcome = STEP_RUNNERS[step.kind](step, params, state, directory)
-            outcome.result["seconds"] = round(time.perf_counter() - started, 3)
-            note(f"step {number}/{len(recipe.steps)} {step.id}: done in {duration(outcome.result['seconds'])}"
-                 + _reported(outcome.result))
+            outcome = _run_step(kind, step, params, state, directory, f"step {number}/{len(recipe.steps)} {step.id}")
             ran.append(step.id)
         _advance(state, step, outcome)
         entries.append({"id": step.id, "kind": step.kind, "key": key, "params": params, "result": outcome.result,
@@ -531,12 +184,47 @@ def run_recipe(
         link.unlink()
     link.symlink_to(os.path.relpath(state.model, out) if Path(state.model).is_relative_to(out) else state.model)
     return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name, profiles=recipe.profiles,
-                     profile=_profile_of(overrides), seconds=time.perf_counter() - run_started)
+                     profile=profile_of(overrides), seconds=time.perf_counter() - run_started)
 
 
-def _profile_of(overrides: Mapping[str, Any] | Sequence[str] | None) -> str | None:
-    found = [str(value) for key, value in _override_pairs(overrides or []) if key == "profile"]
-    return found[-1] if found else None
+def _finished(entry: Mapping[str, Any] | None, kind: StepKind, directory: Path) -> StepOutcome | None:
+    """The outcome an earlier run recorded for this step (same key), if what it wrote is still there."""
+    if entry is None or kind.writes_directory and not directory.is_dir():
+        return None
+    if entry.get("model") and not Path(entry["model"]).is_dir():
+        return None
+    return StepOutcome(entry["result"], entry.get("model"), entry.get("eval_results"), entry.get("plot"))
+
+
+def _run_step(kind: StepKind, step: Step, params: dict[str, Any], state: RunState, directory: Path,
+              label: str) -> StepOutcome:
+    """Run one step, with its start and end lines. A step that writes into its model works on a copy (hard links)
+    in its directory where that model is the recipe's input: a run never writes into its input."""
+    from ..io.commit import linked_copy
+    from ..io.progress import duration, note
+
+    if directory.exists():
+        shutil.rmtree(directory)  # an earlier, different run of this step; it is redone
+    copied = None
+    if kind.writes_into_model and not Path(state.model).resolve().is_relative_to(state.output):
+        copied = str(linked_copy(Path(state.model), directory))
+        state.model = copied
+    where = f" -> {directory}" if kind.writes_directory or copied else ""
+    note(f"{label}: {_described(kind, step, params)}{where}")
+    started = time.perf_counter()
+    outcome = kind.run(step, params, state, directory)
+    outcome.model = outcome.model or copied
+    outcome.result["seconds"] = round(time.perf_counter() - started, 3)
+    note(f"{label}: done in {duration(outcome.result['seconds'])}" + _reported(outcome.result))
+    return outcome
+
+
+def _described(kind: StepKind, step: Step, params: dict[str, Any]) -> str:
+    """The kind's start line, or the step's kind where its values cannot say more (they are checked later)."""
+    try:
+        return kind.describe(step, params)
+    except RetrofitError:
+        return step.describe()
 
 
 def _reported(result: Mapping[str, Any]) -> str:
@@ -612,18 +300,10 @@ def _check_before_running(recipe: Recipe, base: str, out: Path, push_repo: str |
     from ..io.checkpoint import load_checkpoint
 
     if (Path(base) / "adapter_config.json").is_file():  # an adapter as input: no tensors of its own to plan on
-        plan_steps(recipe, base, _config(base), None, out, push_repo)
+        plan_steps(recipe, base, model_config(base), None, out, push_repo)
         return
     checkpoint = load_checkpoint(base)
     plan_steps(recipe, base, dict(checkpoint.config), checkpoint.tensors, out, push_repo)
-
-
-def _config(path: str) -> dict[str, Any]:
-    directory = Path(path)
-    if (directory / "adapter_config.json").is_file():
-        base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return _config(base)
-    return json.loads((directory / "config.json").read_text())
 
 
 def resolve_params(recipe: Recipe, step: Step, scope: Mapping[str, Any], known_only: bool = False
@@ -674,7 +354,7 @@ def _advance(state: RunState, step: Step, outcome: StepOutcome) -> None:
     state.results[step.id] = outcome.result
     if outcome.model:
         state.model = outcome.model
-        state.model_config = _config(outcome.model)
+        state.model_config = model_config(outcome.model)
     if outcome.eval_results:
         state.eval_results.append(outcome.eval_results)
         if outcome.plot:
@@ -710,27 +390,13 @@ def dry_run(
     for item in planned:
         lines.append(f"{item.number}. {item.step.id} ({item.step.describe()})")
         lines += [f"   {key}: {json.dumps(value, default=str)}" for key, value in item.params.items()
-                  if not _has_unknown(value)]
+                  if not has_unknown(value)]
         if item.unknown:
             lines.append(f"   values known only when run: {'; '.join(dict.fromkeys(item.unknown))}")
         lines += [f"   {note}" for note in item.notes]
     total = sum(item.bytes_written for item in planned)
-    lines.append(f"total weights written: {_size(total)}" + ("" if known else " (plus steps only known when run)"))
+    lines.append(f"total weights written: {size_text(total)}" + ("" if known else " (plus steps only known when run)"))
     return "\n".join(lines)
-
-
-@dataclass
-class PlannedStep:
-    """A step as known before the run: its values (`Unknown` where known only when run) and what it will do."""
-
-    number: int
-    step: Step
-    params: dict[str, Any]
-    unknown: list[str]
-    """Why some values are known only when run."""
-    notes: list[str] = field(default_factory=list)
-    """The dry run's estimates: what a patch writes, a finetune's tokens, an evaluation's lengths."""
-    bytes_written: int = 0
 
 
 class _Pending(Mapping[str, Any]):
@@ -745,188 +411,40 @@ class _Pending(Mapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         return True  # which numbers a step reports is known when it has run; a misspelt one is refused then
 
-    def __iter__(self) -> typing.Iterator[str]:
+    def __iter__(self) -> Iterator[str]:
         return iter(["output"])
 
     def __len__(self) -> int:
         return 1
 
 
-def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapping[str, Any] | None, output: Path,
-               push_repo: str | None) -> tuple[list[PlannedStep], bool]:
-    """Every step resolved and checked (`check_step`) in order, as far as it is known before anything runs, with
-    the dry run's estimates; the first error a run would meet in a value known now is raised here.
+def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapping[str, TensorMeta] | None,
+               output: Path, push_repo: str | None) -> tuple[list[PlannedStep], bool]:
+    """Every step resolved and checked (its kind's `check`) in order, as far as it is known before anything runs,
+    with the dry run's estimates (its kind's `plan`); the first error a run would meet in a value known now is
+    raised here.
 
     Patch steps are planned on the tensor metadata (`tensors`; None for an adapter input), which reads no weights
     and makes the config after them known to later `${model...}`; after a patch that loads the model (a search) or
     whose values are not known, the model is known only when run. Returns the steps, and whether the model after
     the last one is known."""
-    from ..plan import ModelView, PlanSummary, build_plan
+    from ..plan import ModelView
 
-    view = ModelView(config, tensors) if tensors is not None else None  # no origin: nothing is loaded
+    view = ModelView(config, dict(tensors)) if tensors is not None else None  # no origin: nothing is loaded
     state = RunState(model, output, dict(recipe.inputs), model, dict(config), dict(config), push_repo=push_repo)
     state.inputs = _resolve_inputs(recipe, state)
+    planning = Planning(recipe, state, view)
     planned = []
     for number, step in enumerate(recipe.steps, 1):
+        kind = STEP_KINDS[step.kind]
         params, unknown = resolve_params(recipe, step, state.scope(), known_only=True)
-        check_step(recipe, step, params, push_repo)
+        kind.check(recipe, step, params, push_repo)
         item = PlannedStep(number, step, params, unknown)
+        kind.plan(item, planning)
+        planning.model_is_input = planning.model_is_input and not kind.makes_model
         planned.append(item)
-        state.results[step.id] = _Pending(step.id, str(output / f"{number:02d}-{step.id}"))  # type: ignore[assignment]
-        if step.kind == "patch":
-            patcher = None if unknown else build_patcher(step, params)
-            if patcher is None or patcher.loads_model() or view is None:
-                if patcher is None:
-                    why = "whose values are not known before the run"
-                elif patcher.loads_model():
-                    why = "which loads the model to compute its result"
-                    item.notes.append("plan known only when run: this patch loads the model to compute its result")
-                else:
-                    why = "whose input is known only when run"
-                    item.notes.append("plan known only when run: the model before it is known only when run")
-                state.model_config, view = Unknown(f"step {step.id}, {why}"), None
-                continue
-            try:
-                plan = build_plan(view, [patcher])
-            except RetrofitError as e:
-                raise RecipeError(f"{recipe.where(step)}: step {step.id}: {e}") from None
-            item.bytes_written = PlanSummary.of(plan, view).bytes_to_write
-            item.notes.append(f"writes {_size(item.bytes_written)}"
-                              + ("" if item.bytes_written else " (config only; weight files linked)"))
-            view, state.model_config = plan.view, dict(plan.config)
-        elif step.kind == "finetune" and not unknown:
-            settings = finetune_settings(params)
-            steps, per_step = settings.total_steps(), settings.tokens_per_step()
-            item.notes.append(f"{steps} steps x {per_step} tokens = {steps * per_step} tokens per process")
-            if view is not None:
-                item.bytes_written = _finetune_bytes(settings, view)
-                adapter = " (adapter)" if settings.lora and not settings.lora.merge else ""
-                item.notes.append(f"writes {_size(item.bytes_written)}{adapter}")
-            else:
-                item.notes.append("writes a model the size of the one before it")
-        elif step.kind == "eval" and not unknown:
-            from ..evaluation.perplexity import evaluate
-
-            settings = EvalSettings.read(params)
-            lengths = list(settings.lengths or evaluate.__kwdefaults__["lengths"])
-            models = len(settings.labels())
-            item.notes.append(f"{models} model(s) ({', '.join(settings.labels())}) at lengths {lengths}: up to {max(lengths)} tokens per document per "
-                              f"model{', plus passkey prompts' if settings.passkey else ''}")
-    return planned, view is not None
-
-
-# ----------------------------------------------------------------------------------------------------- checks
-
-
-def check_step(recipe: Recipe, step: Step, params: dict[str, Any], push_repo: str | None = None) -> None:
-    """Raise, naming the line, the error `step` would give when run, for every value known now.
-
-    Each value is read as the step's typed spec reads it: a patcher's dataclass fields as `--patch` reads them,
-    `FinetuneSettings` and `LoraSpec` fields, `EvalSettings` / `CardSettings` / `PushSettings`. Then the spec is
-    built whole, which checks the values together (one budget, a stride within the lengths); with an `Unknown`
-    value (known only when run) that waits for the run, except for a finetune (see `_finetune_stand_ins`).
-    """
-    def at(check: Callable[[], Any], *keys: Any) -> Any:
-        """check(), its error given the line of `keys` (of the step itself, with none)."""
-        try:
-            return check()
-        except RetrofitError as e:
-            raise RecipeError(f"{recipe.where(step, *keys)}: step {step.id}: {e}") from None
-
-    complete = not _has_unknown(params)
-    if step.kind == "patch":
-        from ..patchers import get_patcher
-
-        cls = at(lambda: get_patcher(step.patcher or ""))
-        for key, value in params.items():
-            if not _has_unknown(value):
-                at(lambda: patch_value(cls, key, value), key)
-        at(lambda: _require_patch_fields(cls, params))
-        if complete:
-            at(lambda: build_patcher(step, params))
-    elif step.kind == "finetune":
-        from ..training.finetune import FinetuneSettings
-        from ..training.lora import LoraSpec
-
-        for key, value in params.items():
-            if key == "lora" and not isinstance(value, (str, Unknown, type(None))):  # a spec text is read whole
-                for name, item in at(lambda: _lora_values(value), key).items():
-                    at(lambda: read_settings(LoraSpec, {name: item}, prefix="lora."), key, name)
-            else:
-                at(lambda: read_settings(FinetuneSettings, {key: value}), key)
-        at(lambda: finetune_settings(params if complete else _finetune_stand_ins(params)))
-        distill = params.get("distill")
-        # A missing teacher is refused before the first step; one that is an earlier step's output exists once it ran.
-        if distill is not None and not _has_unknown(distill) and "${steps." not in str(step.params.get("distill")):
-            from ..training.distill import check_teacher, parse_distill
-
-            at(lambda: check_teacher(parse_distill(distill).teacher), "distill")
-    else:
-        settings = SETTINGS[step.kind]
-        for key, value in params.items():
-            at(lambda: read_settings(settings, {key: value}), key)
-        if complete:
-            at(lambda: settings.read(params))
-        if step.kind == "push" and not (params.get("repo_id") or push_repo):
-            raise RecipeError(f"{recipe.where(step)}: step {step.id}: push needs repo_id; add `repo_id: you/model` to "
-                              f"the step, or pass --set {step.id}.repo_id=you/model or --push-to-hub you/model.")
-        repo_id = params.get("repo_id") or push_repo
-        if step.kind == "push" and isinstance(repo_id, str):  # refused now, not after the steps before the push
-            from ..publishing.hub import check_repo_id
-
-            at(lambda: check_repo_id(repo_id), "repo_id")
-
-
-def _finetune_stand_ins(params: dict[str, Any]) -> dict[str, Any]:
-    """A finetune step's known values for checking them together before the run, without those known only then.
-
-    What FinetuneSettings checks together is one budget (steps or tokens), s2_attn with a seq_len in 4 even groups,
-    and lora without train. An unknown budget stands in as 1 (it is given, so "steps and tokens" is still refused);
-    any other unknown value is left out, so its default stands in: seq_len 1024 suits s2_attn, no lora and train
-    `all` conflict with nothing. So no error here can come from a stand-in; the real values are checked when known.
-    """
-    known: dict[str, Any] = {}
-    for key, value in params.items():
-        if key in ("steps", "tokens") and isinstance(value, Unknown):
-            known[key] = 1
-        elif isinstance(value, list):
-            items = [v for v in value if not _has_unknown(v)]
-            if items:
-                known[key] = items
-        elif not _has_unknown(value):
-            known[key] = value
-    return known
-
-
-def _has_unknown(value: Any) -> bool:
-    if isinstance(value, Unknown):
-        return True
-    if isinstance(value, dict):
-        return any(_has_unknown(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_unknown(v) for v in value)
-    return False
-
-
-def _finetune_bytes(settings: Any, view: Any) -> int:
-    full = sum(meta.nbytes for meta in view.tensors.values())
-    if settings.lora is None or settings.lora.merge:
-        return full
-    lora = settings.lora
-    targets = lora.targets
-    total = 0
-    for name, meta in view.tensors.items():
-        module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
-        if len(meta.shape) == 2 and (targets == "all-linear" and "lm_head" not in name or module in targets):
-            total += lora.r * (meta.shape[0] + meta.shape[1]) * 4
-    extra = {m for t in lora.extra_trainables for m in (["embed_tokens"] if t == "embed_tokens" else
-                                                         ["norm", "layernorm"] if t == "norm" else ["lm_head"])}
-    total += sum(meta.nbytes for name, meta in view.tensors.items() if any(e in name for e in extra))
-    return total
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+        state.results[step.id] = _Pending(step.id, str(output / f"{number:02d}-{step.id}"))
+    return planned, planning.view is not None
 
 
 def recipe_summary(recipe: Recipe) -> str:

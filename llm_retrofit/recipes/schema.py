@@ -202,11 +202,14 @@ def read_settings(cls: type, values: typing.Mapping[str, Any], prefix: str = "")
     return {key: typed_value(prefix + key, value, hints[key], fields[key].metadata) for key, value in values.items()}
 
 
+_S = typing.TypeVar("_S", bound="_Settings")
+
+
 class _Settings:
     """Settings read from a step's YAML values: `cls.read(values)` checks each value, then (EvalSettings) the whole."""
 
     @classmethod
-    def read(cls, values: typing.Mapping[str, Any]) -> Any:
+    def read(cls: type[_S], values: typing.Mapping[str, Any]) -> _S:
         return cls(**read_settings(cls, values))
 
 
@@ -244,12 +247,17 @@ class EvalSettings(_Settings):
     @classmethod
     def read(cls, values: typing.Mapping[str, Any]) -> EvalSettings:
         settings = cls(**read_settings(cls, values))
-        from ..evaluation.perplexity import check_protocol, evaluate
+        from ..evaluation.perplexity import DEFAULT_PROTOCOL, check_protocol
 
-        lengths = settings.lengths or evaluate.__kwdefaults__["lengths"]
-        check_protocol(lengths, settings.protocol or evaluate.__kwdefaults__["protocol"], settings.stride)
+        check_protocol(settings.measured_lengths(), settings.protocol or DEFAULT_PROTOCOL, settings.stride)
         settings.baseline_patchers()  # a bad spec is refused before the run
         return settings
+
+    def measured_lengths(self) -> list[int]:
+        """The lengths the step measures: its own, or `evaluate`'s default ones."""
+        from ..evaluation.perplexity import DEFAULT_LENGTHS
+
+        return list(self.lengths or DEFAULT_LENGTHS)
 
     def labels(self) -> list[str]:
         """The models this step evaluates, in the order of its table's columns."""

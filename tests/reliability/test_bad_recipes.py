@@ -7,6 +7,7 @@ a real recipe's first step may be an hour-long search. The rest are the tracebac
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,11 @@ BAD_STEPS = [
     pytest.param("  - finetune: {tokens: '${inputs.factor ** 64}'}\n",
                  "r.yaml:8: step finetune: ${inputs.factor ** 64}: 2 ** 64 has about 19 digits; a recipe value is "
                  "below 1e18", id="expression-beyond-a-recipe-value"),
+    # issue 25: round(5, -10**18) computes 10**(10**18) first, and hung the dry run
+    pytest.param("  - eval: {lengths: ['${round(5, -10**18)}']}\n",
+                 "r.yaml:8: step eval: ${round(5, -10**18)}: round to -1000000000000000000 digits is beyond what a "
+                 "recipe value holds (below 1e18); give round(x, n) with n between -18 and 18",
+                 id="expression-rounds-to-more-digits-than-a-value-holds"),
 ]
 
 
@@ -134,27 +140,43 @@ def test_a_bad_recipe_text_is_refused(text: str, expect: str, base: Path, tmp_pa
            absent=[tmp_path / "out"])
 
 
-def _line_of(text: str) -> int:
-    """The line of the built-in long-context recipe that starts with `text` (where its errors point)."""
+def _line_of(text: str, recipe: str = "long-context") -> int:
+    """The line of a built-in recipe that starts with `text` (where its errors point)."""
     from llm_retrofit.recipes.schema import builtin_directory
 
-    lines = (builtin_directory() / "long-context.yaml").read_text().splitlines()
+    lines = (builtin_directory() / f"{recipe}.yaml").read_text().splitlines()
     return next(number for number, line in enumerate(lines, 1) if line.startswith(text))
 
 
-@pytest.mark.parametrize("setting, expect", [
+@pytest.mark.parametrize("recipe, setting, expect", [
     # long-context's finetune and eval hold values known only after its LongRoPE search; the rest is checked first
-    pytest.param("finetune.tokens=100", f"long-context.yaml:{_line_of('  - finetune:')}: step finetune: finetune: "
-                 "give exactly one budget", id="two-budgets-beside-a-value-known-only-when-run"),
-    pytest.param("eval.protocol=chunked", "long-context.yaml (--set eval.protocol): step eval: protocol='chunked' is "
-                 "not valid", id="protocol-beside-lengths-known-only-when-run"),
-    pytest.param("finetune.steps=[", "--set finetune.steps=[: '[' is not a YAML value", id="set-value-not-yaml"),
+    pytest.param("long-context", "finetune.tokens=100", f"long-context.yaml:{_line_of('  - finetune:')}: step "
+                 "finetune: finetune: give exactly one budget", id="two-budgets-beside-a-value-known-only-when-run"),
+    pytest.param("long-context", "eval.protocol=chunked", "long-context.yaml (--set eval.protocol): step eval: "
+                 "protocol='chunked' is not valid", id="protocol-beside-lengths-known-only-when-run"),
+    pytest.param("long-context", "finetune.steps=[", "--set finetune.steps=[: '[' is not a YAML value",
+                 id="set-value-not-yaml"),
+    # issue 25: inputs were not checked before the run. A patch that loads the model (a search, a calibration) is
+    # checked against the input by the patcher itself (what `retrofit patch --dry-run` refuses), before it loads.
+    pytest.param("long-context", "inputs.factor=-5", f"long-context.yaml:{_line_of('  - patch: longrope')}: step "
+                 "longrope: longrope: the new context (-2560 tokens) must be longer than the current 512; pass a "
+                 "factor > 1 or a larger target_length. (target_length: ${base.max_position_embeddings * "
+                 "inputs.factor} = -2560)", id="negative-factor-input"),
+    pytest.param("gqa", "inputs.kv_heads=2", f"gqa.yaml:{_line_of('  - patch: gqa', 'gqa')}: step gqa: gqa: "
+                 "num_key_value_heads=2 must be fewer than this model's 2 key/value heads and divide them; use one "
+                 "of [1]. (num_key_value_heads: ${inputs.kv_heads} = 2)", id="kv-heads-input-the-model-cannot-take"),
+    pytest.param("long-context", "inputs.nosuchinput=3", "--set inputs.nosuchinput: long-context.yaml has no input "
+                 "'nosuchinput'; its inputs are data, eval_data, other_data, factor.", id="unknown-input"),
+    pytest.param("long-context", "inputs.factor=${round(5, -10**18)}", "long-context.yaml (--set inputs.factor): "
+                 "inputs.factor: ${round(5, -10**18)}: round to -1000000000000000000 digits is beyond",
+                 id="set-expression-rounds-to-more-digits-than-a-value-holds"),
 ])
-def test_a_bad_override_of_a_built_in_recipe_is_refused_before_its_search(setting: str, expect: str, base: Path,
-                                                                         tmp_path: Path) -> None:
+def test_a_bad_override_of_a_built_in_recipe_is_refused_before_its_search(recipe: str, setting: str, expect: str,
+                                                                         base: Path, tmp_path: Path) -> None:
     for mode in (["--dry-run"], ["-o", tmp_path / "out"]):
-        refuse(["patch", base, "--recipe", "long-context", "--set", setting, *mode], expect=expect, untouched=[base],
-               absent=[tmp_path / "out"])
+        message = refuse(["patch", base, "--recipe", recipe, "--set", setting, *mode], expect=expect,
+                         untouched=[base], absent=[tmp_path / "out"])
+        assert len(message.strip().splitlines()) == 1, message
 
 
 def test_a_binary_recipe_file_is_refused(base: Path, tmp_path: Path) -> None:
@@ -193,3 +215,50 @@ def test_an_output_that_is_a_file_is_refused(base: Path, tmp_path: Path) -> None
            "directory", untouched=[base, tmp_path / "outputs"])
     refuse(["patch", base, "--recipe", recipe, "-o", taken / "run"], expect="cannot create the output directory",
            untouched=[base, tmp_path / "outputs"])
+
+
+EVAL_ONLY = """\
+name: eval-only
+description: measure the input, nothing else
+steps:
+  - eval: {lengths: [64], max_docs: 1, data: [DATA], plot: false}
+"""
+
+
+def test_a_push_that_fails_after_an_eval_only_recipe_leaves_the_source_untouched(base: Path, tmp_path: Path) -> None:
+    """Issue 25: no step makes a model, so the push uploads the input; it wrote its card into the source, then the
+    upload failed. The card goes on a copy (hard links) in the push step's directory."""
+    import subprocess
+    import sys
+
+    from harness import tree_state
+    from test_finetune import corpus
+    from test_hub import client_env
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(EVAL_ONLY.replace("DATA", str(corpus(tmp_path))))
+    before = tree_state(base)
+    env = client_env("http://127.0.0.1:9", tmp_path / "home")  # a token, and a Hub that refuses every connection
+    done = subprocess.run([sys.executable, "-m", "llm_retrofit", "patch", str(base), "--recipe", str(recipe), "-o",
+                           str(tmp_path / "out"), "--push-to-hub", "alice/tiny"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "pushing to alice/tiny failed: could not reach the Hub" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert tree_state(base) == before
+    assert (tmp_path / "out" / "02-push" / "README.md").is_file()  # the card is on the copy the push uploads
+
+
+def test_a_push_of_an_input_with_a_card_of_someone_else_is_refused_before_the_run(base: Path, tmp_path: Path) -> None:
+    """The push of the input would refuse its card (the source model's, not ours) after the steps before it ran."""
+    from test_finetune import corpus
+
+    source = tmp_path / "source"
+    shutil.copytree(base, source)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\n# The original model\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(EVAL_ONLY.replace("DATA", str(corpus(tmp_path))))
+    refuse(["patch", source, "--recipe", recipe, "-o", tmp_path / "out", "--push-to-hub", "alice/tiny"],
+           expect=f"r.yaml: step push: no step before the push makes a model, so it would upload the input {source}, "
+           "whose README.md was not written by llm-retrofit and would describe the wrong model; add a `- card: {}` "
+           "step before the push (it writes the card on a copy; the input is never written to).",
+           untouched=[source], absent=[tmp_path / "out"])

@@ -1,0 +1,107 @@
+"""The `eval` step: `evaluate` on the step's model (and the base, and baselines patched from it, beside it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..schema import EvalSettings, Recipe, Step
+from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, check_settings
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class EvalStep(StepKind):
+    kind: ClassVar[str] = "eval"
+    writes_directory: ClassVar[bool] = True
+
+    def check(self, recipe: Recipe, step: Step, params: dict[str, Any], push_repo: str | None) -> None:
+        check_settings(recipe, step, params, EvalSettings)
+
+    def plan(self, item: PlannedStep, planning: Planning) -> None:
+        if item.unknown:
+            return
+        settings = EvalSettings.read(item.params)
+        lengths = settings.measured_lengths()
+        labels = settings.labels()
+        item.notes.append(f"{len(labels)} model(s) ({', '.join(labels)}) at lengths {lengths}: up to {max(lengths)} "
+                          f"tokens per document per model{', plus passkey prompts' if settings.passkey else ''}")
+
+    def describe(self, step: Step, params: dict[str, Any]) -> str:
+        settings = EvalSettings.read(params)
+        return (f"{', '.join(settings.labels())} on {', '.join(settings.data)} at lengths "
+                f"{settings.measured_lengths()}" + (", plus passkey" if settings.passkey else "")
+                + (f", plus chat on {', '.join(settings.chat)}" if settings.chat else ""))
+
+    def run(self, step: Step, params: dict[str, Any], state: RunState, directory: Path) -> StepOutcome:
+        """eval.json and eval.md (every model), card-eval.json (what a card reads) and the plot in `directory`."""
+        from ...evaluation.documents import load_documents
+        from ...evaluation.perplexity import evaluate
+        from ...evaluation.report import EvalResult
+        from ...publishing.card import evaluation_summary
+
+        settings = EvalSettings.read(params)
+        data = list(settings.data)
+        documents = load_documents(data, max_docs=settings.max_docs)
+        options = settings.evaluate_options()
+        if settings.chat:
+            from ...evaluation.conversations import load_conversations
+
+            options["chat"] = load_conversations(settings.chat)
+        directory.mkdir(parents=True)
+        results = _alternatives(settings, state.base, documents, options)
+        model, tokenizer = _loadable(state.model, options["dtype"])
+        results.append(evaluate(model, documents, tokenizer=tokenizer, name=settings.labels()[-1], **options))
+        result = EvalResult.merge(results)
+        result.to_json(directory / "eval.json")
+        (directory / "eval.md").write_text(result.to_markdown())
+        summary = evaluation_summary(result, ", ".join([*data, *settings.chat]))
+        (directory / "card-eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_path = str(result.plot(directory / "perplexity.png")) if settings.plot else None
+        return StepOutcome({"output": str(directory), **_headline(summary)},
+                           eval_results=str(directory / "card-eval.json"), plot=plot_path)
+
+
+def _alternatives(settings: EvalSettings, base: str, documents: list[Any], options: dict[str, Any]) -> list[Any]:
+    """The columns before the step's model: the recipe's input (`compare_base`) and each baseline patched from it
+    in memory."""
+    from ...evaluation.perplexity import evaluate
+    from ...plan import apply_to_model
+
+    results = []
+    if settings.compare_base or settings.baselines:
+        model, tokenizer = _loadable(base, options["dtype"])
+        if settings.compare_base:
+            results.append(evaluate(model, documents, tokenizer=tokenizer, name="before", **options))
+        for label, patcher in settings.baseline_patchers():
+            alternative = apply_to_model(model, [patcher])
+            results.append(evaluate(alternative, documents, tokenizer=tokenizer, name=label, **options))
+            del alternative
+        del model
+    return results
+
+
+def _loadable(path: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model directory, or an adapter directory (merged onto its base in memory), with its tokenizer."""
+    from ...evaluation.perplexity import default_device, load_model
+
+    if (Path(path) / "adapter_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        from ...training.lora import load_merged_adapter
+
+        model = load_merged_adapter(path, dtype)
+        return model.to(default_device()).eval(), AutoTokenizer.from_pretrained(path)
+    return load_model(path, dtype=dtype)
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """`${steps.eval.perplexity}`: the evaluated model's perplexity at its longest length."""
+    table = summary["perplexity"].get(summary["model"]) or {}
+    if not table:
+        return {}
+    longest = max(table, key=int)
+    return {"perplexity": table[longest], "length": int(longest)}
