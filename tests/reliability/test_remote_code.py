@@ -7,6 +7,7 @@ ships our byte-identical `modeling_retrofit_attention.py`) and changes it the wa
 (through the CLI), `finetune()` and a recipe's eval step (through the functions) must each refuse it with one message
 naming what was found and the fix, leave it byte-identical and write nothing; and no attacker module may be imported:
 every one of them writes a marker file when it is, and the control test shows transformers itself does import them.
+The other loaders follow the same rule: a distillation teacher, a patch that calibrates on the model, an adapter's base.
 """
 
 from __future__ import annotations
