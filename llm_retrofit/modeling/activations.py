@@ -38,12 +38,16 @@ def calibration_model(view: ModelView, needed_by: str) -> tuple[PreTrainedModel,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..io.progress import quiet_libraries
+    from .remote_code import runs_our_code
 
     if view.origin is None:
         raise PatchError(f"{needed_by} runs the model to compute its result; make it the first patch of the chain.")
     with quiet_libraries():  # our own load: no weight-loading bar, no library warnings
         if isinstance(view.origin, Path):
-            model = AutoModelForCausalLM.from_pretrained(view.origin, dtype=torch.float32)
+            # Calibrated on what the checkpoint runs: its attention pattern through the file the patch shipped (ours
+            # only), never the plain architecture in place of code its config says it needs.
+            trusted = runs_our_code(view.origin, view.config)
+            model = AutoModelForCausalLM.from_pretrained(view.origin, dtype=torch.float32, trust_remote_code=trusted)
             return model.eval(), AutoTokenizer.from_pretrained(view.origin)
         return view.origin, AutoTokenizer.from_pretrained(view.origin.name_or_path)
 

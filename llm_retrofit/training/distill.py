@@ -374,11 +374,14 @@ class Distiller:
                  rows: torch.Tensor, output: Path, device: torch.device, dtype: torch.dtype,
                  base: str | os.PathLike[str] | None = None) -> None:
         from ..io.checkpoint import load_checkpoint
+        from ..modeling.remote_code import runs_our_code
 
         self.spec, self.device, self.dtype = spec, device, dtype
         path, expected = resolve_teacher(spec.teacher, history, None if base is None else os.fspath(base))
         self.checkpoint = load_checkpoint(path)
         self.checkpoint.require_complete()
+        # Code that is not ours is refused here, not at a cache miss hours into training (and again at the load).
+        runs_our_code(self.checkpoint.path, self.checkpoint.config)
         self.path = str(self.checkpoint.path)
         ours = _vocab_size(student_config)
         theirs = self.vocab_size = _vocab_size(self.checkpoint.config)
@@ -418,9 +421,14 @@ class Distiller:
             from transformers import AutoModelForCausalLM
 
             from ..io.progress import quiet_libraries
+            from ..modeling.remote_code import runs_our_code
 
+            # A teacher with an attention pattern or Infini memory runs it, through the file the patch shipped (ours
+            # only): as the plain architecture it would teach something it is not.
+            trusted = runs_our_code(self.checkpoint.path, self.checkpoint.config)
             with quiet_libraries():
-                model = AutoModelForCausalLM.from_pretrained(self.checkpoint.path, dtype=self.dtype)
+                model = AutoModelForCausalLM.from_pretrained(self.checkpoint.path, dtype=self.dtype,
+                                                             trust_remote_code=trusted)
             model.config.use_cache = False
             self._model = model.to(self.device).eval().requires_grad_(False)
             log.info("distill: teacher %s loaded (%s)", self.path, self.dtype)

@@ -136,8 +136,22 @@ def _typed(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_merged_adapter(path: str | os.PathLike[str], dtype: Any = None) -> PreTrainedModel:
-    """A peft adapter directory loaded onto its base model and merged into it (for evaluating an adapter)."""
-    from peft import AutoPeftModelForCausalLM
+    """A peft adapter directory loaded onto its base model and merged into it (for evaluating an adapter).
 
+    The base loads as `load_model` loads a checkpoint: complete, and with its attention pattern or Infini memory run
+    through the file the patch shipped (ours only; code that is not ours is a CheckpointError, never the plain
+    architecture). peft's AutoPeftModel would load it without that rule, so the base is loaded here and the adapter
+    put on it with vanilla peft, as the module docstring says anyone can."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ..io.checkpoint import load_checkpoint
+    from ..modeling.remote_code import runs_our_code
+
+    adapter = PeftConfig.from_pretrained(os.fspath(path))
+    base = load_checkpoint(adapter.base_model_name_or_path, adapter.revision)
+    base.require_complete()
+    trusted = runs_our_code(base.path, base.config)
     with quiet_libraries():
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").merge_and_unload()
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype or "auto", trust_remote_code=trusted)
+        return PeftModel.from_pretrained(model, os.fspath(path)).merge_and_unload()

@@ -7,6 +7,7 @@ ships our byte-identical `modeling_retrofit_attention.py`) and changes it the wa
 (through the CLI), `finetune()` and a recipe's eval step (through the functions) must each refuse it with one message
 naming what was found and the fix, leave it byte-identical and write nothing; and no attacker module may be imported:
 every one of them writes a marker file when it is, and the control test shows transformers itself does import them.
+The other loaders follow the same rule: a distillation teacher, a patch that calibrates on the model, an adapter's base.
 """
 
 from __future__ import annotations
@@ -280,3 +281,99 @@ def test_a_patch_that_carries_their_code_says_so(scene: Scene, caplog: pytest.Lo
     assert theirs.exit_code == 0, theirs.output
     assert "carries code that is not llm-retrofit's, from its source" in caplog.text
     assert "someone/sinks--modeling_retrofit_attention" in caplog.text and not scene.marker.exists()
+
+
+# -- every other loader follows the same rule: the distillation teacher, calibration, an adapter's base ------------
+
+
+LOADERS = [another_directory, a_hub_repo, only_their_code, an_extra_key, a_custom_generate]  # each imports a file
+CALIBRATION = "gqa:num_key_value_heads=1,method=fit,calibration={docs},calibration_tokens=64"  # runs the model
+
+
+def refused_with(problem: str, refused: pytest.ExceptionInfo[CheckpointError], scene: Scene) -> None:
+    message = str(refused.value)
+    assert message.startswith(f"{scene.model}") and problem in message, message  # the checkpoint (or a file of it)
+    assert all(fix in " ".join(message.split()) for fix in FIX), message
+    assert not scene.marker.exists()
+
+
+@pytest.mark.parametrize("cache", [{}, {"top_k": 4, "cache": True}], ids=["live", "cached"])  # cached: loaded lazily
+@pytest.mark.parametrize("attack", LOADERS, ids=ids)
+def test_a_distillation_teacher_with_code_that_is_not_ours_is_refused(attack: Callable[[Scene], str], cache: dict,
+                                                                       scene: Scene, sinks: Path) -> None:
+    problem = attack(scene)
+    before = snapshot(scene.model)
+    with pytest.raises(CheckpointError) as refused:
+        finetune(sinks, scene.tmp / "tuned", data=[str(scene.docs)], steps=1, seq_len=32, batch_size=1,
+                 distill={"teacher": str(scene.model), **cache})
+    refused_with(problem, refused, scene)
+    assert snapshot(scene.model) == before
+    assert not (scene.tmp / "tuned").exists() and not (scene.tmp / "tuned.distill-cache").exists()
+
+
+@pytest.mark.parametrize("attack", LOADERS, ids=ids)
+def test_a_calibration_on_code_that_is_not_ours_is_refused(attack: Callable[[Scene], str], scene: Scene) -> None:
+    problem = attack(scene)
+    before = snapshot(scene.model)
+    with pytest.raises(CheckpointError) as refused:
+        patch(scene.model, CALIBRATION.format(docs=scene.docs), output=scene.tmp / "fitted")
+    refused_with(problem, refused, scene)
+    assert snapshot(scene.model) == before and not (scene.tmp / "fitted").exists()
+
+
+@pytest.fixture(scope="module")
+def adapter(sinks: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter trained by our finetune on the sinks checkpoint (its base_model_name_or_path)."""
+    docs = tmp_path_factory.mktemp("docs") / "docs.txt"
+    docs.write_text("It was the best of times, it was the worst of times. " * 12)
+    return finetune(sinks, tmp_path_factory.mktemp("adapter") / "adapter", data=[str(docs)], steps=1, seq_len=32,
+                    batch_size=1, lora="lora:r=2,merge=false").path
+
+
+@pytest.mark.parametrize("attack", LOADERS, ids=ids)
+def test_an_adapter_whose_base_has_code_that_is_not_ours_is_refused(attack: Callable[[Scene], str], scene: Scene,
+                                                                     adapter: Path) -> None:
+    from llm_retrofit.training.lora import load_merged_adapter
+
+    problem = attack(scene)
+    theirs = scene.tmp / "adapter"
+    shutil.copytree(adapter, theirs)
+    config = json.loads((theirs / "adapter_config.json").read_text())
+    (theirs / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(scene.model)}))
+    before = snapshot(scene.model)
+    with pytest.raises(CheckpointError) as refused:
+        load_merged_adapter(theirs)
+    refused_with(problem, refused, scene)
+    assert snapshot(scene.model) == before
+
+
+def ran_our_sinks_file(model: torch.nn.Module, sinks: Path) -> bool:
+    """The class came from the checkpoint's own copy of our file (transformers names the module after the folder)."""
+    return (type(model).__name__ == "RetrofitLlamaForCausalLM"
+            and type(model).__module__.startswith(f"transformers_modules.{sinks.name}."))
+
+
+def test_a_teacher_with_our_code_runs_it(sinks: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs.txt"
+    docs.write_text("It was the best of times, it was the worst of times. " * 12)
+    # The student is its own teacher: the KL is 0 only if the teacher runs the sinks pattern the student trains with
+    # (as the plain Llama it sees every token, and its distribution differs: a KL near 1e-3 here).
+    tuned = finetune(sinks, tmp_path / "tuned", data=[str(docs)], steps=1, seq_len=32, batch_size=1,
+                     distill={"teacher": str(sinks)})
+    assert tuned.kl_losses == [pytest.approx(0.0, abs=1e-6)], tuned.kl_losses
+
+
+def test_a_calibration_on_our_code_runs_it(sinks: Path) -> None:
+    from llm_retrofit.io.checkpoint import load_checkpoint
+    from llm_retrofit.modeling.activations import calibration_model
+    from llm_retrofit.plan import checkpoint_view
+
+    calibrated, _ = calibration_model(checkpoint_view(load_checkpoint(sinks)), "a test")
+    assert ran_our_sinks_file(calibrated, sinks), type(calibrated)
+
+
+def test_an_adapter_on_our_code_runs_it(sinks: Path, adapter: Path) -> None:
+    from llm_retrofit.training.lora import load_merged_adapter
+
+    merged = load_merged_adapter(adapter)
+    assert ran_our_sinks_file(merged, sinks), type(merged)
