@@ -263,7 +263,8 @@ def test_moe_upcycle_recipe_makes_and_trains_a_mixtral(tmp_path: Path) -> None:
 def test_long_context_recipe_extends_finetunes_with_lora_and_evaluates(tmp_path: Path) -> None:
     # 256 positions -> 512: the recipe's own steps and lengths (128, 256, 384, 512), at a tiny budget.
     base = chars_model(tmp_path / "base", max_position_embeddings=256)
-    overrides = tiny_budget(corpus(tmp_path)) | {"finetune.seq_len": "${model.max_position_embeddings}"}
+    overrides = {"profile": "none"} | tiny_budget(corpus(tmp_path)) | {
+        "finetune.seq_len": "${model.max_position_embeddings}"}
     done = run_recipe(base, "long-context", output=tmp_path / "run", overrides=overrides)
     config = read_config(done.model)
     assert config["rope_parameters"]["rope_type"] == "longrope" and config["max_position_embeddings"] == 512
@@ -409,7 +410,7 @@ def test_push_to_hub_uploads_the_final_model_with_its_card_and_recipe(hub, tmp_p
 
 def test_dry_run_of_a_searching_patch_says_what_is_known_only_when_run(tmp_path: Path) -> None:
     base = chars_model(tmp_path / "base")
-    plan = dry_run(base, "long-context", overrides={"inputs.data": str(corpus(tmp_path))})
+    plan = dry_run(base, "long-context", overrides={"profile": "none", "inputs.data": str(corpus(tmp_path))})
     assert "target_length: 1024" in plan  # base.max_position_embeddings (512) * inputs.factor (2), resolved
     assert "plan known only when run: this patch loads the model" in plan
     assert "values known only when run: ${model.max_position_embeddings} depends on step longrope" in plan
@@ -421,3 +422,61 @@ def test_lora_as_a_patch_points_to_the_finetune() -> None:
 
     with pytest.raises(PatchSpecError, match="lora is trained, not computed from the weights: use `retrofit finetune"):
         parse_spec("lora:r=8")
+
+
+def test_a_cpu_without_bf16_units_runs_the_recipes_cpu_profile(tmp_path: Path, monkeypatch) -> None:
+    """long-context's `cpu-fp32` profile is chosen by itself where every pass runs in float32; a profile given (or
+    `none`, the recipe as written) is never replaced."""
+    import llm_retrofit.modeling.precision as precision
+
+    base = chars_model(tmp_path / "base")
+    data = {"inputs.data": str(corpus(tmp_path))}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    slow = dry_run(base, "long-context", overrides=data)
+    assert "profile cpu-fp32" in slow and "target_length: 768" in slow and "iterations: 0" in slow  # 512 x 1.5
+    as_written = dry_run(base, "long-context", overrides={"profile": "none"} | data)
+    assert "\nprofile none\n" in as_written and "target_length: 1024" in as_written
+    assert "profile gpu" in dry_run(base, "long-context", overrides={"profile": "gpu"} | data)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    fast = dry_run(base, "long-context", overrides=data)
+    assert "\nprofile" not in fast and "target_length: 1024" in fast
+
+
+def test_the_time_a_run_expects_is_priced_on_the_passes_it_runs(tmp_path: Path) -> None:
+    """Before the run, every step's passes are known, a search's and the steps after it too (the model's shape is
+    known though its factors are not); then the run makes those passes, counted at the model's decoder. Calls of at
+    most 32 tokens are not priced (the LM-head check, a passkey answer's decoding steps); a passkey prompt is priced
+    at its length and stops at the last whole filler sentence before it; the search is priced at the most it runs
+    (a child equal to a candidate already scored is not run again)."""
+    import traceback
+
+    from llm_retrofit.recipes.runner import _check_before_running, _with_overrides
+
+    base = chars_model(tmp_path / "base", max_position_embeddings=256)
+    overrides = {"profile": "none"} | tiny_budget(corpus(tmp_path)) | {
+        "finetune.seq_len": "${model.max_position_embeddings}"}
+    recipe, _ = _with_overrides("long-context", overrides, None)
+    planned = _check_before_running(recipe, str(base), tmp_path / "run", None)
+    layers = read_config(base)["num_hidden_layers"]
+    counted: dict[str, list[int]] = {"search": [], "others": []}
+    call = torch.nn.Module.__call__
+
+    def counting(module: torch.nn.Module, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if type(module).__name__ == "LlamaModel" and ids is not None and ids.shape[-1] > 32 and \
+                len(module.layers) == layers:  # not the one-layer model that prices passes
+            searching = any(frame.name == "search" for frame in traceback.extract_stack())
+            counted["search" if searching else "others"].append(int(ids.shape[-1]))
+        return call(module, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(torch.nn.Module, "__call__", counting)
+        run_recipe(base, "long-context", output=tmp_path / "run", overrides=overrides)
+    search, *others = [[one.tokens for one in item.passes] for item in planned]
+    assert search == [512] * 6 and 3 <= len(counted["search"]) <= 6 and set(counted["search"]) == {512}
+    # 2 training sequences at 512; eval: before 1, yarn 1, after 2 (LongRoPE switches factors past 256), a passkey
+    # prompt each; eval-code: 1 + 1 + 2.
+    priced = sorted(tokens for step in others for tokens in step)
+    assert len(counted["others"]) == len(priced) == 2 + (4 + 3) + 4
+    assert all(0.8 * p <= c <= p for c, p in zip(sorted(counted["others"]), priced)), (counted, priced)

@@ -15,7 +15,7 @@ import pytest
 from test_finetune import chars_model, corpus
 
 STEPS = ["longrope", "finetune", "eval", "eval-code", "card"]
-SETS = ["--set", "finetune.steps=2", "--set", "finetune.eval_every=0",
+SETS = ["--set", "profile=none", "--set", "finetune.steps=2", "--set", "finetune.eval_every=0",
         "--set", "finetune.seq_len=${model.max_position_embeddings}"]
 
 

@@ -78,16 +78,29 @@ class Pass:
         return cost.forward(self.tokens)
 
 
-def expected_seconds(passes: Sequence[Pass], autocast: torch.dtype | None = None, device: str = "cpu") -> float:
-    """What `passes` take on this machine: each model shape among them probed once (`measure`)."""
-    costs: dict[tuple[int, ...], PassCost] = {}
-    total = 0.0
-    for one in passes:
-        key = tuple(_shape(one.config).values())
-        if key not in costs:
-            costs[key] = measure(one.config, autocast, device)
-        total += one.seconds(costs[key])
-    return total
+class Pricer:
+    """Prices passes on this machine, in the arithmetic its runs use there (bf16 autocast where the hardware has
+    bf16 units, float32 elsewhere), probing each model shape once (`measure`)."""
+
+    def __init__(self) -> None:
+        from .precision import native_bf16
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.autocast = torch.bfloat16 if native_bf16(torch.device(self.device)) else None
+        self.costs: dict[tuple[int, ...], PassCost] = {}
+
+    def seconds(self, passes: Sequence[Pass]) -> float:
+        total = 0.0
+        for one in passes:
+            key = tuple(_shape(one.config).values())
+            if key not in self.costs:
+                self.costs[key] = measure(one.config, self.autocast, self.device)
+            total += one.seconds(self.costs[key])
+        return total
+
+    @property
+    def arithmetic(self) -> str:
+        return f"{'bfloat16 autocast' if self.autocast else 'float32'} on {self.device}"
 
 
 def measure(config: Mapping[str, Any], autocast: torch.dtype | None = None, device: str = "cpu") -> PassCost:

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import PatchError, PatchSpecError
 from ..modeling.activations import calibration_model
-from ..modeling.rope import RopeShape, longrope_attention_factor
+from ..modeling.rope import RopeShape, longrope_attention_factor, pi_factors
 from ..plan import ModelView, TensorPlan
 from ..spec import PatchCard, Patcher, register
 
@@ -293,11 +293,13 @@ class LongRope(_ContextExtension):
         return self._plan_with(model, shape, searched)
 
     def shape_plan(self, model: ModelView) -> TensorPlan:
-        """The config a search would write, with factors of 1.0 standing in for the ones it finds: the same rope
-        type, lengths and so the same passes for whatever runs the model after it."""
+        """The config a search would write, with PI's factors standing in for the ones it finds: the same rope type,
+        lengths and short/long switch, so the same passes for whatever runs the model after it."""
         shape = RopeShape.of(model.config)
-        searched = read_factors(self.factors, shape) if self.factors else {"long_factor": [1.0] * shape.pairs}
-        return self._plan_with(model, shape, searched)
+        if self.factors:
+            return self._plan_with(model, shape, read_factors(self.factors, shape))
+        length = self.new_length(shape)
+        return self._plan_with(model, shape, {"long_factor": pi_factors(shape, length / shape.original_length)})
 
     def _plan_with(self, model: ModelView, shape: RopeShape, searched: dict[str, Any]) -> TensorPlan:
         length = self.target_length or (round(shape.original_length * self.factor) if self.factor else searched.get("target_length"))

@@ -17,6 +17,11 @@ import yaml
 
 from .schema import Recipe, RecipeError, parse_recipe
 
+SLOW_FLOAT_PROFILE = "cpu-fp32"
+"""The profile a recipe may have for a CPU without bf16 units; chosen by itself there (`with_machine_profile`)."""
+NO_PROFILE = "none"
+"""`--set profile=none`: the recipe as written, on any machine."""
+
 
 def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]) -> Recipe:
     """`{"finetune.steps": 200}` or `["finetune.steps=200"]` applied to a copy of the recipe.
@@ -82,10 +87,12 @@ def _with_profiles(recipe: Recipe, pairs: list[tuple[str, Any]]) -> list[tuple[s
         if key != "profile":
             expanded.append((key, value))
             continue
+        if str(value) == NO_PROFILE:
+            continue
         if str(value) not in recipe.profiles:
-            known = ", ".join(recipe.profiles) or "none"
+            known = ", ".join([*recipe.profiles, NO_PROFILE])
             raise RecipeError(f"--set profile={value}: {recipe.source} has no profile {str(value)!r}; its profiles: "
-                              f"{known}.")
+                              f"{known} (the recipe as written).")
         expanded += [(str(k), v) for k, v in recipe.profiles[str(value)].items()]
     return expanded
 
@@ -106,6 +113,22 @@ def _override_pairs(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[
                               "complete list such as [a, b] (quote text that starts with [ or {).") from None
         pairs.append((key.strip(), value))
     return pairs
+
+
+def with_machine_profile(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str]
+                         ) -> Mapping[str, Any] | Sequence[str]:
+    """`overrides`, led by `profile=cpu-fp32` where that is the recipe's profile for this machine: no profile was
+    given, the recipe has one for a CPU without bf16 units, and this machine computes in float32 (no GPU, no AMX or
+    AVX512-BF16), where every pass is about 3x slower than with them. `--set profile=none` keeps the recipe as it is."""
+    import torch
+
+    from ..modeling.precision import native_bf16
+
+    if SLOW_FLOAT_PROFILE not in recipe.profiles or profile_of(overrides) is not None:
+        return overrides
+    if torch.cuda.is_available() or native_bf16(torch.device("cpu")):
+        return overrides
+    return {"profile": SLOW_FLOAT_PROFILE, **dict(_override_pairs(overrides))}  # a later --set still wins
 
 
 def profile_of(overrides: Mapping[str, Any] | Sequence[str] | None) -> str | None:

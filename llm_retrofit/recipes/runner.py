@@ -40,13 +40,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RetrofitError
 from ..io.progress import quiet_libraries
 from .expressions import Unresolved, resolve
-from .overrides import apply_overrides, profile_of
+from .overrides import SLOW_FLOAT_PROFILE, apply_overrides, profile_of, with_machine_profile
 from .schema import Recipe, RecipeError, Step, Unknown, load_recipe
 from .steps import STEP_KINDS, StepKind
 from .steps.base import PlannedStep, Planning, RunState, StepOutcome, has_unknown, model_config, size_text
 
 if TYPE_CHECKING:
     from ..io.checkpoint import TensorMeta
+    from ..modeling.cost import Pass
 
 MANIFEST = "manifest.json"
 MODEL_LINK = "model"
@@ -147,11 +148,12 @@ def run_recipe(
     from ..io.progress import note
 
     run_started = time.perf_counter()
-    recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
+    recipe, overrides = _with_overrides(recipe, overrides, push_to_hub)
     out = Path(output).expanduser().resolve()
     manifest = _earlier_run(out, resume)
     base = str(resolve_checkpoint_dir(model))
-    _check_before_running(recipe, base, out, push_to_hub)  # what a later step would refuse, refused before the first
+    planned = _check_before_running(recipe, base, out, push_to_hub)  # a later step's refusal, before the first
+    _announce(recipe, overrides, planned)
     _make_directory(out)
     state = RunState(base, out, dict(recipe.inputs), base, model_config(base), model_config(base),
                      push_repo=push_to_hub, recipe_text=recipe.text)
@@ -185,6 +187,41 @@ def run_recipe(
     link.symlink_to(os.path.relpath(state.model, out) if Path(state.model).is_relative_to(out) else state.model)
     return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name, profiles=recipe.profiles,
                      profile=profile_of(overrides), seconds=time.perf_counter() - run_started)
+
+
+def _with_overrides(recipe: str | os.PathLike[str] | Recipe, overrides: Mapping[str, Any] | Sequence[str],
+                    push_to_hub: str | None) -> tuple[Recipe, Mapping[str, Any] | Sequence[str]]:
+    """The recipe as this run runs it (the machine's profile, the overrides, a push step), and the overrides that
+    made it."""
+    loaded = load_recipe(recipe)
+    overrides = with_machine_profile(loaded, overrides)
+    return with_push(apply_overrides(loaded, overrides), push_to_hub), overrides
+
+
+def _announce(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str], planned: list[PlannedStep]) -> None:
+    """The lines a run starts with: the profile this machine chose, and the time the run expects here."""
+    from ..io.progress import note
+
+    if profile_of(overrides) == SLOW_FLOAT_PROFILE and SLOW_FLOAT_PROFILE in recipe.profiles:
+        note(f"profile {SLOW_FLOAT_PROFILE}: this CPU has no bf16 units, so every pass runs in float32 (~3x slower); "
+             f"{recipe.name} runs what fits there (--set profile=none: the recipe as written)")
+    note(expected_time(planned))
+
+
+def expected_time(planned: list[PlannedStep]) -> str:
+    """`expected time on this machine: about 17m (longrope 4m, ...)`, priced by a probe of this machine now."""
+    from ..io.progress import duration
+    from ..modeling.cost import Pricer
+
+    pricer = Pricer()
+    times = [(item.step.id, pricer.seconds(item.passes)) for item in planned if item.passes]
+    if not times:
+        return "expected time on this machine: unknown (no step runs a model that is known before the run)"
+    steps = ", ".join(f"{step} {duration(seconds)}" for step, seconds in times)
+    unpriced = [item.step.id for item in planned if not item.passes and item.step.kind in ("patch", "finetune", "eval")]
+    return (f"expected time on this machine: about {duration(sum(t for _, t in times))} ({steps}; "
+            f"{pricer.arithmetic}, as fast as it runs now)" + (f"; not priced: {', '.join(unpriced)}" if unpriced
+                                                              else ""))
 
 
 def _finished(entry: Mapping[str, Any] | None, kind: StepKind, directory: Path) -> StepOutcome | None:
@@ -294,16 +331,15 @@ def _make_directory(out: Path) -> None:
         raise RecipeError(f"cannot create the output directory {out}: {e.strerror}; choose another -o.") from None
 
 
-def _check_before_running(recipe: Recipe, base: str, out: Path, push_repo: str | None) -> None:
+def _check_before_running(recipe: Recipe, base: str, out: Path, push_repo: str | None) -> list[PlannedStep]:
     """Every step's values checked, as far as they are known before the run (`plan_steps`), on the input's tensor
     metadata (no weights are read) so that the config after each plannable patch is known too."""
     from ..io.checkpoint import load_checkpoint
 
     if (Path(base) / "adapter_config.json").is_file():  # an adapter as input: no tensors of its own to plan on
-        plan_steps(recipe, base, model_config(base), None, out, push_repo)
-        return
+        return plan_steps(recipe, base, model_config(base), None, out, push_repo)[0]
     checkpoint = load_checkpoint(base)
-    plan_steps(recipe, base, dict(checkpoint.config), checkpoint.tensors, out, push_repo)
+    return plan_steps(recipe, base, dict(checkpoint.config), checkpoint.tensors, out, push_repo)[0]
 
 
 def resolve_params(recipe: Recipe, step: Step, scope: Mapping[str, Any], known_only: bool = False
@@ -382,11 +418,13 @@ def dry_run(
     It refuses what the run would refuse (`plan_steps`), so a dry run that passes is a run that starts every step."""
     from ..io.checkpoint import load_checkpoint
 
-    recipe = with_push(apply_overrides(load_recipe(recipe), overrides), push_to_hub)
+    recipe, overrides = _with_overrides(recipe, overrides, push_to_hub)
     checkpoint = load_checkpoint(model)
     planned, known = plan_steps(recipe, str(checkpoint.path), dict(checkpoint.config), checkpoint.tensors, Path("OUT"),
                                 push_to_hub)
     lines = [f"recipe {recipe.name}: {recipe.description}", f"model {checkpoint.path}"]
+    if profile_of(overrides):
+        lines.append(f"profile {profile_of(overrides)}")
     for item in planned:
         lines.append(f"{item.number}. {item.step.id} ({item.step.describe()})")
         lines += [f"   {key}: {json.dumps(value, default=str)}" for key, value in item.params.items()
@@ -396,6 +434,7 @@ def dry_run(
         lines += [f"   {note}" for note in item.notes]
     total = sum(item.bytes_written for item in planned)
     lines.append(f"total weights written: {size_text(total)}" + ("" if known else " (plus steps only known when run)"))
+    lines.append(expected_time(planned))
     return "\n".join(lines)
 
 
@@ -440,11 +479,29 @@ def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapp
         params, unknown = resolve_params(recipe, step, state.scope(), known_only=True)
         kind.check(recipe, step, params, push_repo)
         item = PlannedStep(number, step, params, unknown)
+        item.passes = _passes(recipe, kind, step, params if not unknown else None, planning)
         kind.plan(item, planning)
         planning.model_is_input = planning.model_is_input and not kind.makes_model
         planned.append(item)
         state.results[step.id] = _Pending(step.id, str(output / f"{number:02d}-{step.id}"))
     return planned, planning.view is not None
+
+
+def _passes(recipe: Recipe, kind: StepKind, step: Step, params: dict[str, Any] | None,
+            planning: Planning) -> list[Pass]:
+    """The step's passes, for the time the run expects. Its values known only when run that depend on the model
+    alone (`${model.max_position_embeddings}` after a search) are read off the model's shape, which is known."""
+    if planning.shape is None:
+        return []
+    if params is None:
+        scope = planning.state.scope() | {"model": dict(planning.shape.config)}
+        params, unknown = resolve_params(recipe, step, scope, known_only=True)
+        if unknown:
+            return []
+    try:
+        return kind.passes(step, params, planning.shape, planning.state.base_config)
+    except RetrofitError:  # a value the run refuses, with its own message; nothing to price
+        return []
 
 
 def recipe_summary(recipe: Recipe) -> str:

@@ -160,8 +160,8 @@ def _line_of(text: str, recipe: str = "long-context") -> int:
     # checked against the input by the patcher itself (what `retrofit patch --dry-run` refuses), before it loads.
     pytest.param("long-context", "inputs.factor=-5", f"long-context.yaml:{_line_of('  - patch: longrope')}: step "
                  "longrope: longrope: the new context (-2560 tokens) must be longer than the current 512; pass a "
-                 "factor > 1 or a larger target_length. (target_length: ${base.max_position_embeddings * "
-                 "inputs.factor} = -2560)", id="negative-factor-input"),
+                 "factor > 1 or a larger target_length. (target_length: ${round(base.max_position_embeddings * "
+                 "inputs.factor)} = -2560)", id="negative-factor-input"),
     pytest.param("gqa", "inputs.kv_heads=2", f"gqa.yaml:{_line_of('  - patch: gqa', 'gqa')}: step gqa: gqa: "
                  "num_key_value_heads=2 must be fewer than this model's 2 key/value heads and divide them; use one "
                  "of [1]. (num_key_value_heads: ${inputs.kv_heads} = 2)", id="kv-heads-input-the-model-cannot-take"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ...errors import RetrofitError
+from ...modeling.cost import Pass
 from ..schema import Recipe, RecipeError, Step, Unknown, read_settings
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ class PlannedStep:
     notes: list[str] = field(default_factory=list)
     """The dry run's estimates: what a patch writes, a finetune's tokens, an evaluation's lengths."""
     bytes_written: int = 0
+    passes: list[Pass] = field(default_factory=list)
+    """The passes of the model the step runs (a search's candidates, training steps, evaluations): what the time a
+    run expects is priced on (`modeling.cost`)."""
 
 
 @dataclass
@@ -82,6 +86,13 @@ class Planning:
     state: RunState
     view: ModelView | None
     model_is_input: bool = True
+    shape: ModelView | None = None
+    """The model as far as its shape goes, what its passes are priced on: `view`, and after a patch that loads the
+    model, that patch's `shape_plan` (None where even that is unknown)."""
+
+    def __post_init__(self) -> None:
+        if self.shape is None:
+            self.shape = self.view
 
 
 class StepKind(ABC):
@@ -103,6 +114,12 @@ class StepKind(ABC):
     def plan(self, item: PlannedStep, planning: Planning) -> None:
         """What a dry run says the step will do (`item.notes`, `item.bytes_written`), and what it changes in the
         model known before the run (`planning`); called after `check`. Nothing to say by default."""
+
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+        """The passes of the models the step will run (`shape`: its model as the step finds it; `base`: the recipe
+        input's config), for the time the run expects; called before `plan`, with values resolved against `shape`'s
+        config. None by default."""
+        return []
 
     def describe(self, step: Step, params: dict[str, Any]) -> str:
         """The step's start line: what it is about to do."""

@@ -6,12 +6,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...modeling.cost import Pass
 from ..schema import EvalSettings, Recipe, Step
 from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, check_settings
 
 if TYPE_CHECKING:
     import torch
+
+    from ...plan import ModelView
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+_PRICED = ("lengths", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths", "passkey_trials")
+"""The keywords of `evaluate` that decide its passes."""
 
 
 class EvalStep(StepKind):
@@ -29,6 +36,22 @@ class EvalStep(StepKind):
         labels = settings.labels()
         item.notes.append(f"{len(labels)} model(s) ({', '.join(labels)}) at lengths {lengths}: up to {max(lengths)} "
                           f"tokens per document per model{', plus passkey prompts' if settings.passkey else ''}")
+
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+        """`evaluate`'s passes (`forward_lengths`) on each model, every document taken as long enough for the
+        longest length (the data is not read before the run): `max_docs` documents per data source, or one."""
+        from ...evaluation.perplexity import forward_lengths
+        from ...plan import ModelView
+
+        settings = EvalSettings.read(params)
+        options = {key: value for key, value in settings.evaluate_options().items() if key in _PRICED}
+        lengths = settings.measured_lengths()
+        sizes = [max(lengths)] * ((settings.max_docs or 1) * len(settings.data))
+        configs = [base] if settings.compare_base else []
+        for _, patcher in settings.baseline_patchers():  # config-only patches: their plan needs no tensors
+            configs.append(dict(patcher.shape_plan(ModelView(dict(base), {})).config))
+        configs.append(dict(shape.config))
+        return [Pass(tokens, config) for config in configs for tokens in forward_lengths(config, sizes, **options)]
 
     def describe(self, step: Step, params: dict[str, Any]) -> str:
         settings = EvalSettings.read(params)

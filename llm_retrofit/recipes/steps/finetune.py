@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...modeling.cost import Pass
 from ..schema import Recipe, Step, Unknown, read_settings
 from ..values import _lora_values, finetune_settings
 from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, at, has_unknown, size_text
@@ -52,6 +53,18 @@ class FinetuneStep(StepKind):
             item.notes.append(f"writes {size_text(item.bytes_written)}{adapter}")
         else:
             item.notes.append("writes a model the size of the one before it")
+
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+        """A training pass per sequence of every micro-step (and the teacher's forward of it, when distilling)."""
+        from ...modeling.shifted_sparse_attention import group_size
+
+        settings = finetune_settings(params)
+        group = group_size(settings.seq_len) if settings.s2_attn else None
+        sequences = settings.total_steps() * settings.grad_accum * settings.batch_size
+        one = Pass(settings.seq_len, shape.config, training=True, checkpointing=settings.gradient_checkpointing,
+                   attention_group=group)
+        teacher = [Pass(settings.seq_len, shape.config)] if settings.distill is not None else []
+        return [one, *teacher] * sequences
 
     def describe(self, step: Step, params: dict[str, Any]) -> str:
         settings = finetune_settings(params)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import RetrofitError
+from ...modeling.cost import Pass
 from ..schema import Recipe, RecipeError, Step, Unknown
 from ..values import build_patcher, patch_value, require_patch_fields
 from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, at, has_unknown, size_text
@@ -43,6 +44,7 @@ class PatchStep(StepKind):
         patcher = None if item.unknown else build_patcher(item.step, item.params)
         if patcher is not None and planning.view is not None and patcher.loads_model():
             _check_on(patcher, planning.view, planning.recipe, item)
+        _shape_after(patcher, planning)
         if patcher is None or patcher.loads_model() or planning.view is None:
             if patcher is None:
                 why = "whose values are not known before the run"
@@ -59,6 +61,12 @@ class PatchStep(StepKind):
         item.notes.append(f"writes {size_text(item.bytes_written)}"
                           + ("" if item.bytes_written else " (config only; weight files linked)"))
         planning.view, planning.state.model_config = plan.view, dict(plan.config)
+        planning.shape = planning.view
+
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+        """A patch that runs the model (a search) makes its passes on the model before it."""
+        lengths = build_patcher(step, params).forward_lengths(shape.config)
+        return [Pass(tokens, shape.config) for tokens in lengths]
 
     def describe(self, step: Step, params: dict[str, Any]) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict)))
@@ -71,6 +79,16 @@ class PatchStep(StepKind):
         patcher = build_patcher(step, params)
         path = apply_to_checkpoint(load_checkpoint(state.model), [patcher], output=directory)
         return StepOutcome({"output": str(path), "patch": patcher.spec()}, model=str(path))
+
+
+def _shape_after(patcher: Patcher | None, planning: Planning) -> None:
+    """The model's shape after the patch: its `shape_plan`, which stands in for what only running it can tell (the
+    plan made below replaces it where the patch can be planned whole)."""
+    try:
+        shaped = patcher.shape_plan(planning.shape) if patcher is not None and planning.shape is not None else None
+    except RetrofitError:  # the run refuses it with the plan's own message; pricing has nothing to say then
+        shaped = None
+    planning.shape = shaped.view if shaped is not None else None
 
 
 def _check_on(patcher: Patcher, view: ModelView, recipe: Recipe, item: PlannedStep) -> None:
