@@ -145,14 +145,17 @@ class EvalResult:
         """One result holding the models of several runs made with the same settings (a side-by-side comparison)."""
         if not results:
             raise EvaluationError("nothing to merge; pass at least one EvalResult.")
-        settings = results[0].settings
+        settings = dict(results[0].settings)
         for other in results[1:]:
-            differing = sorted(k for k in settings.keys() | other.settings.keys() if settings.get(k) != other.settings.get(k))
+            differing = sorted(k for k in settings.keys() | other.settings.keys() if settings.get(k) != other.settings.get(k)
+                               and not (k == "passkey" and None in (settings.get(k), other.settings.get(k))))
             if differing:
                 raise EvaluationError(
                     f"cannot compare runs made with different settings ({', '.join(differing)}); evaluate the models "
                     "in one call, or with the same lengths, protocol and documents."
                 )
+            # A model measured without the passkey sits beside those measured with it: it has no trials.
+            settings["passkey"] = settings.get("passkey") or other.settings.get("passkey")
         return cls(settings, [model for result in results for model in result.models])
 
     @property

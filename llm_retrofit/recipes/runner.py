@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RetrofitError
 from ..io.progress import quiet_libraries
 from .expressions import Unresolved, resolve
-from .overrides import SLOW_FLOAT_PROFILE, apply_overrides, profile_of, with_machine_profile
+from .overrides import NO_PROFILE, SLOW_FLOAT_PROFILE, apply_overrides, profile_of, with_machine_profile
 from .schema import Recipe, RecipeError, Step, Unknown, load_recipe
 from .steps import STEP_KINDS, StepKind
 from .steps.base import PlannedStep, Planning, RunState, StepOutcome, has_unknown, model_config, size_text
@@ -119,6 +119,8 @@ def render_summary(summary: Mapping[str, Any]) -> str:
     for item in summary["evaluations"]:
         files += [("plot", item["plot"]), ("eval json", item["eval_json"])]
     lines += ["", "files:"] + [f"  {name:<10} {path}" for name, path in files if path]
+    if summary.get("profile") not in (None, NO_PROFILE):
+        lines += ["", f"ran with profile {summary['profile']} (--set profile=none: the recipe as written)"]
     for name, settings in (summary.get("profiles") or {}).items():
         if name != summary.get("profile"):
             shown = " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())

@@ -234,6 +234,9 @@ class EvalSettings(_Settings):
                                                         "a number in [0, 1] or a list of them (0: the key first)",
                                                         "passkey_depths: [0.25, 0.5, 0.75]")
     passkey_trials: int | None = _setting(None, lambda n: n >= 1, "a positive integer")
+    passkey_compared: bool = True
+    """With `passkey`, the before and baseline columns get the passkey too; false: the step's model only (each
+    prompt costs a forward pass at its length)."""
     batch_size: int | None = _setting(None, lambda n: n >= 1, "a positive integer")
     compare_base: bool = False
     baselines: tuple[str, ...] = _setting((), example="baselines: [\"yarn:factor=2\"]")

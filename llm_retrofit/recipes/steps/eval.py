@@ -47,11 +47,13 @@ class EvalStep(StepKind):
         options = {key: value for key, value in settings.evaluate_options().items() if key in _PRICED}
         lengths = settings.measured_lengths()
         sizes = [max(lengths)] * ((settings.max_docs or 1) * len(settings.data))
-        configs = [base] if settings.compare_base else []
+        compared = [base] if settings.compare_base else []
         for _, patcher in settings.baseline_patchers():  # config-only patches: their plan needs no tensors
-            configs.append(dict(patcher.shape_plan(ModelView(dict(base), {})).config))
-        configs.append(dict(shape.config))
-        return [Pass(tokens, config) for config in configs for tokens in forward_lengths(config, sizes, **options)]
+            compared.append(dict(patcher.shape_plan(ModelView(dict(base), {})).config))
+        passes = [Pass(tokens, dict(shape.config)) for tokens in forward_lengths(shape.config, sizes, **options)]
+        options["passkey"] = options.get("passkey", False) and settings.passkey_compared
+        return passes + [Pass(tokens, config) for config in compared
+                         for tokens in forward_lengths(config, sizes, **options)]
 
     def describe(self, step: Step, params: dict[str, Any]) -> str:
         settings = EvalSettings.read(params)
@@ -95,6 +97,7 @@ def _alternatives(settings: EvalSettings, base: str, documents: list[Any], optio
     from ...plan import apply_to_model
 
     results = []
+    options = options | ({"passkey": False} if not settings.passkey_compared else {})
     if settings.compare_base or settings.baselines:
         model, tokenizer = _loadable(base, options["dtype"])
         if settings.compare_base:
