@@ -119,7 +119,7 @@ def render_summary(summary: Mapping[str, Any]) -> str:
     for item in summary["evaluations"]:
         files += [("plot", item["plot"]), ("eval json", item["eval_json"])]
     lines += ["", "files:"] + [f"  {name:<10} {path}" for name, path in files if path]
-    if summary.get("profile") not in (None, NO_PROFILE):
+    if summary.get("profile"):
         lines += ["", f"ran with profile {summary['profile']} (--set profile=none: the recipe as written)"]
     for name, settings in (summary.get("profiles") or {}).items():
         if name != summary.get("profile"):
@@ -188,7 +188,13 @@ def run_recipe(
         link.unlink()
     link.symlink_to(os.path.relpath(state.model, out) if Path(state.model).is_relative_to(out) else state.model)
     return RecipeRun(out, Path(state.model), state.results, ran, skipped, recipe.name, profiles=recipe.profiles,
-                     profile=profile_of(overrides), seconds=time.perf_counter() - run_started)
+                     profile=_applied_profile(overrides), seconds=time.perf_counter() - run_started)
+
+
+def _applied_profile(overrides: Mapping[str, Any] | Sequence[str]) -> str | None:
+    """The profile the run applied: None for none (`--set profile=none`, the recipe as written)."""
+    profile = profile_of(overrides)
+    return None if profile == NO_PROFILE else profile
 
 
 def _with_overrides(recipe: str | os.PathLike[str] | Recipe, overrides: Mapping[str, Any] | Sequence[str],
