@@ -69,9 +69,9 @@ def _refuse_writing_a_loaded_model(model: Any, **writes: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"{type(model).__name__} is not a model: give a checkpoint directory, a Hub repo id, a "
                               "Checkpoint or a loaded PreTrainedModel.")
-    given = [key for key, value in writes.items() if value not in (None, False)]
+    given = [f"{key}=" for key, value in writes.items() if value not in (None, False)]
     if given:
-        raise OutputError(f"{', '.join(given)} writes a checkpoint, but this model is loaded in Python, so patch() "
+        raise OutputError(f"{' and '.join(given)} writes a checkpoint, but this model is loaded in Python, so patch() "
                           "returns the patched model instead of writing it. Patch its checkpoint directory to write "
                           "one (patch('path/to/model', ..., output='out')), or save the returned model with "
                           "save_pretrained.")

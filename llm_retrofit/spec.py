@@ -117,13 +117,14 @@ def _to_json(value: Any) -> Any:
 def parse_fields(cls: type, spec: str, arguments: str, error: type[RetrofitError] = PatchSpecError) -> Any:
     """`cls(**values)` from the `key=value,...` part of a spec (a patcher, or another spec dataclass with `name` and
     `example`, such as `lora` and `distill`), each value read by `read_value` as its field's annotation says."""
+    example: str = cls.example  # type: ignore[attr-defined]
     values: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in arguments.split(","))):
         key, sep, raw = (s.strip() for s in item.partition("="))
         if not sep:
-            raise error(f"{spec!r}: {item!r} is not key=value. Example: {cls.example}")  # type: ignore[attr-defined]
+            raise error(f"{spec!r}: {item!r} is not key=value. Example: {example}")
         if key in values:
-            raise error(f"{spec!r}: {key} is given twice; give each parameter once. Example: {cls.example}")  # type: ignore[attr-defined]
+            raise error(f"{spec!r}: {key} is given twice; give each parameter once. Example: {example}")
         values[key] = raw
     return read_fields(cls, values, spec, error)
 
@@ -140,7 +141,8 @@ def read_fields(cls: type, values: Mapping[str, Any], spec: str | None = None,
     read = {key: read_field(cls, key, value, error) for key, value in values.items()}
     missing = [k for k, f in fields.items() if k not in read and _is_required(f)]
     if missing:
-        raise error(f"{where}{_owner(cls)} needs {', '.join(missing)}. Example: {cls.example}")  # type: ignore[attr-defined]
+        example: str = cls.example  # type: ignore[attr-defined]
+        raise error(f"{where}{_owner(cls)} needs {', '.join(missing)}. Example: {example}")
     return cls(**read)
 
 
@@ -169,7 +171,8 @@ def _is_required(f: dataclasses.Field[Any]) -> bool:
 
 def _keys(cls: type) -> str:
     hints = typing.get_type_hints(cls)
-    return ", ".join(f"{f.name} ({_type_name(hints[f.name])})" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    return ", ".join(f"{f.name} ({_type_name(hints[f.name])})" for f in fields)
 
 
 def _type_name(annotation: Any) -> str:

@@ -130,7 +130,8 @@ def parse_distill(spec: DistillSpec | Mapping[str, Any] | str | None) -> Distill
     if spec is None or isinstance(spec, DistillSpec):
         return spec
     if isinstance(spec, str):
-        return parse_fields(DistillSpec, spec, spec.strip().removeprefix("distill:"), FinetuneError)  # type: ignore[no-any-return]
+        arguments = spec.strip().removeprefix("distill:")
+        return parse_fields(DistillSpec, spec, arguments, FinetuneError)  # type: ignore[no-any-return]
     if not isinstance(spec, Mapping):
         raise _error(f"distill={spec!r} is not valid; expected a mapping such as {DistillSpec.example}.")
     return read_fields(DistillSpec, spec, error=FinetuneError)  # type: ignore[no-any-return]
