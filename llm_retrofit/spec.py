@@ -4,6 +4,10 @@ A patcher is a frozen dataclass whose fields are its parameters, registered unde
 `plan(view)` returns a `TensorPlan`. Specs are parsed against the field annotations, so every patcher gets typed
 parameters, a list of valid keys in errors, and `retrofit patch --help` text for free.
 
+`read_value` is the one reader of typed values: patch specs and the Python API (`read_fields`), a recipe's settings
+(`recipes.schema.typed_value`), `lora`, `distill` and the finetune settings all read their values with it, so a value
+means the same thing, and is refused with the same message, wherever it is written (docs/specs.md).
+
 A patcher also declares what the rest of the codebase needs to know about it, so that no other module has to
 recognise it by name: whether planning it runs the model (`loads_model`), and what a model card says about it
 (`card`, `card_limitation`).
@@ -204,7 +208,7 @@ class WrongValue(Exception):
 
 def read_value(value: Any, annotation: Any, keep: tuple[type, ...] = ()) -> Any:
     """`value` as `annotation` says: the one reader of every typed value (patch specs, `lora`, `distill`, a recipe's
-    settings, finetune settings, the Python API). The grammar (docs/patchers/index.md, "Values"):
+    settings, finetune settings, the Python API). The grammar (docs/specs.md, "Values"):
 
     - text is read: `64`, `1e3` and `2.0` are integers (whole numbers), `1e-4` a number; `true/yes/1` and
       `false/no/0` (any case) are booleans; `none`/`null` is None where None is allowed; a choice is one of its
