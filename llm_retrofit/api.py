@@ -112,7 +112,8 @@ def pool_kv_heads(
 
 
 def extend_context(
-    model: Any, target_length: int, method: str = "longrope", factors: str | os.PathLike[str] | None = None, **options: Any
+    model: Any, target_length: int, method: str = "longrope", factors: str | os.PathLike[str] | None = None,
+    **options: Any,
 ) -> Any:
     """Extend the context of a loaded model or checkpoint to `target_length` tokens with one of the RoPE methods
     (linear, ntk, dynamic, yarn, llama3, longrope); `factors` is the JSON of `retrofit search-rope` for longrope."""

@@ -40,7 +40,8 @@ def test_a_whole_float_is_an_integer_as_in_a_spec(model: torch.nn.Module) -> Non
 
 
 def test_a_patcher_built_by_hand_is_read_again(model: torch.nn.Module) -> None:
-    assert patch(model, PoolKVHeads(num_key_value_heads=1.0, method="mean")).config.num_key_value_heads == 1  # type: ignore[arg-type]
+    by_hand = PoolKVHeads(num_key_value_heads=1.0, method="mean")  # type: ignore[arg-type]
+    assert patch(model, by_hand).config.num_key_value_heads == 1
     with pytest.raises(PatchSpecError, match="5 is not a patch; give a spec such as 'dtype:to=bfloat16'"):
         patch(model, 5)  # type: ignore[call-overload]
 

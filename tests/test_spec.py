@@ -175,7 +175,7 @@ def test_every_place_that_takes_a_bool_reads_it_with_one_grammar(text: str, mean
         "finetune": lambda: FinetuneSettings(steps=1, packing=text).packing,
         "lora spec": lambda: parse_lora(f"lora:merge={text}").merge,
         "lora mapping": lambda: parse_lora({"merge": text}).merge,
-        "distill": lambda: parse_distill({"teacher": "base", "top_k": 4, "cache": text}).cache,  # type: ignore[union-attr]
+        "distill": lambda: parse_distill({"teacher": "base", "top_k": 4, "cache": text}).cache,  # type: ignore
     }
     for where, read in readers.items():
         if meaning is None:
