@@ -187,3 +187,26 @@ def test_every_place_that_takes_a_bool_reads_it_with_one_grammar(text: str, mean
                 read()
         else:
             assert read() is meaning, where
+
+
+def test_every_default_of_every_spec_reads_as_itself() -> None:
+    """Every field the reader will see (patchers, lora, distill, finetune and recipe settings) has a type it knows:
+    an unknown one would raise TypeError at the user, not at this test."""
+    import dataclasses
+    import typing
+
+    from llm_retrofit.recipes.schema import CardSettings, EvalSettings, PushSettings
+    from llm_retrofit.training.distill import DistillSpec
+    from llm_retrofit.training.finetune import FinetuneSettings
+    from llm_retrofit.training.lora import LoraSpec
+
+    for cls in [*registry().values(), FinetuneSettings, LoraSpec, DistillSpec, EvalSettings, CardSettings, PushSettings]:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            elif field.default is not dataclasses.MISSING:
+                default = field.default
+            else:
+                continue
+            assert read_value(default, hints[field.name]) == default, f"{cls.__name__}.{field.name}"
