@@ -4,6 +4,10 @@ A patcher is a frozen dataclass whose fields are its parameters, registered unde
 `plan(view)` returns a `TensorPlan`. Specs are parsed against the field annotations, so every patcher gets typed
 parameters, a list of valid keys in errors, and `retrofit patch --help` text for free.
 
+`read_value` is the one reader of typed values: patch specs and the Python API (`read_fields`), a recipe's settings
+(`recipes.schema.typed_value`), `lora`, `distill` and the finetune settings all read their values with it, so a value
+means the same thing, and is refused with the same message, wherever it is written (docs/specs.md).
+
 A patcher also declares what the rest of the codebase needs to know about it, so that no other module has to
 recognise it by name: whether planning it runs the model (`loads_model`), and what a model card says about it
 (`card`, `card_limitation`).
@@ -13,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from .errors import PatchSpecError
+from .errors import PatchSpecError, RetrofitError
 from .plan import ModelView, TensorPlan
 
 PATCHERS: dict[str, type[Patcher]] = {}
@@ -127,85 +133,239 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def parse_fields(cls: type, spec: str, arguments: str) -> Any:
-    """`cls(**values)` from the `key=value,...` part of a spec, typed by `cls`'s field annotations (a patcher, or
-    another spec dataclass with `name` and `example`, such as `lora`)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+def parse_fields(cls: type, spec: str, arguments: str, error: type[RetrofitError] = PatchSpecError) -> Any:
+    """`cls(**values)` from the `key=value,...` part of a spec (a patcher, or another spec dataclass with `name` and
+    `example`, such as `lora` and `distill`), each value read by `read_value` as its field's annotation says."""
+    example: str = cls.example  # type: ignore[attr-defined]
+    values: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in arguments.split(","))):
         key, sep, raw = (s.strip() for s in item.partition("="))
         if not sep:
-            raise PatchSpecError(f"{spec!r}: {item!r} is not key=value. Example: {cls.example}")
-        if key not in fields:
-            raise PatchSpecError(f"{spec!r}: patch {cls.name!r} has no parameter {key!r}; its parameters are {_keys(cls)}.")
+            raise error(f"{spec!r}: {item!r} is not key=value. Example: {example}")
         if key in values:
-            raise PatchSpecError(f"{spec!r}: {key} is given twice; give each parameter once. Example: {cls.example}")
-        values[key] = parse_value(cls, key, raw, hints[key])
-    missing = [k for k, f in fields.items() if k not in values and _is_required(f)]
+            raise error(f"{spec!r}: {key} is given twice; give each parameter once. Example: {example}")
+        values[key] = raw
+    return read_fields(cls, values, spec, error)
+
+
+def read_fields(cls: type, values: Mapping[str, Any], spec: str | None = None,
+                error: type[RetrofitError] = PatchSpecError) -> Any:
+    """`cls(**values)` from a mapping (spec text split at commas, a recipe's YAML, the Python API's keywords), each
+    value read by `read_value`; a key that is not a field, and a required field left out, are refused by name."""
+    where = f"{spec!r}: " if spec else ""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in values:
+        if key not in fields:
+            raise error(f"{where}{_owner(cls)} has no parameter {key!r}; its parameters are {_keys(cls)}.")
+    read = {key: read_field(cls, key, value, error) for key, value in values.items()}
+    missing = [k for k, f in fields.items() if k not in read and _is_required(f)]
     if missing:
-        raise PatchSpecError(f"{spec!r}: patch {cls.name!r} needs {', '.join(missing)}. Example: {cls.example}")
-    return cls(**values)
+        example: str = cls.example  # type: ignore[attr-defined]
+        raise error(f"{where}{_owner(cls)} needs {', '.join(missing)}. Example: {example}")
+    return cls(**read)
+
+
+def read_field(cls: type, key: str, value: Any, error: type[RetrofitError] = PatchSpecError) -> Any:
+    """One value of `cls`'s field `key` read by `read_value`, or `error` naming the field, the value and what it
+    takes."""
+    try:
+        return read_value(value, typing.get_type_hints(cls)[key])
+    except WrongValue as wrong:
+        raise error(f"{_owner(cls)}: {key}={value!r} is not valid; expected {wrong.expected}.") from None
+
+
+def fields_of(patcher: Any) -> dict[str, Any]:
+    """A spec dataclass's field values, as `read_fields` takes them (to read an object built by hand again)."""
+    return {f.name: getattr(patcher, f.name) for f in dataclasses.fields(patcher)}
+
+
+def _owner(cls: type) -> str:
+    """How messages name a spec's owner: `patch 'dtype'` for a patcher, `lora` or `distill` for the others."""
+    return f"patch {cls.name!r}" if issubclass(cls, Patcher) else cls.name  # type: ignore[attr-defined]
 
 
 def _is_required(f: dataclasses.Field[Any]) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def _keys(cls: type[Patcher]) -> str:
+def _keys(cls: type) -> str:
     hints = typing.get_type_hints(cls)
-    return ", ".join(f"{f.name} ({_type_name(hints[f.name])})" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    return ", ".join(f"{f.name} ({_type_name(hints[f.name])})" for f in fields)
 
 
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
-        return " | ".join(map(str, typing.get_args(annotation)))
+        return " | ".join(_text(c) for c in typing.get_args(annotation))
     if annotation is torch.dtype:
         return "dtype: " + " | ".join(sorted(DTYPES))
-    if typing.get_origin(annotation) in (typing.Union, type(int | None)):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
     return getattr(annotation, "__name__", str(annotation))
 
 
-def parse_value(cls: type[Patcher], key: str, raw: str, annotation: Any) -> Any:
-    """Parse one spec value according to the field's annotation."""
+# ------------------------------------------------------------------------------------------ the one value reader
 
-    def bad(expected: str) -> PatchSpecError:
-        return PatchSpecError(f"patch {cls.name!r}: {key}={raw!r} is not valid; expected {expected}.")
+TRUE_TEXT = ("true", "yes", "1")
+FALSE_TEXT = ("false", "no", "0")
+NONE_TEXT = ("none", "null")
 
-    if typing.get_origin(annotation) in (typing.Union, type(int | None)):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if raw.lower() == "none":
-            return None
-        if len(options) == 1:  # `float | None`: the one type's own message (a finite number, one of ...)
-            return parse_value(cls, key, raw, options[0])
-        for option in options:
-            try:
-                return parse_value(cls, key, raw, option)
-            except PatchSpecError:
-                continue
-        raise bad(_type_name(annotation))
-    if typing.get_origin(annotation) is Literal:
-        choices = {str(c): c for c in typing.get_args(annotation)}
-        if raw not in choices:
-            raise bad("one of " + ", ".join(choices))
-        return choices[raw]
-    if annotation is torch.dtype:
-        if raw.lower() not in DTYPES:
-            raise bad("one of " + ", ".join(DTYPES))
-        return DTYPES[raw.lower()]
-    if annotation is bool:
-        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise bad("true or false")
-        return raw.lower() in ("true", "1", "yes")
-    if annotation in (int, float):
+
+class WrongValue(Exception):
+    """A value `read_value` cannot read as its annotation; `expected` says what it takes. Never reaches a user: the
+    callers (`read_field`, the recipe schema) turn it into their error, naming where the value came from."""
+
+    def __init__(self, expected: str, not_finite: bool = False) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.not_finite = not_finite  # nan or inf: `expected` says why, where a caller would otherwise say "a number"
+
+
+def read_value(value: Any, annotation: Any, keep: tuple[type, ...] = ()) -> Any:
+    """`value` as `annotation` says: the one reader of every typed value (patch specs, `lora`, `distill`, a recipe's
+    settings, finetune settings, the Python API). The grammar (docs/specs.md, "Values"):
+
+    - text is read: `64`, `1e3` and `2.0` are integers (whole numbers), `1e-4` a number; `true/yes/1` and
+      `false/no/0` (any case) are booleans; `none`/`null` is None where None is allowed; a choice is one of its
+      values, exactly as written; a dtype is one of `DTYPES` (any case);
+    - other values must already be of the kind: a real bool for a bool (never the truthiness of 1 or "no"), a number
+      (not a bool) for a number, text (or a path) for text;
+    - a number is finite (nan and inf reach no config) and an integer is whole;
+    - a scalar where a list (`tuple[X, ...]`) goes is a list of one; a mapping (`dict[str, X]`) must be one.
+    Values of a `keep` type (a recipe's not-yet-known value) pass as they are. Raises `WrongValue`.
+    """
+    if annotation is Any or isinstance(value, keep):
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _read_union(value, args, keep)
+    if origin is Literal:
+        return _read_choice(value, args)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(read_value(item, args[0], keep) for item in items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise WrongValue(expected_text(annotation))
+        return {str(k): read_value(v, args[1], keep) for k, v in value.items()}
+    if annotation not in _SCALARS:
+        raise TypeError(f"read_value cannot read a {annotation!r} field; teach it the type")  # our bug, not the user's
+    return _SCALARS[annotation](value)
+
+
+def _read_union(value: Any, args: tuple[Any, ...], keep: tuple[type, ...]) -> Any:
+    options = [a for a in args if a is not type(None)]
+    if len(options) < len(args) and (value is None or (isinstance(value, str) and value.strip().lower() in NONE_TEXT)):
+        return None
+    if len(options) == 1:  # `float | None`: the one type's own message (a finite number, one of ...)
+        return read_value(value, options[0], keep)
+    for option in options:
         try:
-            number = annotation(raw)
+            return read_value(value, option, keep)
+        except WrongValue:
+            continue
+    raise WrongValue(expected_text(typing.Union[tuple(args)]))  # type: ignore[arg-type]
+
+
+def _read_choice(value: Any, choices: tuple[Any, ...]) -> Any:
+    for choice in choices:
+        if value == choice and type(value) is type(choice):
+            return choice
+    if isinstance(value, str):  # text names a bool or number choice as text names a bool or a number
+        for choice in choices:
+            if not isinstance(choice, str):
+                try:
+                    if _SCALARS[type(choice)](value) == choice:
+                        return choice
+                except WrongValue:
+                    continue
+    raise WrongValue(expected_text(Literal[choices]))  # type: ignore[valid-type]
+
+
+def _read_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in TRUE_TEXT or text in FALSE_TEXT:
+        return text in TRUE_TEXT
+    raise WrongValue("true or false")
+
+
+def _read_number(value: Any, kind: type) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise WrongValue(expected_text(kind))
+    number: int | float = value  # type: ignore[assignment]
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
         except ValueError:
-            raise bad(f"a number ({annotation.__name__})") from None
-        if not math.isfinite(number):  # nan and inf parse as floats, and would reach config.json as non-JSON
-            raise bad("a finite number (nan and inf are not numbers a model can use)")
-        return number
-    if annotation is Path:
-        return Path(raw).expanduser()
-    return raw
+            try:
+                number = float(value)
+            except ValueError:
+                raise WrongValue(expected_text(kind)) from None
+    if isinstance(number, float) and not math.isfinite(number):  # would reach config.json as non-standard JSON
+        raise WrongValue(f"a finite {'integer' if kind is int else 'number'} (nan and inf are not numbers a model can "
+                         "use)", not_finite=True)
+    if kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise WrongValue(expected_text(int))
+        return int(number)
+    return float(number)
+
+
+def _read_text(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)  # type: ignore[return-value]
+    if isinstance(value, str):
+        return value
+    raise WrongValue("a string")
+
+
+def _read_path(value: Any) -> Path:
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value).expanduser()
+    raise WrongValue("a path")
+
+
+def _read_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.strip().lower() in DTYPES:
+        return DTYPES[value.strip().lower()]
+    raise WrongValue(expected_text(torch.dtype))
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _read_bool,
+    int: lambda value: _read_number(value, int),
+    float: lambda value: _read_number(value, float),
+    str: _read_text,
+    Path: _read_path,
+    torch.dtype: _read_dtype,
+}
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "true/false values"), Path: ("a path", "paths")}
+
+
+def expected_text(annotation: Any, plural: bool = False) -> str:
+    """What a value of `annotation` must be, in words: `an integer or a list of integers`, `one of mean, fit`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        text = " or ".join(expected_text(a, plural) for a in args if a is not type(None))
+        return text + (" (or none)" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(_text(c) for c in args)
+    if annotation is torch.dtype:
+        return "one of " + ", ".join(DTYPES)
+    if origin is tuple:
+        return f"{expected_text(args[0])} or a list of {expected_text(args[0], plural=True)}"
+    if origin is dict:
+        return f"a mapping of names to {expected_text(args[1], plural=True)}"
+    names = _NAMES.get(annotation, (getattr(annotation, "__name__", str(annotation)),) * 2)
+    return names[plural]
+
+
+def _text(choice: Any) -> str:
+    """A choice as a user writes it: `true`, not `True`."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)

@@ -308,8 +308,8 @@ def test_a_recipe_distils_from_its_input_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("distill, message", [
-    pytest.param({"teacher": "base", "temprature": 2}, "distill has no setting 'temprature'; its settings are teacher, "
-                 "temperature, alpha, top_k, cache", id="unknown-key"),
+    pytest.param({"teacher": "base", "temprature": 2}, r"distill has no parameter 'temprature'; its parameters are "
+                 r"teacher \(str\), temperature \(float\), alpha", id="unknown-key"),
     pytest.param({"teacher": "base", "temperature": 0}, "distill: temperature=0 must be above 0", id="temperature-0"),
     pytest.param({"teacher": "base", "temperature": -1}, "distill: temperature=-1 must be above 0",
                  id="temperature-negative"),
@@ -321,7 +321,8 @@ def test_a_recipe_distils_from_its_input_model(tmp_path: Path) -> None:
     pytest.param({"teacher": "base", "top_k": 0}, "distill: top_k=0 must be at least 1", id="top-k-0"),
     pytest.param({"teacher": "base", "temperature": "hot"}, "distill: temperature='hot' is not valid; expected a number",
                  id="temperature-not-a-number"),
-    pytest.param("teacher=base,alpha", "distill: 'alpha' is not key=value", id="cli-text-without-a-value"),
+    pytest.param("teacher=base,alpha", "'teacher=base,alpha': 'alpha' is not key=value", id="cli-text-without-a-value"),
+    pytest.param({"teacher": "base", "cache": "yes"}, "distill: cache: true stores", id="cache-yes-is-true-as-text"),
     pytest.param(7, "distill=7 is not valid; expected a mapping", id="not-a-mapping"),
 ])
 def test_a_bad_distill_setting_is_one_clear_error(distill: object, message: str) -> None:

@@ -8,7 +8,7 @@ A patcher page (`docs/patchers/NAME.md`) has a `## Parameters` section holding o
     | `factor` | `float or none` | `none` | ... |
 
 The default is written as it would be typed in a spec (`none`, `false`, `32`), and parsed here with the spec
-language's own `parse_value`, so `32` and `32.0` are the same default; a field without one is `required`. A patcher
+language's own reader (`read_field`), so `32` and `32.0` are the same default; a field without one is `required`. A patcher
 with no parameters says so in that section instead of a table. The last tests feed the checkers broken pages and
 links, so each check is shown to fail when it should.
 
@@ -37,7 +37,7 @@ from click.testing import CliRunner
 from llm_retrofit.cli import main
 from llm_retrofit.errors import PatchSpecError
 from llm_retrofit.patchers import registry
-from llm_retrofit.spec import Patcher, parse_value
+from llm_retrofit.spec import Patcher, read_field
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -130,7 +130,7 @@ def default_problems(cls: type[Patcher], name: str, field: dataclasses.Field[Any
     if not has_default:
         return [f"{name}: documented default {raw!r}, but the code requires it"]
     try:
-        value = parse_value(cls, name, raw, hint)
+        value = read_field(cls, name, raw)
     except PatchSpecError as e:
         return [f"{name}: documented default {raw!r} does not parse: {e}"]
     if value != field.default or type(value) is not type(field.default):

@@ -153,7 +153,7 @@ def test_budget_is_steps_or_tokens_never_both() -> None:
         FinetuneSettings(steps=0)
     # YAML reads 1e-4 (no dot) as text: it is still a learning rate; a word is not.
     assert FinetuneSettings(steps=1, lr="1e-4", lr_groups={"router": "1e-3"}).lr_groups == {"router": 1e-3}
-    with pytest.raises(FinetuneError, match="lr='fast' is not a number"):
+    with pytest.raises(FinetuneError, match="finetune: lr='fast' is not valid; expected a number"):
         FinetuneSettings(steps=1, lr="fast")
     # 1000 tokens at 32 x 2 x 2 per step on 2 processes: ceil(1000 / 256) = 4 steps.
     assert FinetuneSettings(tokens=1000, seq_len=32, batch_size=2, grad_accum=2).total_steps(processes=2) == 4

@@ -234,7 +234,8 @@ def test_impossible_settings_are_refused(spec: str, message: str) -> None:
 
 
 def test_the_api_checks_the_method_too(tmp_path: Path) -> None:
-    with pytest.raises(PatchSpecError, match="method='avg' is not a method; use one of mean, first, fit"):
+    """The API reads its values with the spec's reader: the same message as `gqa:...,method=avg`."""
+    with pytest.raises(PatchSpecError, match="patch 'gqa': method='avg' is not valid; expected one of mean, first, fit"):
         pool_kv_heads(tmp_path, 1, method="avg")
 
 

@@ -121,8 +121,10 @@ def test_settings_are_read_as_their_fields_say() -> None:
                                   "lora": {"r": 8, "trainable": ["embed_tokens", "norm"], "merge": False}})
     assert (finetune.lr, finetune.tokens, finetune.data, finetune.bf16) == (1e-4, 1_000_000, ("notes.txt",), False)
     assert (finetune.lora.r, finetune.lora.trainable, finetune.lora.merge) == (8, "embed_tokens+norm", False)
+    # A quoted "no" is the bool a spec's `no` is (docs/specs.md), never the truthiness of a non-empty string.
+    assert finetune_settings({"steps": 1, "gradient_checkpointing": "no"}).gradient_checkpointing is False
     for values, message in [({"steps": 2.5}, "steps=2.5 is not valid; expected an integer"),
-                            ({"steps": 1, "gradient_checkpointing": "yes"}, "expected true or false"),
+                            ({"steps": 1, "gradient_checkpointing": "maybe"}, "expected true or false"),
                             ({"steps": 1, "lora": {"alpha": "big"}}, "lora.alpha='big' is not valid; expected a "
                                                                       "number"),
                             ({"steps": 1, "lora": [8]}, "lora=[8] is not valid; expected a mapping of lora settings"),

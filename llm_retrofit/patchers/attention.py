@@ -40,6 +40,7 @@ _HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.-]+)?$")  # kernels-
 SHIPPED_MODULE = "modeling_retrofit_attention"
 _PATTERN_KEY = "retrofit_attention"
 _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")
+DEFAULT_BLOCK_SIZE = 128
 
 Pattern = Literal["dense", "sliding", "sinks", "block_sparse"]
 _PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -96,14 +97,22 @@ class SetAttention(Patcher):
         if self.full_every is not None and self.full_every < 2:
             raise PatchSpecError("attention: full_every=N makes every N-th layer full attention; N must be >= 2 "
                                  "(full_every=1 would be no sliding window at all: use pattern=dense).")
-        for key in ("sinks", "global_blocks", "random_blocks"):
+        for key in ("sinks", "global_blocks", "random_blocks", "seed"):  # the shipped file refuses a negative one
             if (getattr(self, key) or 0) < 0:
-                raise PatchSpecError(f"attention: {key}={getattr(self, key)} must be >= 0.")
+                raise PatchSpecError(f"attention: {key}={getattr(self, key)} must be >= 0, e.g. {key}=0.")
         if self.pattern == "block_sparse":
-            block = self.block_size or 128
-            if block < 1 or self.window % block:  # type: ignore[operator]
+            block = self.block
+            if block < 1:
+                raise PatchSpecError(f"attention: block_size={block} must be a positive number of tokens per block, "
+                                     f"e.g. block_size={DEFAULT_BLOCK_SIZE} (the default).")
+            if self.window % block:  # type: ignore[operator]
                 raise PatchSpecError(f"attention: block_sparse works in blocks of block_size={block} tokens; the "
                                      f"window ({self.window}) must be a multiple of it, e.g. window={block * 8}.")
+
+    @property
+    def block(self) -> int:
+        """block_sparse's block size: the one given (0 is refused, not taken for the default), else the default."""
+        return DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size
 
     # ------------------------------------------------------------------------------------------------- the plan
 
@@ -128,7 +137,7 @@ class SetAttention(Patcher):
         """The `retrofit_attention` entry the shipped modeling file reads."""
         if self.pattern == "sinks":
             return {"pattern": "sinks", "sinks": 4 if self.sinks is None else self.sinks, "window": self.window}
-        block = self.block_size or 128
+        block = self.block
         return {
             "pattern": "block_sparse", "block_size": block, "window_blocks": self.window // block,  # type: ignore[operator]
             "global_blocks": 1 if self.global_blocks is None else self.global_blocks,

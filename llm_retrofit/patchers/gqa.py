@@ -80,6 +80,8 @@ from ..spec import PatchCard, Patcher, register
 
 DEFAULT_CALIBRATION = "bundled:python-docs"
 DEFAULT_CALIBRATION_TOKENS = 8192
+MIN_CALIBRATION_TOKENS = 16
+"""The fewest calibration tokens a merge is fitted from, asked for (`calibration_tokens`) or found in the text."""
 CALIBRATION_SEQUENCE = 2048
 """Tokens per calibration forward pass (at most the model's context): long enough that the activations are those
 of real contexts, short enough that one pass stays small on a CPU."""
@@ -142,10 +144,10 @@ class PoolKVHeads(Patcher):
                 f"gqa: calibration and calibration_tokens are read only by method=fit, not method={self.method}; "
                 "drop them or use method=fit."
             )
-        if self.calibration_tokens is not None and self.calibration_tokens < 16:
+        if self.calibration_tokens is not None and self.calibration_tokens < MIN_CALIBRATION_TOKENS:
             raise PatchSpecError(
-                f"gqa: calibration_tokens={self.calibration_tokens} is too few to fit a merge; give at least 16 "
-                f"(the default is {DEFAULT_CALIBRATION_TOKENS})."
+                f"gqa: calibration_tokens={self.calibration_tokens} is too few to fit a merge; give at least "
+                f"{MIN_CALIBRATION_TOKENS} (the default is {DEFAULT_CALIBRATION_TOKENS})."
             )
 
     def loads_model(self) -> bool:
@@ -230,7 +232,10 @@ class PoolKVHeads(Patcher):
 
         if model.origin is None:
             raise PatchError("gqa: method=fit runs the model to compute its result; make it the first patch of the chain.")
-        documents = load_documents([self.calibration or DEFAULT_CALIBRATION])
+        source = self.calibration or DEFAULT_CALIBRATION
+        documents = load_documents([source])
+        if not any(document.text.strip() for document in documents):  # known now, so a dry run refuses it too
+            raise PatchError(_too_little_calibration(source, "no text"))
         tokens = self.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
         length = min(CALIBRATION_SEQUENCE, int(model.config.get("max_position_embeddings") or CALIBRATION_SEQUENCE))
 
@@ -240,11 +245,19 @@ class PoolKVHeads(Patcher):
             network, tokenizer = calibration_model(model, "gqa: method=fit")
             ids, _ = tokenize(tokenizer, documents)
             sequences = calibration_sequences(ids, tokens, length)
+            found = sum(len(sequence) for sequence in sequences)
+            if found < MIN_CALIBRATION_TOKENS:  # before the first tensor is written: the output is never committed
+                raise PatchError(_too_little_calibration(source, f"{found} tokens"))
             moments = attention_moments(network, sequences, shape.groups)
             del network  # the model loaded from disk is freed here; only the moments (a few MB) are kept
             return moments
 
         return _Fit(measure, shape)
+
+
+def _too_little_calibration(source: str, found: str) -> str:
+    return (f"gqa: calibration={source} holds {found}, too few to fit a merge (at least {MIN_CALIBRATION_TOKENS}; "
+            f"the default reads {DEFAULT_CALIBRATION_TOKENS}); give a longer text, or method=mean to pool without one.")
 
 
 def kv_cache_bytes(model: ModelView, shape: Shape) -> dict[str, Any]:

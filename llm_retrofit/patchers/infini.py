@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 SHIPPED_MODULE = "modeling_retrofit_infini"
 SETTINGS_KEY = "retrofit_infini"
 GATE = "self_attn.memory_gate"
+GATE_INIT_LIMIT = 30.0
+"""The largest |gate_init|: sigmoid(-30) = 9.4e-14, so beyond it the gate is shut (or open) and its gradient, the
+sigmoid's slope, vanishes; a value past every dtype's range (1e300) could not even be stored."""
 
 
 @register
@@ -62,6 +65,10 @@ class AddInfiniMemory(Patcher):
         if self.segment_length < 2:
             raise PatchSpecError(f"infini: segment_length={self.segment_length} must be at least 2 tokens, e.g. "
                                  f"{self.example}.")
+        if not -GATE_INIT_LIMIT <= self.gate_init <= GATE_INIT_LIMIT:  # nan is refused by the value reader
+            raise PatchSpecError(f"infini: gate_init={self.gate_init:g} is outside [-{GATE_INIT_LIMIT:g}, "
+                                 f"{GATE_INIT_LIMIT:g}]: the gate sigmoid(gate_init) is 0 or 1 there, to within "
+                                 "1e-13, and never trains; use a value such as gate_init=-8 (the default, 3.4e-4).")
 
     def plan(self, model: ModelView) -> TensorPlan:
         config = model.config

@@ -22,9 +22,7 @@ a finetune's by `FinetuneSettings` (and `LoraSpec`, `DistillSpec`), the others b
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import yaml
 
 from ..errors import RetrofitError
 from ..modeling.precision import AUTOCAST_CHOICES
+from ..spec import WrongValue, expected_text, read_value
 
 MAX_VALUES = 10_000
 """The most values a recipe may hold once its YAML aliases are expanded (the built-in ones hold under 100)."""
@@ -56,110 +55,31 @@ class Unknown:
 # ------------------------------------------------------------------------------------------------ typed values
 
 
-class _Mismatch(Exception):
-    pass
-
-
 def typed_value(key: str, value: Any, annotation: Any, meta: typing.Mapping[str, Any] | None = None) -> Any:
-    """A YAML value read as a settings field's annotation says (int, float, bool, str, Literal, Optional,
-    `tuple[X, ...]`, `dict[str, X]`), or a RecipeError naming the key, the value and what is expected.
+    """A YAML value read as a settings field's annotation says, by the spec language's one reader
+    (`spec.read_value`: int, float, bool, str, Literal, Optional, `tuple[X, ...]`, `dict[str, X]`), or a RecipeError
+    naming the key, the value and what is expected.
 
     A scalar where a list goes is a list of one: `lengths: 512` is `[512]`, as `data: file.txt` already was, since
-    that is what it can only mean. Numbers written as text (`1e-4` is text to YAML) are read as numbers; a number is
-    not text (`data: 7` is refused, quote it if a file is called 7). An `Unknown` value or item passes as it is, to
-    be checked when it is known. `meta` (a field's metadata) may add a `check` of each item, the `expect`ed text
-    that replaces the annotation's, and an `example`."""
+    that is what it can only mean. Text is read as a spec's text is (`1e-4` is text to YAML, and a number here); a
+    number is not text (`data: 7` is refused, quote it if a file is called 7). An `Unknown` value or item passes as
+    it is, to be checked when it is known. `meta` (a field's metadata) may add a `check` of each item, the
+    `expect`ed text that replaces the annotation's, and an `example`."""
     meta = meta or {}
     try:
-        converted = _convert(value, annotation)
+        converted = read_value(value, annotation, keep=(Unknown,))
         check = meta.get("check")
         if check is not None:
             for item in converted if isinstance(converted, tuple) else (converted,):
                 if item is not None and not isinstance(item, Unknown) and not check(item):
-                    raise _Mismatch
-    except _Mismatch:
-        expect = meta.get("expect") or _expected(annotation)
+                    raise WrongValue(expected_text(annotation))  # the meta's `expect` says what the check wants
+    except WrongValue as wrong:
+        expect = meta.get("expect") or (wrong.expected if wrong.not_finite else expected_text(annotation))
         example = f", e.g. {meta['example']}" if meta.get("example") else ""
         quote = "; quote it if it is text" if isinstance(value, (int, float)) and "string" in str(expect) else ""
         raise RecipeError(f"{key}={value!r} is not valid; expected {expect() if callable(expect) else expect}"
                           f"{example}{quote}.") from None
     return converted
-
-
-def _convert(value: Any, annotation: Any) -> Any:
-    if isinstance(value, Unknown) or annotation is Any:
-        return value
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, option)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is Literal:
-        for choice in args:
-            if value == choice and type(value) is type(choice):
-                return choice
-        raise _Mismatch
-    if origin is tuple:
-        return tuple(_convert(item, args[0]) for item in (value if isinstance(value, (list, tuple)) else [value]))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return {str(k): _convert(v, args[1]) for k, v in value.items()}
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if annotation in (int, float):
-        return _number(value, annotation)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    return value  # a type this reader does not know: the dataclass's own checks see it
-
-
-def _number(value: Any, kind: type) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Mismatch
-    if isinstance(value, str):
-        try:
-            value = int(value.strip()) if kind is int else float(value)
-        except ValueError:
-            try:
-                value = float(value)
-            except ValueError:
-                raise _Mismatch from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _Mismatch
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise _Mismatch
-        return int(value)
-    return float(value)
-
-
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-          bool: ("true or false", "true/false values")}
-
-
-def _expected(annotation: Any, plural: bool = False) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        text = " or ".join(_expected(a, plural) for a in args if a is not type(None))
-        return text + (" (or null)" if type(None) in args else "")
-    if origin is Literal:
-        return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in args)
-    if origin is tuple:
-        return f"{_expected(args[0])} or a list of {_expected(args[0], plural=True)}"
-    if origin is dict:
-        return f"a mapping of names to {_expected(args[1], plural=True)}"
-    names = _NAMES.get(annotation, (getattr(annotation, "__name__", str(annotation)),) * 2)
-    return names[plural]
 
 
 def _setting(default: Any = None, check: Callable[[Any], bool] | None = None, expect: Any = None,

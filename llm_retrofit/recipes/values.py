@@ -7,7 +7,6 @@ The step kinds (`steps/`) build their specs with these when they check and when 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,15 +29,15 @@ def build_patcher(step: Step, params: dict[str, Any]) -> Patcher:
 
 
 def patch_value(cls: Any, key: str, value: Any) -> Any:
-    """One YAML value of a patch step read as the same value in a `--patch` spec would be (`parse_value`)."""
+    """One YAML value of a patch step read by the spec language's one reader (`spec.read_field`), as the same value
+    in a `--patch` spec is."""
     from ..errors import PatchSpecError
-    from ..spec import parse_value
+    from ..spec import read_field
 
     if isinstance(value, (list, dict)):  # a spec value is one value; text `+`-joins several where a patch takes them
         raise PatchSpecError(f"patch {cls.name!r}: {key}={value!r} is not valid; expected one value, not a "
                              f"{'list' if isinstance(value, list) else 'mapping'}. Example: {cls.example}.")
-    text = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    return parse_value(cls, key, text, typing.get_type_hints(cls)[key])
+    return read_field(cls, key, value)
 
 
 def require_patch_fields(cls: Any, values: Mapping[str, Any]) -> None:
@@ -73,5 +72,6 @@ def _lora_values(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RecipeError(f"lora={value!r} is not valid; expected a mapping of lora settings, e.g. lora: {{r: 16, "
                           "alpha: 32}.")
-    # target_modules: [q_proj, v_proj] is the spec's q_proj+v_proj (so is trainable)
-    return {k: "+".join(map(str, v)) if isinstance(v, list) else v for k, v in value.items()}
+    from ..training.lora import joined_lists
+
+    return joined_lists(value)

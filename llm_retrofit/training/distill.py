@@ -52,7 +52,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -118,59 +118,21 @@ class DistillSpec:
         return [f.name for f in dataclasses.fields(cls)]
 
 
-_KINDS: dict[str, type] = {"teacher": str, "temperature": float, "alpha": float, "top_k": int, "cache": bool}
-
-
-def parse_distill(spec: DistillSpec | dict[str, Any] | str | None) -> DistillSpec | None:
+def parse_distill(spec: DistillSpec | Mapping[str, Any] | str | None) -> DistillSpec | None:
     """A mapping (recipe YAML), `teacher=base,alpha=0.5` / `distill:teacher=...` (CLI) or a DistillSpec -> a
-    DistillSpec, each value read as its field's type; an unknown key, a bad value, a missing teacher: one error."""
+    DistillSpec, each value read by the spec language's one reader (`spec.read_fields`) as its field's annotation
+    says; an unknown key, a bad value, a missing teacher: one FinetuneError."""
+    from ..spec import parse_fields, read_fields
+    from .finetune import FinetuneError  # the finetune's own error class; finetune.py imports this module lazily
+
     if spec is None or isinstance(spec, DistillSpec):
         return spec
     if isinstance(spec, str):
-        text = spec.strip().removeprefix("distill:")
-        values: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, raw = (s.strip() for s in item.partition("="))
-            if not sep:
-                raise _error(f"distill: {item!r} is not key=value; e.g. --distill teacher=base,temperature=2,alpha=0.5.")
-            values[key] = raw
-        spec = values
-    if not isinstance(spec, dict):
+        arguments = spec.strip().removeprefix("distill:")
+        return parse_fields(DistillSpec, spec, arguments, FinetuneError)  # type: ignore[no-any-return]
+    if not isinstance(spec, Mapping):
         raise _error(f"distill={spec!r} is not valid; expected a mapping such as {DistillSpec.example}.")
-    unknown = [key for key in spec if key not in _KINDS]
-    if unknown:
-        raise _error(f"distill has no setting {unknown[0]!r}; its settings are {', '.join(_KINDS)}.")
-    return DistillSpec(**{key: _typed(key, value) for key, value in spec.items()})
-
-
-def _typed(key: str, value: Any) -> Any:
-    kind = _KINDS[key]
-    if key == "top_k" and (value is None or str(value).lower() in ("none", "null")):
-        return None
-    bad = _error(f"distill: {key}={value!r} is not valid; expected "
-                 + {str: "a path, a Hub repo id or base", float: "a number", int: "an integer",
-                    bool: "true, false or a directory" if key == "cache" else "true or false"}[kind] + ".")
-    if kind is str:
-        if not isinstance(value, (str, os.PathLike)):
-            raise bad
-        return os.fspath(value)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if key == "cache" and isinstance(value, (str, os.PathLike)) and os.fspath(value).strip():
-            return os.fspath(value)  # a directory to keep the cache in
-        raise bad
-    if isinstance(value, bool):
-        raise bad
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    if not math.isfinite(number) or (kind is int and not number.is_integer()):
-        raise bad
-    return int(number) if kind is int else number
+    return read_fields(DistillSpec, spec, error=FinetuneError)  # type: ignore[no-any-return]
 
 
 def check_teacher(teacher: Any) -> None:

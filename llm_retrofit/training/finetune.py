@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -58,6 +58,9 @@ ALIASES = {
 @dataclass(frozen=True)
 class FinetuneSettings:
     """Everything a finetune needs besides the model; the keys of a recipe's `finetune` step."""
+
+    name: ClassVar[str] = "finetune"  # how the value reader's messages name these settings
+    example: ClassVar[str] = "finetune: {steps: 200, lr: 1e-4}"
 
     data: tuple[str, ...] = ("bundled:python-docs",)
     max_docs: int | None = None
@@ -96,7 +99,7 @@ class FinetuneSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self._coerce_numbers()
+        self._read_values()
         if (self.steps is None) == (self.tokens is None):
             raise FinetuneError("finetune: give exactly one budget, steps=N or tokens=N (e.g. steps: 200).")
         for key in ("seq_len", "batch_size", "grad_accum", "steps", "tokens"):
@@ -131,26 +134,15 @@ class FinetuneSettings:
 
             object.__setattr__(self, "distill", parse_distill(self.distill))
 
-    def _coerce_numbers(self) -> None:
-        """YAML reads `1e-4` (no dot) as a string and `--set` values may be text: numbers are converted, or named."""
-        def number(key: str, value: Any, kind: type) -> Any:
-            error = FinetuneError(f"finetune: {key}={value!r} is not a number ({kind.__name__}).")
-            if isinstance(value, bool):
-                raise error
-            try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise error from None
+    def _read_values(self) -> None:
+        """Every value read as its field's annotation says, by the spec language's one reader (`spec.read_field`):
+        YAML reads `1e-4` (no dot) as text, `--set` values and the Python API may give text, and each is read as a
+        spec's value is, or named with what it must be."""
+        from ..spec import read_field
 
-        for key in ("seq_len", "batch_size", "grad_accum", "warmup_steps", "eval_every", "eval_sequences", "seed"):
-            object.__setattr__(self, key, number(key, getattr(self, key), int))
-        for key in ("steps", "tokens", "max_docs"):
-            if getattr(self, key) is not None:
-                object.__setattr__(self, key, number(key, getattr(self, key), int))
-        for key in ("lr", "weight_decay", "max_grad_norm"):
-            object.__setattr__(self, key, number(key, getattr(self, key), float))
-        groups = {str(k): number(f"lr_groups.{k}", v, float) for k, v in (self.lr_groups or {}).items()}
-        object.__setattr__(self, "lr_groups", groups)
+        for setting in dataclasses.fields(self):
+            value = read_field(FinetuneSettings, setting.name, getattr(self, setting.name), FinetuneError)
+            object.__setattr__(self, setting.name, value)
 
     def tokens_per_step(self, processes: int = 1) -> int:
         return self.seq_len * self.batch_size * self.grad_accum * processes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 DEFAULT_TARGETS = "q_proj+k_proj+v_proj+o_proj"
+PLUS_LISTS = ("target_modules", "trainable")
+"""The settings that are `+`-joined lists of module names; a recipe may write them as YAML lists."""
 EXTRA_TRAINABLES = {
     "embed_tokens": ["embed_tokens"],
     "norm": ["input_layernorm", "post_attention_layernorm", "norm"],
@@ -109,30 +112,26 @@ class LoraSpec:
         return "lora:" + ",".join(f"{k}={v}" for k, v in self.params().items())
 
 
-def parse_lora(spec: str | dict[str, Any] | LoraSpec) -> LoraSpec:
-    """`"lora:r=8,merge=false"`, `{"r": 8, "merge": False}` or a LoraSpec -> a LoraSpec, rejecting unknown keys."""
+def parse_lora(spec: str | Mapping[str, Any] | LoraSpec) -> LoraSpec:
+    """`"lora:r=8,merge=false"`, `{"r": 8, "merge": False}` or a LoraSpec -> a LoraSpec, each value read by the spec
+    language's one reader (`spec.read_fields`), unknown keys refused."""
+    from ..spec import parse_fields, read_fields
+
     if isinstance(spec, LoraSpec):
         return spec
-    from ..spec import parse_fields
-
-    if isinstance(spec, dict):
-        return LoraSpec(**_typed(spec))
+    if isinstance(spec, Mapping):
+        return read_fields(LoraSpec, joined_lists(spec))  # type: ignore[no-any-return]
     name, _, arguments = spec.strip().partition(":")
     if name.strip() != "lora":
         raise PatchSpecError(f"{spec!r} is not a lora spec. Example: {LoraSpec.example}")
-    return parse_fields(LoraSpec, spec, arguments)  # type: ignore[return-value]
+    return parse_fields(LoraSpec, spec, arguments)  # type: ignore[no-any-return]
 
 
-def _typed(values: dict[str, Any]) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(LoraSpec)}
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        raise PatchSpecError(f"lora has no parameter {', '.join(map(repr, unknown))}; its parameters are {', '.join(fields)}.")
-    out = dict(values)
-    for key in ("target_modules", "trainable"):
-        if isinstance(out.get(key), list):
-            out[key] = "+".join(map(str, out[key]))
-    return out
+def joined_lists(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping of lora settings with its lists written as the spec writes them: `target_modules: [q_proj, v_proj]`
+    is `q_proj+v_proj` (so is `trainable`)."""
+    return {key: "+".join(map(str, value)) if key in PLUS_LISTS and isinstance(value, (list, tuple)) else value
+            for key, value in values.items()}
 
 
 def load_merged_adapter(path: str | os.PathLike[str], dtype: Any = None) -> PreTrainedModel:

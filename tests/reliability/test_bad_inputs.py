@@ -200,6 +200,15 @@ def results_lost_to_a_full_disk(place: Place) -> None:
     place.monkeypatch.setattr(EvalResult, "to_json", to_json)
 
 
+def calibration(text: str) -> Damage:
+    """A calibration text at {tmp}/calibration.txt (the tiny model's tokenizer has a token per character, no BOS)."""
+
+    def damage(place: Place) -> None:
+        (place.tmp / "calibration.txt").write_text(text)
+
+    return damage
+
+
 def both(*damages: Damage) -> Damage:
     def damage(place: Place) -> None:
         for each in damages:
@@ -227,6 +236,7 @@ EVAL = "eval {m} -d {docs} -l 64"
 PATCH = "patch {m} -p linear:factor=2 -o {out}"
 INCOMPLETE = "is incomplete: config.json says num_hidden_layers=5 but the weights hold 3 layer(s)"
 CORRUPT = "is not a readable safetensors file: "
+BLOCK_SPARSE = "attention:pattern=block_sparse,window=64"
 
 CASES = [
     # 4.3: eval (and every command that runs a local checkpoint) runs our checkpoint checks; patch refuses an
@@ -341,6 +351,30 @@ CASES = [
                  "integer", id="config-num-hidden-layers-1e8-a-float"),
     pytest.param(None, "patch {m} -p linear:factor=2,factor=3 -o {out}", "'linear:factor=2,factor=3': factor is given "
                  "twice; give each parameter once", id="spec-key-repeated"),
+    # issue 25, section 2: what a new user tried with the new patchers
+    pytest.param(None, f"patch {{m}} -p {BLOCK_SPARSE},block_size=0 -o {{out}}", "attention: block_size=0 must be a "
+                 "positive number of tokens per block, e.g. block_size=128 (the default)", id="block-size-0"),
+    pytest.param(None, f"patch {{m}} -p {BLOCK_SPARSE},block_size=-1 -o {{out}}", "attention: block_size=-1 must be a "
+                 "positive number of tokens per block, e.g. block_size=128", id="block-size-negative"),
+    pytest.param(None, f"patch {{m}} -p {BLOCK_SPARSE},block_size=16,seed=-5 -o {{out}}", "attention: seed=-5 must be "
+                 ">= 0, e.g. seed=0", id="block-sparse-seed-negative"),
+    pytest.param(calibration(""), "patch {m} -p gqa:num_key_value_heads=1,calibration={tmp}/calibration.txt -o {out}",
+                 "gqa: calibration={tmp}/calibration.txt holds no text, too few to fit a merge (at least 16; the "
+                 "default reads 8192); give a longer text, or method=mean", id="gqa-calibration-empty"),
+    pytest.param(calibration("twelve chars"), "patch {m} -p gqa:num_key_value_heads=1,calibration={tmp}/calibration."
+                 "txt -o {out}", "gqa: calibration={tmp}/calibration.txt holds 12 tokens, too few to fit a merge (at "
+                 "least 16", id="gqa-calibration-12-tokens"),
+    pytest.param(None, "patch {m} -p gqa:num_key_value_heads=1,calibration_tokens=12 -o {out}", "gqa: "
+                 "calibration_tokens=12 is too few to fit a merge; give at least 16", id="gqa-calibration-tokens-12"),
+    pytest.param(None, "patch {m} -p infini:segment_length=64,gate_init=nan -o {out}", "patch 'infini': "
+                 "gate_init='nan' is not valid; expected a finite number", id="infini-gate-init-nan"),
+    pytest.param(None, "patch {m} -p infini:segment_length=64,gate_init=1e300 -o {out}", "infini: gate_init=1e+300 is "
+                 "outside [-30, 30]", id="infini-gate-init-1e300"),
+    pytest.param(None, "patch {m} -p infini:segment_length=64,memory=maybe -o {out}", "patch 'infini': memory='maybe' "
+                 "is not valid; expected true or false", id="infini-memory-not-a-bool"),
+    pytest.param(None, "patch {m} -p attention:pattern=Sinks,window=64 -o {out}", "patch 'attention': pattern='Sinks' "
+                 "is not valid; expected one of dense, sliding, sinks, block_sparse",
+                 id="attention-pattern-capitalised"),
 ]
 
 
@@ -398,3 +432,48 @@ def test_a_disk_that_really_fills_gives_one_line_and_leaves_nothing_on_it(comman
     output = refuse(args, expect=f"cannot write {out}: No space left on device", untouched=[place.model], absent=[out])
     assert output.rstrip("\n").split("\n")[-1].startswith("Error: "), output
     assert list(small_disk.iterdir()) == [], "the staging directory is removed from the full disk"
+
+
+# -- the Python API: the same values refused as the command line refuses them, with our errors ------------------
+
+API_CASES = [  # (function of llm_retrofit.api, its arguments after the model, the message)
+    pytest.param("add_infini_memory", {"segment_length": 64, "gate_init": float("nan")}, "patch 'infini': "
+                 "gate_init=nan is not valid; expected a finite number", id="api-infini-gate-init-nan"),
+    pytest.param("add_infini_memory", {"segment_length": 64, "gate_init": 1e300}, "infini: gate_init=1e+300 is outside "
+                 "[-30, 30]", id="api-infini-gate-init-1e300"),
+    pytest.param("add_infini_memory", {"segment_length": 64, "update": "bogus"}, "patch 'infini': update='bogus' is "
+                 "not valid; expected one of linear, delta", id="api-infini-update-bogus"),
+    pytest.param("add_infini_memory", {"segment_length": 64, "memory": "maybe"}, "patch 'infini': memory='maybe' is "
+                 "not valid; expected true or false", id="api-infini-memory-maybe"),
+    pytest.param("pool_kv_heads", {"num_key_value_heads": 1.5}, "patch 'gqa': num_key_value_heads=1.5 is not valid; "
+                 "expected an integer", id="api-gqa-heads-1.5"),
+    pytest.param("set_attention", {"pattern": "Sinks", "window": 64}, "patch 'attention': pattern='Sinks' is not "
+                 "valid; expected one of dense, sliding, sinks, block_sparse", id="api-attention-pattern-capitalised"),
+    pytest.param("set_attention", {"pattern": "sliding", "window": True}, "patch 'attention': window=True is not "
+                 "valid; expected an integer", id="api-attention-window-a-bool"),
+    pytest.param("set_attention", {"pattern": "sliding", "windw": 64}, "patch 'attention' has no parameter 'windw'; "
+                 "its parameters are impl", id="api-attention-unknown-keyword"),
+    pytest.param("set_attention", {"pattern": "block_sparse", "window": 64, "seed": -5}, "attention: seed=-5 must be "
+                 ">= 0", id="api-block-sparse-seed-negative"),
+]
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["checkpoint", "loaded-model"])
+@pytest.mark.parametrize(("function", "arguments", "expect"), API_CASES)
+def test_the_python_api_refuses_what_the_cli_refuses(function: str, arguments: dict, expect: str, loaded: bool,
+                                                      place: Place) -> None:
+    import llm_retrofit.api as api
+    from harness import tree_state
+    from llm_retrofit import RetrofitError
+    from transformers import AutoModelForCausalLM
+
+    before = tree_state(place.model)
+    model = AutoModelForCausalLM.from_pretrained(place.model) if loaded else place.model
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()} if loaded else {}
+    write = {} if loaded else {"output": place.out}
+    with pytest.raises(RetrofitError) as caught:
+        getattr(api, function)(model, **arguments, **write)
+    assert expect in str(caught.value) and len(str(caught.value).splitlines()) == 1, str(caught.value)
+    assert tree_state(place.model) == before and not place.out.exists()
+    for name, tensor in weights.items():
+        assert torch.equal(model.state_dict()[name], tensor), f"{name} changed"

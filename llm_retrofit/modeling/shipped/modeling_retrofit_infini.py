@@ -58,11 +58,11 @@ UPDATE_RULES = ("linear", "delta")
 
 # --- the config ------------------------------------------------------------------------------------------------
 
-def parse_spec(spec: Mapping[str, Any] | None) -> tuple[int, str]:
+def read_segmenting(settings: Mapping[str, Any] | None) -> tuple[int, str]:
     """(segment_length, update rule) of config.json's `retrofit_infini` mapping; a clear error names a bad key."""
-    if not isinstance(spec, Mapping):
+    if not isinstance(settings, Mapping):
         raise ValueError(f"the config has no `{CONFIG_KEY}` mapping, so there is no Infini-attention to run")
-    length, rule = spec.get("segment_length"), spec.get("update", "linear")
+    length, rule = settings.get("segment_length"), settings.get("update", "linear")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"{CONFIG_KEY}.segment_length must be an integer >= 1, got {length!r}")
     if rule not in UPDATE_RULES:
@@ -70,15 +70,16 @@ def parse_spec(spec: Mapping[str, Any] | None) -> tuple[int, str]:
     return length, rule
 
 
-def spec_of(config: Any) -> tuple[int, str]:
-    return parse_spec(getattr(config, CONFIG_KEY, None))
+def segmenting_of(config: Any) -> tuple[int, str]:
+    """(segment_length, update rule) of a loaded config (`read_segmenting`)."""
+    return read_segmenting(getattr(config, CONFIG_KEY, None))
 
 
 def memory_on(config: Any) -> bool:
     """False when `retrofit_infini.memory` is false: the ablation that keeps the segments and drops the memory, so
     every segment attends only within itself (what the memory is measured against)."""
-    spec = getattr(config, CONFIG_KEY, None) or {}
-    value = spec.get("memory", True)
+    settings = getattr(config, CONFIG_KEY, None) or {}
+    value = settings.get("memory", True)
     if not isinstance(value, bool):
         raise ValueError(f"{CONFIG_KEY}.memory must be true or false, got {value!r}")
     return value
@@ -86,8 +87,8 @@ def memory_on(config: Any) -> bool:
 
 def gate_init_of(config: Any) -> float:
     """The value new (or missing) gates start at: `retrofit_infini.gate_init`, else DEFAULT_GATE_INIT."""
-    spec = getattr(config, CONFIG_KEY, None) or {}
-    return float(spec.get("gate_init", DEFAULT_GATE_INIT))
+    settings = getattr(config, CONFIG_KEY, None) or {}
+    return float(settings.get("gate_init", DEFAULT_GATE_INIT))
 
 
 # --- the memory math (pure functions) ------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ class InfiniCache(Cache):
     """The cache of an Infini-attention model, one `InfiniCacheLayer` per decoder layer."""
 
     def __init__(self, config: Any) -> None:
-        segment_length, _ = spec_of(config)
+        segment_length, _ = segmenting_of(config)
         super().__init__(layers=[InfiniCacheLayer(segment_length) for _ in range(config.num_hidden_layers)])
 
     def nbytes(self) -> int:
@@ -295,7 +296,7 @@ class _InfiniAttention:
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: Any = None, cache: Cache | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        _, rule = spec_of(self.config)
+        _, rule = segmenting_of(self.config)
         rule = rule if memory_on(self.config) else None
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -305,7 +306,7 @@ class _InfiniAttention:
         rotated_query, rotated_key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None and not isinstance(cache, InfiniCache):
             raise ValueError(f"Infini-attention needs its own InfiniCache, got a {type(cache).__name__}")
-        state = cache.layers[self.layer_idx] if cache is not None else InfiniCacheLayer(spec_of(self.config)[0])
+        state = cache.layers[self.layer_idx] if cache is not None else InfiniCacheLayer(segmenting_of(self.config)[0])
         dropout = self.attention_dropout if self.training else 0.0
         outputs, start, length = [], 0, query.shape[2]
         while start < length:  # one chunk per (part of a) segment: never across a segment border
@@ -390,7 +391,7 @@ class _InfiniCausalLM:
         checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self.model.layers)
         return (self.training and checkpointing and torch.is_grad_enabled()
                 and kwargs.get("labels") is not None and isinstance(ids, torch.Tensor)
-                and ids.shape[1] > spec_of(self.config)[0] and not kwargs.get("use_cache")
+                and ids.shape[1] > segmenting_of(self.config)[0] and not kwargs.get("use_cache")
                 and (mask is None or (mask.dim() == 2 and bool(mask.all())))
                 and set(kwargs) <= {"input_ids", "labels", "attention_mask", "use_cache", "num_items_in_batch",
                                     "return_dict"})
@@ -406,7 +407,7 @@ class _InfiniCausalLM:
         from torch.utils.checkpoint import checkpoint
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        length = spec_of(self.config)[0]
+        length = segmenting_of(self.config)[0]
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
         head_dim = self.model.layers[0].self_attn.head_dim
         states = list(empty_memory((input_ids.shape[0], self.config.num_key_value_heads), head_dim, head_dim,
@@ -518,7 +519,7 @@ def _convert(model: nn.Module, gate_init: float) -> None:
 def install(model: nn.Module) -> nn.Module:
     """Convert a loaded stock LlamaForCausalLM/MistralForCausalLM, in place, to Infini-attention per
     `model.config.retrofit_infini`, with gates at its `gate_init` (DEFAULT_GATE_INIT if unset); returns the model."""
-    spec_of(model.config)  # a missing or malformed spec fails here, not in the first forward
+    segmenting_of(model.config)  # missing or malformed settings fail here, not in the first forward
     causal_lm, _, _ = _family(model)
     model.__class__ = causal_lm
     _convert(model, gate_init_of(model.config))
@@ -528,5 +529,5 @@ def install(model: nn.Module) -> nn.Module:
 __all__ = [
     "CONFIG_KEY", "DEFAULT_GATE_INIT", "InfiniCache", "InfiniCacheLayer", "RetrofitInfiniLlamaForCausalLM",
     "RetrofitInfiniMistralForCausalLM", "empty_memory", "grouped_retrieve", "install", "local_attention",
-    "memory_on", "memory_retrieve", "memory_update", "mix", "parse_spec", "sigma",
+    "memory_on", "memory_retrieve", "memory_update", "mix", "read_segmenting", "sigma",
 ]
