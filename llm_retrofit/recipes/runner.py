@@ -499,7 +499,7 @@ def _passes(recipe: Recipe, kind: StepKind, step: Step, params: dict[str, Any] |
             planning: Planning) -> list[Pass]:
     """The step's passes, for the time the run expects. Its values known only when run that depend on the model
     alone (`${model.max_position_embeddings}` after a search) are read off the model's shape, which is known."""
-    if planning.shape is None:
+    if planning.shape is None or planning.base is None:
         return []
     if params is None:
         scope = planning.state.scope() | {"model": dict(planning.shape.config)}
@@ -507,7 +507,7 @@ def _passes(recipe: Recipe, kind: StepKind, step: Step, params: dict[str, Any] |
         if unknown:
             return []
     try:
-        return kind.passes(step, params, planning.shape, planning.state.base_config)
+        return kind.passes(step, params, planning.shape, planning.base)
     except RetrofitError:  # a value the run refuses, with its own message; nothing to price
         return []
 

@@ -123,7 +123,6 @@ def parse_distill(spec: DistillSpec | Mapping[str, Any] | str | None) -> Distill
     DistillSpec, each value read by the spec language's one reader (`spec.read_fields`) as its field's annotation
     says; an unknown key, a bad value, a missing teacher: one FinetuneError."""
     from ..spec import parse_fields, read_fields
-    from .finetune import FinetuneError  # the finetune's own error class; finetune.py imports this module lazily
 
     if spec is None or isinstance(spec, DistillSpec):
         return spec

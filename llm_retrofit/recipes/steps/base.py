@@ -90,9 +90,14 @@ class Planning:
     """The model as far as its shape goes, what its passes are priced on: `view`, and after a patch that loads the
     model, that patch's `shape_plan` (None where even that is unknown)."""
 
+    base: ModelView | None = None
+    """The recipe's input as planned on (its tensor metadata): what the before and baseline columns run."""
+
     def __post_init__(self) -> None:
         if self.shape is None:
             self.shape = self.view
+        if self.base is None:
+            self.base = self.view
 
 
 class StepKind(ABC):
@@ -115,9 +120,9 @@ class StepKind(ABC):
         """What a dry run says the step will do (`item.notes`, `item.bytes_written`), and what it changes in the
         model known before the run (`planning`); called after `check`. Nothing to say by default."""
 
-    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
-        """The passes of the models the step will run (`shape`: its model as the step finds it; `base`: the recipe
-        input's config), for the time the run expects; called before `plan`, with values resolved against `shape`'s
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: ModelView) -> list[Pass]:
+        """The passes of the models the step will run (`shape`: its model as the step finds it; `base`: the recipe's
+        input), for the time the run expects; called before `plan`, with values resolved against `shape`'s
         config. None by default."""
         return []
 

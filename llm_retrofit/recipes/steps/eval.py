@@ -37,19 +37,19 @@ class EvalStep(StepKind):
         item.notes.append(f"{len(labels)} model(s) ({', '.join(labels)}) at lengths {lengths}: up to {max(lengths)} "
                           f"tokens per document per model{', plus passkey prompts' if settings.passkey else ''}")
 
-    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: ModelView) -> list[Pass]:
         """`evaluate`'s passes (`forward_lengths`) on each model, every document taken as long enough for the
         longest length (the data is not read before the run): `max_docs` documents per data source, or one."""
         from ...evaluation.perplexity import forward_lengths
-        from ...plan import ModelView
 
         settings = EvalSettings.read(params)
         options = {key: value for key, value in settings.evaluate_options().items() if key in _PRICED}
         lengths = settings.measured_lengths()
         sizes = [max(lengths)] * ((settings.max_docs or 1) * len(settings.data))
-        compared = [base] if settings.compare_base else []
-        for _, patcher in settings.baseline_patchers():  # config-only patches: their plan needs no tensors
-            compared.append(dict(patcher.shape_plan(ModelView(dict(base), {})).config))
+        compared = [dict(base.config)] if settings.compare_base else []
+        for _, patcher in settings.baseline_patchers():  # patched from the input in memory
+            shaped = patcher.shape_plan(base)
+            compared += [dict(shaped.config)] if shaped is not None else []
         passes = [Pass(tokens, dict(shape.config)) for tokens in forward_lengths(shape.config, sizes, **options)]
         options["passkey"] = options.get("passkey", False) and settings.passkey_compared
         return passes + [Pass(tokens, config) for config in compared

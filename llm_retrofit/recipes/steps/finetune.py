@@ -54,7 +54,7 @@ class FinetuneStep(StepKind):
         else:
             item.notes.append("writes a model the size of the one before it")
 
-    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: ModelView) -> list[Pass]:
         """A training pass per sequence of every micro-step (and the teacher's forward of it, when distilling)."""
         from ...modeling.shifted_sparse_attention import group_size
 

@@ -63,7 +63,7 @@ class PatchStep(StepKind):
         planning.view, planning.state.model_config = plan.view, dict(plan.config)
         planning.shape = planning.view
 
-    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: dict[str, Any]) -> list[Pass]:
+    def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: ModelView) -> list[Pass]:
         """A patch that runs the model (a search) makes its passes on the model before it."""
         lengths = build_patcher(step, params).forward_lengths(shape.config)
         return [Pass(tokens, shape.config) for tokens in lengths]
