@@ -125,10 +125,24 @@ def test_plot_is_a_valid_png(result: EvalResult, tmp_path: Path) -> None:
 
 def test_results_with_different_settings_are_not_put_side_by_side(result: EvalResult) -> None:
     other = evaluate(tiny_model(), DOCS, lengths=[64], tokenizer=char_tokenizer(), progress=False)
-    with pytest.raises(EvaluationError, match="different settings \\(lengths, passkey\\)"):
+    with pytest.raises(EvaluationError, match="different settings \\(lengths\\)"):
         EvalResult.merge([result, other])
     with pytest.raises(EvaluationError, match="no passkey results"):
         other.plot_passkey("unused.png")
+    shorter_keys = evaluate(tiny_model(), DOCS, lengths=[64, 128, 512], tokenizer=char_tokenizer(), progress=False,
+                            autocast="off", passkey=True, passkey_lengths=[400], passkey_depths=[0.0, 1.0])
+    with pytest.raises(EvaluationError, match="different settings \\(passkey\\)"):
+        EvalResult.merge([result, shorter_keys])
+
+
+def test_a_model_measured_without_the_passkey_sits_beside_those_measured_with_it(result: EvalResult) -> None:
+    """A recipe may give the passkey to its own model only (each prompt is a forward pass at its length): the
+    comparison keeps the passkey settings, and the model without it has no trials."""
+    alone = evaluate(tiny_model(seed=2), DOCS, lengths=[64, 128, 512], tokenizer=char_tokenizer(), name="c",
+                     progress=False, autocast="off")
+    merged = EvalResult.merge([alone, result])
+    assert merged.settings["passkey"] == result.settings["passkey"]
+    assert [len(m.passkey) for m in merged.models] == [0, 4, 4]
 
 
 def test_bf16_autocast_is_recorded_and_close_to_float32() -> None:

@@ -10,9 +10,11 @@ measured here, on one decoder layer of the model's own shape with random weights
 - quadratic: causal `scaled_dot_product_attention` at `ATTENTION_PROBE` tokens with the model's heads;
 - the LM head: counted at the linear part's rate per multiply-add (2 x hidden x vocab FLOPs a token).
 
-Measured against whole SmolLM2-135M passes on an AVX2-only AMD EPYC (2 cores, float32; 1 thread, CPU seconds, so
-that a shared machine does not skew it): the probe's estimate of a 4096-token pass was within 10% of the pass.
-The figure is the machine's speed while the probe runs: a machine busy with other work runs slower.
+Checked against whole SmolLM2-135M passes on an AVX2-only AMD EPYC (float32, 1 thread, CPU seconds so that the
+shared machine did not skew it): the probe gave 16, 39 and 111 s for forwards of 2048, 4096 and 8192 tokens, which
+took 18.3, 41.1 and 121.8 s. A LoRA step at 16384 tokens (gradient checkpointing, LongLoRA's groups) took about
+700 s, and `train_step` with the costs fitted to those three forwards gives 716 s. The figure is the machine's speed while the probe runs: a machine busy with other
+work runs slower, and its probe says so.
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def measure(config: Mapping[str, Any], autocast: torch.dtype | None = None, devi
     query = torch.randn(1, shape["heads"], ATTENTION_PROBE, shape["head_dim"], device=device)
     context = torch.autocast(device_type=torch.device(device).type, dtype=autocast) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), context:
-        layer = _seconds(lambda: layer_model(input_ids=ids))
-        attention = _seconds(lambda: F.scaled_dot_product_attention(query, query, query, is_causal=True))
+        layer = _seconds(lambda: layer_model(input_ids=ids), device)
+        attention = _seconds(lambda: F.scaled_dot_product_attention(query, query, query, is_causal=True), device)
     per_square = attention / ATTENTION_PROBE**2
     per_token = max(layer - per_square * LINEAR_PROBE**2, layer / 2) / LINEAR_PROBE
     head_share = shape["hidden"] * shape["vocab"] / max(shape["layer_params"], 1)
@@ -139,15 +141,18 @@ def _shape(config: Mapping[str, Any]) -> dict[str, int]:
             "layer_params": layer_params}
 
 
-CLOCK = time.perf_counter
+def _seconds(run: Callable[[], Any], device: str, repeats: int = 3) -> float:
+    """The fastest of `repeats` runs after one warm-up: the machine's speed, not its hiccups. On a GPU each run is
+    waited for (its kernels run after the call returns)."""
+    def timed() -> None:
+        run()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
 
-
-def _seconds(run: Callable[[], Any], repeats: int = 3) -> float:
-    """The fastest of `repeats` runs after one warm-up: the machine's speed, not its hiccups."""
-    run()
+    timed()
     best = float("inf")
     for _ in range(repeats):
-        started = CLOCK()
-        run()
-        best = min(best, CLOCK() - started)
+        started = time.perf_counter()
+        timed()
+        best = min(best, time.perf_counter() - started)
     return best
