@@ -65,6 +65,8 @@ learning rate, training the attention weights only, longer runs to see the curve
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -152,6 +154,10 @@ class PoolKVHeads(Patcher):
 
     def loads_model(self) -> bool:
         return self.method == "fit"
+
+    def shape_plan(self, model: ModelView) -> TensorPlan:
+        """A fitted merge has the shape of a mean one: the plan of `method=mean` (no calibration run)."""
+        return dataclasses.replace(self, method="mean", calibration=None, calibration_tokens=None).plan(model)
 
     def check(self, model: ModelView) -> None:
         self._shape(model.config)  # the first thing `plan` does

@@ -223,10 +223,10 @@ def expected_time(planned: list[PlannedStep]) -> str:
 
     pricer = Pricer()
     times = [(item.step.id, pricer.seconds(item.passes)) for item in planned if item.passes]
+    unpriced = [item.step.id for item in planned if item.passes is None]
     if not times:
-        return "expected time on this machine: unknown (no step runs a model that is known before the run)"
+        return f"expected time on this machine: unknown (the models of {', '.join(unpriced)} are known only when run)"
     steps = ", ".join(f"{step} {duration(seconds)}" for step, seconds in times)
-    unpriced = [item.step.id for item in planned if not item.passes and item.step.kind in ("patch", "finetune", "eval")]
     return (f"expected time on this machine: about {duration(sum(t for _, t in times))} ({steps}; "
             f"{pricer.arithmetic}, as fast as it runs now)" + (f"; not priced: {', '.join(unpriced)}" if unpriced
                                                               else ""))
@@ -496,20 +496,21 @@ def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapp
 
 
 def _passes(recipe: Recipe, kind: StepKind, step: Step, params: dict[str, Any] | None,
-            planning: Planning) -> list[Pass]:
-    """The step's passes, for the time the run expects. Its values known only when run that depend on the model
-    alone (`${model.max_position_embeddings}` after a search) are read off the model's shape, which is known."""
+            planning: Planning) -> list[Pass] | None:
+    """The step's passes, for the time the run expects; None where they are known only when run. Its values known
+    only when run that depend on the model alone (`${model.max_position_embeddings}` after a search) are read off
+    the model's shape, which is known."""
     if planning.shape is None or planning.base is None:
-        return []
+        return None
     if params is None:
         scope = planning.state.scope() | {"model": dict(planning.shape.config)}
         params, unknown = resolve_params(recipe, step, scope, known_only=True)
         if unknown:
-            return []
+            return None
     try:
         return kind.passes(step, params, planning.shape, planning.base)
     except RetrofitError:  # a value the run refuses, with its own message; nothing to price
-        return []
+        return None
 
 
 def recipe_summary(recipe: Recipe) -> str:

@@ -69,9 +69,9 @@ class PlannedStep:
     notes: list[str] = field(default_factory=list)
     """The dry run's estimates: what a patch writes, a finetune's tokens, an evaluation's lengths."""
     bytes_written: int = 0
-    passes: list[Pass] = field(default_factory=list)
+    passes: list[Pass] | None = field(default_factory=list)
     """The passes of the model the step runs (a search's candidates, training steps, evaluations): what the time a
-    run expects is priced on (`modeling.cost`)."""
+    run expects is priced on (`modeling.cost`); None where they are known only when run."""
 
 
 @dataclass
