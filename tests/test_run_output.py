@@ -49,6 +49,7 @@ def test_the_log_has_step_lines_progress_with_an_eta_and_no_library_noise(runs: 
         assert re.search(rf"^retrofit: step {number}/5 {step}: \S", log, re.M), log
         assert re.search(rf"^retrofit: step {number}/5 {step}: done in \d", log, re.M), log
     assert "step 2/5 finetune: 2 steps x 512 tokens" in log
+    assert "profile cpu-fp32:" not in log  # a profile given (none) is never replaced or announced as the machine's
     # Before the first step: the time the run expects here, step by step, priced by a probe of this machine.
     assert re.search(r"^retrofit: expected time on this machine: about \S+ \(longrope \S+, finetune \S+, eval \S+, "
                      r"eval-code \S+; float32 on cpu", log, re.M), log

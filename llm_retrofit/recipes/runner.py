@@ -150,12 +150,14 @@ def run_recipe(
     from ..io.progress import note
 
     run_started = time.perf_counter()
+    given = overrides
     recipe, overrides = _with_overrides(recipe, overrides, push_to_hub)
+    chosen = profile_of(given) is None and profile_of(overrides) is not None  # this machine chose the profile
     out = Path(output).expanduser().resolve()
     manifest = _earlier_run(out, resume)
     base = str(resolve_checkpoint_dir(model))
     planned = _check_before_running(recipe, base, out, push_to_hub)  # a later step's refusal, before the first
-    _announce(recipe, overrides, planned)
+    _announce(recipe, profile_of(overrides) if chosen else None, planned)
     _make_directory(out)
     state = RunState(base, out, dict(recipe.inputs), base, model_config(base), model_config(base),
                      push_repo=push_to_hub, recipe_text=recipe.text)
@@ -206,11 +208,11 @@ def _with_overrides(recipe: str | os.PathLike[str] | Recipe, overrides: Mapping[
     return with_push(apply_overrides(loaded, overrides), push_to_hub), overrides
 
 
-def _announce(recipe: Recipe, overrides: Mapping[str, Any] | Sequence[str], planned: list[PlannedStep]) -> None:
-    """The lines a run starts with: the profile this machine chose, and the time the run expects here."""
+def _announce(recipe: Recipe, machine_profile: str | None, planned: list[PlannedStep]) -> None:
+    """The lines a run starts with: the profile this machine chose, if it chose one, and the time the run expects."""
     from ..io.progress import note
 
-    if profile_of(overrides) == SLOW_FLOAT_PROFILE and SLOW_FLOAT_PROFILE in recipe.profiles:
+    if machine_profile == SLOW_FLOAT_PROFILE:
         note(f"profile {SLOW_FLOAT_PROFILE}: this CPU has no bf16 units, so every pass runs in float32 (~3x slower); "
              f"{recipe.name} runs what fits there (--set profile=none: the recipe as written)")
     note(expected_time(planned))
