@@ -44,8 +44,8 @@ class PatchStep(StepKind):
         patcher = None if item.unknown else build_patcher(item.step, item.params)
         if patcher is not None and planning.view is not None and patcher.loads_model():
             _check_on(patcher, planning.view, planning.recipe, item)
-        _shape_after(patcher, planning)
         if patcher is None or patcher.loads_model() or planning.view is None:
+            _shape_after(patcher, planning)  # the plan below gives the shape where it can be made
             if patcher is None:
                 why = "whose values are not known before the run"
             elif patcher.loads_model():
