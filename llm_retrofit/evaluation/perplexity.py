@@ -38,7 +38,7 @@ import torch
 
 from ..errors import EvaluationError
 from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
-from ..modeling.precision import arithmetic, check_autocast, inference_autocast
+from ..modeling.precision import arithmetic, check_autocast, default_device, inference_autocast
 from ..modeling.rope import rope_depends_on_length, rope_length_classes, rotary_of
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
@@ -289,10 +289,6 @@ def forward_lengths(
 
 
 # -- the whole evaluation --------------------------------------------------------------------------------------------
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -85,9 +85,9 @@ class Pricer:
     bf16 units, float32 elsewhere), probing each model shape once (`measure`)."""
 
     def __init__(self) -> None:
-        from .precision import native_bf16
+        from .precision import default_device, native_bf16
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = default_device()
         self.autocast = torch.bfloat16 if native_bf16(torch.device(self.device)) else None
         self.costs: dict[tuple[int, ...], PassCost] = {}
 

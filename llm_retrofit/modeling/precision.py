@@ -35,6 +35,11 @@ def check_autocast(choice: str) -> None:
                               "hardware has it), bf16, or off (float32 throughout).")
 
 
+def default_device() -> str:
+    """Where our commands run a model unless told otherwise: the GPU if there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 in hardware (so that autocast to it is faster, not emulated)."""
     if device.type == "cuda":

@@ -122,11 +122,11 @@ def with_machine_profile(recipe: Recipe, overrides: Mapping[str, Any] | Sequence
     AVX512-BF16), where every pass is about 3x slower than with them. `--set profile=none` keeps the recipe as it is."""
     import torch
 
-    from ..modeling.precision import native_bf16
+    from ..modeling.precision import default_device, native_bf16
 
     if SLOW_FLOAT_PROFILE not in recipe.profiles or profile_of(overrides) is not None:
         return overrides
-    if torch.cuda.is_available() or native_bf16(torch.device("cpu")):
+    if default_device() != "cpu" or native_bf16(torch.device("cpu")):
         return overrides
     return {"profile": SLOW_FLOAT_PROFILE, **dict(_override_pairs(overrides))}  # a later --set still wins
 
