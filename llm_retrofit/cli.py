@@ -116,6 +116,34 @@ def convert(source: str, output: str, dtype: Any, max_shard_size: str | None) ->
 
 @main.command()
 @click.argument("model")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Weight type. f32 matches transformers to rounding; q8_0 is half of f16's size. Norms, biases and "
+              "the MoE router stay f32.")
+@click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
+def export(model: str, output: str, dtype: str, revision: str | None) -> None:
+    """Write MODEL (a checkpoint directory or Hub repo id) as one GGUF file, OUTPUT, for llama.cpp and ollama.
+
+    Llama, Mistral and Mixtral checkpoints with their tokenizer and chat template, and the patches llama.cpp can
+    express: linear, ntk, yarn, llama3 and longrope RoPE, fewer KV heads (gqa), more layers (expand), MoE. What
+    llama.cpp would compute differently (dynamic NTK, a sliding window, attention sinks, block-sparse attention,
+    Infini-attention) is refused with the reason and what runs instead. Streamed: memory stays about one tensor.
+    Read it back with `retrofit convert OUTPUT.gguf DIR`.
+
+    \b
+    Examples:
+      retrofit export smollm2-long/ smollm2-long.gguf
+      retrofit export smollm2-long/ smollm2-long.q8_0.gguf --dtype q8_0
+      llama-cli -m smollm2-long.gguf -c 16384        # a LongRoPE model: start llama.cpp with the long context
+    """
+    from .export import export_gguf
+
+    path = export_gguf(model, output, dtype=dtype, revision=revision)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
 def inspect(model: str, as_json: bool, revision: str | None) -> None:

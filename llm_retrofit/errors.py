@@ -42,6 +42,10 @@ class FinetuneError(RetrofitError):
     """A finetune cannot run as configured (no budget, a freeze spec that matches nothing, too little data...)."""
 
 
+class ExportError(RetrofitError):
+    """A checkpoint cannot be written as GGUF: llama.cpp would compute another model (or read another tokenizer)."""
+
+
 class PublishError(RetrofitError):
     """A model card cannot be written, or an upload to the Hugging Face Hub is refused or fails."""
 

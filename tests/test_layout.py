@@ -25,7 +25,7 @@ ROOMS = [
     {"training"},
     {"publishing"},
     {"recipes"},
-    {"convert", "api", "cli", "__init__", "__main__"},
+    {"convert", "export", "api", "cli", "__init__", "__main__"},
 ]
 RANK = {room: rank for rank, rooms in enumerate(ROOMS) for room in rooms}
 

@@ -435,22 +435,45 @@ def replace_file(path: Path, content: bytes | str, *, follow_symlinks: bool = Fa
         with open(path, "wb") as f:
             f.write(data)
         return
-    if follow_symlinks:
-        path = path.resolve()
+    with staged_file(path.resolve() if follow_symlinks else path, handle_sigterm=False) as temporary:
+        temporary.write_bytes(data)
+
+
+@contextlib.contextmanager
+def staged_file(path: Path, *, handle_sigterm: bool = True) -> Iterator[Path]:
+    """Yield a new, empty file beside `path` to write; on success it is synced and renamed over `path`.
+
+    `replace_file`'s rule for one file written at length (a GGUF export): the old file at `path`, if any, keeps its
+    bytes and inode until the rename, and lends the new file its mode. On any failure, Ctrl-C or (with
+    `handle_sigterm`) SIGTERM the partial file is removed; a write that fails for want of space or permission is
+    raised as one OutputError naming `path`.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent} does not exist; create it first or choose another output path.")
     mode = _mode(path)
     temporary = path.with_name(f".{path.name}.retrofit-tmp-{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # less the umask, as open()
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with _sigterm_like_sigint() if handle_sigterm else contextlib.nullcontext():
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # less the umask
+            os.close(fd)
             if mode is not None:
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+                os.chmod(temporary, mode)
+            yield temporary
+            _fsync(temporary)
+            os.replace(temporary, path)
+        except _Terminated:
+            temporary.unlink(missing_ok=True)
+            raise OutputError(f"stopped by SIGTERM before {path} was complete; nothing was left there: run the "
+                              "command again to redo it.") from None
+        except OSError as e:
+            temporary.unlink(missing_ok=True)
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            raise output_error(path, e) from None
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 def linked_copy(source: Path, target: Path) -> Path:
