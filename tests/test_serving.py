@@ -18,7 +18,7 @@ from llm_retrofit import patch
 from llm_retrofit.cli import main
 from llm_retrofit.evaluation.perplexity import load_model
 from llm_retrofit.publishing.card import render_card
-from llm_retrofit.publishing.serving import ENGINES, KINDS, RULES, markdown_table, serve_check
+from llm_retrofit.publishing.serving import ENGINES, KINDS, RULES, markdown_table, rules_markdown, serve_check
 
 SHIPPED = {"sinks": ("attention:pattern=sinks,sinks=2,window=8", "RetrofitLlamaForCausalLM"),
            "block-sparse": ("attention:pattern=block_sparse,block_size=4,window=8", "RetrofitLlamaForCausalLM"),
@@ -153,3 +153,8 @@ def test_the_model_card_carries_the_same_table(outputs: dict[str, Path], tmp_pat
     card = render_card(model).read_text()
     assert "## Serving" in card
     assert markdown_table(serve_check(read_config(model))) in card
+
+
+def test_docs_serving_lists_every_rule_as_the_code_has_it() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    assert rules_markdown() in page

@@ -252,10 +252,13 @@ def summary_rows(report: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown_table(report: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table, for the model card."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+    cell = _cell
     lines = ["| engine | served | how |", "|---|---|---|"]
     lines += [f"| {cell(engine)} | {verdict} | {cell(how)} |" for engine, verdict, how in summary_rows(report)]
     return "\n".join(lines)
@@ -268,9 +271,20 @@ def render(report: list[dict[str, Any]], model: str) -> Any:
 
     colour = {AS_PATCHED: "green", DIFFERENTLY: "yellow", REFUSED: "red"}
     table = Table(title=f"how engines serve {escape(model)}", title_justify="left")
-    for column in ("engine", "served", "how"):
-        table.add_column(column, overflow="fold")
+    table.add_column("engine", no_wrap=True)
+    table.add_column("served", no_wrap=True)
+    table.add_column("how", overflow="fold")
     for engine, verdict, how in summary_rows(report):
         table.add_row(engine, f"[{colour[verdict]}]{verdict}[/]", escape(how))
     table.caption = "rules and engine sources: docs/serving.md (retrofit serve-check --json lists each rule's source)"
     return table
+
+
+def rules_markdown() -> str:
+    """Every rule as a Markdown table, kind by kind: the table docs/serving.md carries (a test keeps them equal)."""
+    lines = ["| output kind | engine | served | how | engine source |", "|---|---|---|---|---|"]
+    order = {kind.name: i for i, kind in enumerate(KINDS)}
+    for rule in sorted(RULES, key=lambda r: (order[r.kind], ENGINES.index(r.engine))):
+        lines.append(f"| {_cell(rule.kind)} | {rule.engine} | {rule.verdict} | {_cell(rule.how)} | "
+                     f"`{_cell(rule.source)}` |")
+    return "\n".join(lines)
