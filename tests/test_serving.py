@@ -158,3 +158,9 @@ def test_the_model_card_carries_the_same_table(outputs: dict[str, Path], tmp_pat
 def test_docs_serving_lists_every_rule_as_the_code_has_it() -> None:
     page = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
     assert rules_markdown() in page
+
+
+def test_a_shipped_pattern_written_before_the_fix_is_reported_as_a_silent_swap(outputs: dict[str, Path]) -> None:
+    config = {**read_config(outputs["sinks"]), "architectures": ["LlamaForCausalLM"]}  # what older versions wrote
+    verdicts = {entry["engine"]: entry["verdict"] for entry in serve_check(config)}
+    assert verdicts == {"transformers": AP, "vLLM": DIFF, "SGLang": DIFF, "llama.cpp": REF}

@@ -110,7 +110,8 @@ _VLLM_LEN = "vllm/config/model.py _get_and_verify_max_len"
 _VLLM_ARCH = ("vllm/model_executor/models/registry.py _ModelRegistry.resolve_model_cls, _try_resolve_transformers; "
               "transformers PreTrainedModel.is_backend_compatible")
 _SGL_LLAMA = "python/sglang/srt/models/llama.py LlamaDecoderLayer.__init__ (rope_theta, rope_scaling)"
-_SGL_ROPE = "python/sglang/srt/layers/rotary_embedding.py get_rope (vLLM's, forked)"
+_SGL_ROPE = "python/sglang/srt/layers/rotary_embedding/factory.py get_rope"
+_SGL_LEN = "python/sglang/srt/utils/hf_transformers_utils.py get_context_length"
 _SGL_ARCH = "python/sglang/srt/model_loader/utils.py get_model_architecture, resolve_transformers_arch"
 _EXPORT = "llm_retrofit export (docs/export.md); llama.cpp src/llama-model.cpp, src/models/llama.cpp"
 _EXPORT_REFUSES = "retrofit export refuses it: llama.cpp's llama architecture has no such key ({})"
@@ -136,24 +137,27 @@ RULES: tuple[Rule, ...] = (
     *_same_everywhere("RoPE default or NTK (a new rope_theta)", "plain RoPE with the written base", _VLLM_ROPE,
                       _SGL_LLAMA),
     Rule("transformers", "RoPE base only in rope_parameters", AS_PATCHED, "reads rope_parameters", _HF),
-    Rule("vLLM", "RoPE base only in rope_parameters", AS_PATCHED, "vLLM 0.34 reads rope_parameters (older vLLM, "
-         "before PR #28542, read rope_theta and used 10000)", _VLLM_ROPE),
+    Rule("vLLM", "RoPE base only in rope_parameters", AS_PATCHED, "reads rope_parameters under transformers 5 "
+         "(under transformers 4, and before PR #28542, rope_scaling and a top-level rope_theta, default 10000)",
+         f"vllm/transformers_utils/config.py patch_rope_parameters; {_VLLM_ROPE}"),
     Rule("SGLang", "RoPE base only in rope_parameters", DIFFERENTLY, "reads a top-level rope_theta, default 10000: "
-         "the wrong base at every position", _SGL_LLAMA),
+         "the wrong base at every position (write the top-level mirror)", _SGL_LLAMA),
     Rule("llama.cpp", "RoPE base only in rope_parameters", AS_PATCHED, "export writes rope.freq_base from "
          "rope_parameters", _EXPORT),
     Rule("transformers", "RoPE linear", AS_PATCHED, "linear interpolation", _HF),
     Rule("vLLM", "RoPE linear", DIFFERENTLY, "same frequencies, but the default max_model_len is "
          "max_position_embeddings x factor, past the length the patch targets: pass --max-model-len",
          f"{_VLLM_LEN}; linear_scaling_rope.py"),
-    Rule("SGLang", "RoPE linear", DIFFERENTLY, "same frequencies; context length derived as for vLLM "
-         "(max_position_embeddings x factor): pass --context-length", _SGL_ROPE),
+    Rule("SGLang", "RoPE linear", DIFFERENTLY, "same frequencies, but the default context length is "
+         "max_position_embeddings x factor: pass --context-length", f"{_SGL_LEN}; {_SGL_ROPE}"),
     Rule("llama.cpp", "RoPE linear", AS_PATCHED, "rope.scaling.type linear", _EXPORT),
     Rule("transformers", "RoPE dynamic NTK", AS_PATCHED, "base grows with the sequence length", _HF),
     Rule("vLLM", "RoPE dynamic NTK", DIFFERENTLY, "the base never grows (fixed cos/sin cache): plain RoPE at "
          "every length", f"vllm/model_executor/layers/rotary_embedding/dynamic_ntk_scaling_rope.py "
          f"DynamicNTKScalingRotaryEmbedding._compute_cos_sin_cache; {_VLLM_LEN}"),
-    Rule("SGLang", "RoPE dynamic NTK", DIFFERENTLY, "as vLLM: a fixed base", _SGL_ROPE),
+    Rule("SGLang", "RoPE dynamic NTK", DIFFERENTLY, "as vLLM: a fixed base, and a context length of "
+         "max_position_embeddings x factor", f"python/sglang/srt/layers/rotary_embedding/rope_variant.py "
+         f"DynamicNTKScalingRotaryEmbedding; {_SGL_LEN}"),
     Rule("llama.cpp", "RoPE dynamic NTK", REFUSED, _EXPORT_REFUSES.format("no dynamic scaling type; use ntk or "
          "yarn"), "src/llama-model.cpp LLAMA_ROPE_SCALING_TYPES"),
     *_same_everywhere("RoPE YaRN", "factor, original length, beta_fast/beta_slow; default attention factor",
@@ -164,7 +168,10 @@ RULES: tuple[Rule, ...] = (
          "longer sequence", _HF),
     Rule("vLLM", "RoPE LongRoPE", DIFFERENTLY, _LONG_FOR_ALL, "vllm/model_executor/layers/rotary_embedding/"
          "phi3_long_rope_scaled_rope.py Phi3LongRoPEScaledRotaryEmbedding.__init__"),
-    Rule("SGLang", "RoPE LongRoPE", DIFFERENTLY, _LONG_FOR_ALL, _SGL_ROPE),
+    Rule("SGLang", "RoPE LongRoPE", DIFFERENTLY, "long factors for every token of a forward batch in which any "
+         "position passes original_max_position_embeddings (other requests in the batch too; keys cached earlier "
+         "keep the short ones); attention factor from short_mscale/long_mscale (else its own formula)",
+         "python/sglang/srt/layers/rotary_embedding/rope_variant.py Phi3LongRoPEScaledRotaryEmbedding.forward"),
     Rule("llama.cpp", "RoPE LongRoPE", DIFFERENTLY, "rope_factors_long for every token when the context (n_ctx per "
          "sequence) exceeds the original length, else rope_factors_short", "src/llama-model.cpp "
          "llama_model::get_rope_factors"),
