@@ -44,6 +44,7 @@ class Rule:
     verdict: str
     how: str
     source: str
+    condition: str = ""  # what the verdict needs from the user (e.g. trust_remote_code=True): shown with the verdict
 
 
 # ----------------------------------------------------------------------------------------------- reading the config
@@ -137,9 +138,9 @@ RULES: tuple[Rule, ...] = (
     *_same_everywhere("RoPE default or NTK (a new rope_theta)", "plain RoPE with the written base", _VLLM_ROPE,
                       _SGL_LLAMA),
     Rule("transformers", "RoPE base only in rope_parameters", AS_PATCHED, "reads rope_parameters", _HF),
-    Rule("vLLM", "RoPE base only in rope_parameters", AS_PATCHED, "reads rope_parameters under transformers 5 "
-         "(under transformers 4, and before PR #28542, rope_scaling and a top-level rope_theta, default 10000)",
-         f"vllm/transformers_utils/config.py patch_rope_parameters; {_VLLM_ROPE}"),
+    Rule("vLLM", "RoPE base only in rope_parameters", AS_PATCHED, "reads rope_parameters (under transformers 4, "
+         "and before PR #28542, rope_scaling and a top-level rope_theta, default 10000)",
+         f"vllm/transformers_utils/config.py patch_rope_parameters; {_VLLM_ROPE}", "with transformers 5"),
     Rule("SGLang", "RoPE base only in rope_parameters", DIFFERENTLY, "reads a top-level rope_theta, default 10000: "
          "the wrong base at every position (write the top-level mirror)", _SGL_LLAMA),
     Rule("llama.cpp", "RoPE base only in rope_parameters", AS_PATCHED, "export writes rope.freq_base from "
@@ -199,21 +200,22 @@ RULES: tuple[Rule, ...] = (
          _SGL_ARCH),
     Rule("llama.cpp", "Ministral layer_types", REFUSED, _EXPORT_REFUSES.format("no Ministral architecture"),
          "src/llama-arch.cpp"),
-    Rule("transformers", "shipped attention pattern", AS_PATCHED, "with trust_remote_code=True (auto_map); without "
-         "it, model_type llama loads the stock class: dense attention", "transformers dynamic_module_utils.py "
-         "resolve_trust_remote_code (local code wins)"),
+    Rule("transformers", "shipped attention pattern", AS_PATCHED, "the class auto_map names; without "
+         "trust_remote_code, model_type llama loads the stock class: dense attention", "transformers "
+         "dynamic_module_utils.py resolve_trust_remote_code (local code wins)", "with trust_remote_code=True"),
     Rule("vLLM", "shipped attention pattern", REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
     Rule("SGLang", "shipped attention pattern", REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
     Rule("llama.cpp", "shipped attention pattern", REFUSED, _EXPORT_REFUSES.format("no attention sinks or "
          "block-sparse attention; --keep N --context-shift only approximates sinks"), "src/models/llama.cpp"),
-    Rule("transformers", "shipped Infini-attention", AS_PATCHED, "with trust_remote_code=True (auto_map); without "
-         "it the stock class loads and drops the gates: segment memory is lost", "transformers "
-         "dynamic_module_utils.py resolve_trust_remote_code"),
+    Rule("transformers", "shipped Infini-attention", AS_PATCHED, "the class auto_map names; without "
+         "trust_remote_code the stock class loads and drops the gates: no memory", "transformers "
+         "dynamic_module_utils.py resolve_trust_remote_code", "with trust_remote_code=True"),
     Rule("vLLM", "shipped Infini-attention", REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
     Rule("SGLang", "shipped Infini-attention", REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
     Rule("llama.cpp", "shipped Infini-attention", REFUSED, _EXPORT_REFUSES.format("no compressive memory"),
          "src/models/llama.cpp"),
-    Rule("transformers", "shipped code, stock architectures", AS_PATCHED, "with trust_remote_code=True", _HF),
+    Rule("transformers", "shipped code, stock architectures", AS_PATCHED, "the class auto_map names", _HF,
+         "with trust_remote_code=True"),
     Rule("vLLM", "shipped code, stock architectures", DIFFERENTLY, "runs its own Llama: the shipped behaviour is "
          "silently dropped (re-patch with this llm-retrofit to name the class)", _VLLM_ARCH),
     Rule("SGLang", "shipped code, stock architectures", DIFFERENTLY, "runs its own Llama: the shipped behaviour is "
@@ -241,8 +243,8 @@ def serve_check(config: Config) -> list[dict[str, Any]]:
         found = sorted((rules[engine, kind] for kind in kinds), key=lambda r: -VERDICTS.index(r.verdict))
         verdict = found[0].verdict if found else AS_PATCHED
         report.append({"engine": engine, "verdict": verdict,
-                       "rules": [{"kind": r.kind, "verdict": r.verdict, "how": r.how, "source": r.source}
-                                 for r in found]})
+                       "rules": [{"kind": r.kind, "verdict": r.verdict, "how": r.how, "source": r.source,
+                                  "condition": r.condition} for r in found]})
     return report
 
 
@@ -252,8 +254,8 @@ def summary_rows(report: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     rows = []
     for entry in report:
         off = [r for r in entry["rules"] if r["verdict"] != AS_PATCHED]
-        how = "; ".join(f"{r['kind']}: {r['how']}" for r in off) or \
-            ", ".join(r["kind"] for r in entry["rules"]) + ": as written"
+        how = "; ".join(f"{r['kind']}: {r['how']}" for r in off) or ", ".join(
+            r["kind"] + (f" ({r['condition']})" if r["condition"] else "") for r in entry["rules"]) + ": as written"
         engine = entry["engine"] + (" (via retrofit export)" if entry["engine"] == "llama.cpp" else "")
         rows.append((engine, entry["verdict"], how))
     return rows
@@ -292,6 +294,7 @@ def rules_markdown() -> str:
     lines = ["| output kind | engine | served | how | engine source |", "|---|---|---|---|---|"]
     order = {kind.name: i for i, kind in enumerate(KINDS)}
     for rule in sorted(RULES, key=lambda r: (order[r.kind], ENGINES.index(r.engine))):
-        lines.append(f"| {_cell(rule.kind)} | {rule.engine} | {rule.verdict} | {_cell(rule.how)} | "
+        how = f"{rule.condition}: {rule.how}" if rule.condition else rule.how
+        lines.append(f"| {_cell(rule.kind)} | {rule.engine} | {rule.verdict} | {_cell(how)} | "
                      f"`{_cell(rule.source)}` |")
     return "\n".join(lines)
