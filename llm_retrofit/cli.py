@@ -170,6 +170,33 @@ def inspect(model: str, as_json: bool, revision: str | None) -> None:
         Console().print(render(description))
 
 
+
+@main.command("serve-check")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print every engine's verdict and rules, with their sources.")
+@click.option("--revision", default=None, help="Branch, tag or commit, for a Hub repo id.")
+def serve_check(model: str, as_json: bool, revision: str | None) -> None:
+    """Whether transformers, vLLM, SGLang and llama.cpp (through `retrofit export`) serve MODEL as patched, serve it
+    differently (and how), or refuse it; read from its config.json, no weights loaded. The rules, with the engine
+    source each comes from, are in docs/serving.md.
+
+    \b
+    Examples:
+      retrofit serve-check smollm2-longrope/
+      retrofit serve-check smollm2-sinks/ --json
+    """
+    from rich.console import Console
+
+    from .io.checkpoint import load_checkpoint
+    from .publishing.serving import render, serve_check as check
+
+    checkpoint = load_checkpoint(model, revision=revision)
+    report = check(checkpoint.config)
+    if as_json:
+        click.echo(json.dumps({"model": model, "engines": report}, indent=2))
+    else:
+        Console().print(render(report, model))
+
 def _patch_epilog() -> str:
     from .patchers import registry
 

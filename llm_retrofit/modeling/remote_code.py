@@ -30,12 +30,11 @@ from typing import Any
 from ..errors import CheckpointError
 from ..plan import shipped_files
 from . import shipped
+from .shipped import AUTO_CLASS
 from .shipped import HERE as SHIPPED
 
 log = logging.getLogger(__name__)
 
-AUTO_CLASS = "AutoModelForCausalLM"
-"""The only `auto_map` key our patches write: every shipped model is a causal LM."""
 CUSTOM_GENERATE = "custom_generate"
 """The folder whose `generate.py` transformers imports when a model is loaded with `trust_remote_code=True`."""
 

@@ -179,10 +179,7 @@ def _sliding(config: dict[str, Any], window: int, full_every: int | None) -> dic
 
 def _without_pattern(config: dict[str, Any]) -> dict[str, Any]:
     """The config with no attention pattern: what a new pattern starts from (and what pattern=dense writes)."""
-    config = {k: v for k, v in config.items() if k != _PATTERN_KEY}
-    auto_map = {k: v for k, v in (config.pop("auto_map", None) or {}).items() if SHIPPED_MODULE not in v}
-    if auto_map:
-        config["auto_map"] = auto_map
+    config = shipped.without_code({k: v for k, v in config.items() if k != _PATTERN_KEY}, SHIPPED_MODULE)
     if config.get("model_type") == "ministral":  # one window size for all layers remains expressible as Mistral
         config = {k: v for k, v in config.items() if k != "layer_types"}
         config.update(model_type="mistral", architectures=["MistralForCausalLM"])
@@ -198,7 +195,7 @@ def _shipped_pattern(config: dict[str, Any], settings: dict[str, Any]) -> dict[s
                          f"{model_type}.")
     _refuse_custom_code(config, settings["pattern"])
     model_class = "RetrofitMistralForCausalLM" if model_type == "mistral" else "RetrofitLlamaForCausalLM"
-    return {**config, _PATTERN_KEY: settings, "auto_map": {"AutoModelForCausalLM": f"{SHIPPED_MODULE}.{model_class}"}}
+    return shipped.config_for(config, SHIPPED_MODULE, model_class, _PATTERN_KEY, settings)
 
 
 def _refuse_custom_code(config: dict[str, Any], pattern: str) -> None:

@@ -91,9 +91,7 @@ class AddInfiniMemory(Patcher):
             "RetrofitInfiniLlamaForCausalLM"
         settings = {"segment_length": self.segment_length, "update": self.update, "gate_init": self.gate_init,
                     "memory": self.memory}
-        new_config = {**config, SETTINGS_KEY: settings,
-                      "auto_map": {"AutoModelForCausalLM": f"{SHIPPED_MODULE}.{model_class}"}}
-        plan = TensorPlan(new_config, tensors)
+        plan = TensorPlan(shipped.config_for(config, SHIPPED_MODULE, model_class, SETTINGS_KEY, settings), tensors)
         plan.files = shipped.files(SHIPPED_MODULE)
         plan.installs = [_install]
         return plan

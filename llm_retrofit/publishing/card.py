@@ -52,6 +52,7 @@ from ..io.commit import replace_file
 from ..errors import CheckpointError, PublishError
 from .lineage import CARD_FILE, REPO_ID, card_metadata, describe_source, license_of
 from .patch_notes import base_model_relation, limitation, patch_info, record_note
+from .serving import markdown_table, serve_check
 from ..io.provenance import HISTORY_KEY
 
 if TYPE_CHECKING:
@@ -394,6 +395,7 @@ def _facts(
         "recipe": recipe.read_text(encoding="utf-8") if recipe.is_file() else None,
         "recipe_file": RECIPE_FILE,
         "trust_remote_code": "auto_map" in model.config,
+        "serving": None if model.is_adapter else markdown_table(serve_check(model.config)),
         "has_tokenizer": bool(files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}),
         "limitations": _limitations(patches),
         "versions": _versions(model, history),

@@ -520,6 +520,10 @@ class _PatternModel:
 class _PatternCausalLM:
     """Causal LM whose `generate` builds the pattern's cache by itself."""
 
+    # Serving engines that run transformers classes with their own attention (vLLM's and SGLang's Transformers
+    # backends) take a class only when it says so (`is_backend_compatible()`); theirs would not run this attention.
+    _supports_attention_backend = False
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         _swap_modules(self)

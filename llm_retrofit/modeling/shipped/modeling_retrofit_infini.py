@@ -371,6 +371,10 @@ class _InfiniCausalLM:
     """Causal LM with gates in every attention layer, a `generate` that builds its InfiniCache by itself, and a
     training forward checkpointed per segment."""
 
+    # Serving engines that run transformers classes with their own attention (vLLM's and SGLang's Transformers
+    # backends) take a class only when it says so (`is_backend_compatible()`); theirs would not run this attention.
+    _supports_attention_backend = False
+
     _keys_to_ignore_on_load_missing = [r"self_attn\.memory_gate"]  # a gate-less checkpoint starts at gate_init
 
     def __init__(self, config: Any) -> None:
