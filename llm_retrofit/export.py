@@ -52,29 +52,18 @@ _Q8_BLOCK = 32
 
 def refusal(config: Mapping[str, Any]) -> str | None:
     """Why llama.cpp would compute another model than this config describes, with the nearest thing that runs; None
-    when the GGUF can say everything the config does."""
-    rope = config.get("rope_parameters") or {}
-    if config.get("auto_map") or config.get("retrofit_attention") or config.get("retrofit_infini"):
-        what = "Infini-attention" if config.get("retrofit_infini") else "an attention pattern (sinks or block-sparse)"
-        nearest = ("for attention sinks, llama.cpp's `--keep N --context-shift` keeps the first N tokens as the "
-                   "window slides, which approximates them; otherwise export the checkpoint from before the attention "
-                   "patch (full attention)")
-        return f"it runs {what} through the modeling code it ships, which llama.cpp does not run; {nearest}."
-    if config.get("layer_types"):
-        return ("its layers mix sliding-window and full attention (Ministral's layer_types), which llama.cpp's llama "
-                "architecture cannot express; export the checkpoint from before the attention patch.")
-    window = config.get("sliding_window")
-    if window and window < config["max_position_embeddings"]:
-        return (f"it attends to a sliding window of {window} tokens, which llama.cpp's llama architecture ignores "
-                f"(it would attend to the whole context past {window} tokens); export the checkpoint from before "
-                "the attention patch, or serve this one with vLLM or transformers.")
-    if rope.get("rope_type") == "dynamic":
-        return ("its dynamic NTK RoPE recomputes the base from each sequence's length, which llama.cpp has no mode "
-                f"for; patch the original with `ntk:factor={rope.get('factor')}` (the base dynamic NTK reaches at "
-                "that length, fixed) or `yarn`, which llama.cpp runs.")
-    if rope.get("rope_type", "default") not in _ROPE_TYPES:
-        return f"its RoPE type {rope.get('rope_type')!r} has no GGUF form that llama.cpp reads."
-    return None
+    when the GGUF can say everything the config does. The reasons are serve-check's rules for llama.cpp, so the two
+    never disagree."""
+    from .publishing.serving import refusals
+
+    reasons = [rule.how.removeprefix("retrofit export refuses it: ") for rule in refusals(config, "llama.cpp")]
+    rope_type = (config.get("rope_parameters") or {}).get("rope_type", "default")
+    if config.get("auto_map") and not reasons:  # code that is not ours: what it computes is unknown to us
+        reasons.append(f"it loads modeling code of its own (auto_map {dict(config['auto_map'])}), which llama.cpp "
+                       "does not run")
+    if rope_type not in _ROPE_TYPES and not reasons:
+        reasons.append(f"its RoPE type {rope_type!r} has no GGUF form that llama.cpp reads")
+    return "; ".join(reasons) + "." if reasons else None
 
 
 def export_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str], *, dtype: str = "f16",

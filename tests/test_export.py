@@ -205,7 +205,7 @@ def test_rotate_half_rows_become_adjacent_pairs() -> None:
 
 @pytest.mark.parametrize("spec, reason", [
     ("dynamic:factor=2", "dynamic NTK"),
-    ("attention:pattern=sliding,window=64", "sliding window of 64 tokens"),
+    ("attention:pattern=sliding,window=64", "sliding window shorter than the context"),
     ("attention:pattern=sliding,window=64,full_every=2", "Ministral's layer_types"),
     ("attention:pattern=sinks,sinks=4,window=64", "--keep N --context-shift"),
     ("attention:pattern=block_sparse,window=64,block_size=16", "attention pattern"),
@@ -216,6 +216,14 @@ def test_what_llama_cpp_cannot_express_is_refused(spec: str, reason: str, tiny: 
     with pytest.raises(ExportError, match=reason):
         export_gguf(model, tmp_path / "out.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*retrofit-tmp*"))
+
+
+def test_a_model_with_code_of_its_own_is_refused(tiny: Path, tmp_path: Path) -> None:
+    config = json.loads((tiny / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}
+    (tiny / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="modeling code of its own"):
+        export_gguf(tiny, tmp_path / "out.gguf")
 
 
 def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tiny: Path, tmp_path: Path) -> None:

@@ -95,7 +95,8 @@ KINDS = (
          c.get("num_attention_heads")),
     Kind("expanded depth", lambda c: _applied("expand")(c) or _applied("dus")(c)),
     Kind("Mixtral, tied embeddings", lambda c: c.get("model_type") == "mixtral" and bool(c.get("tie_word_embeddings"))),
-    Kind("Mistral sliding window", lambda c: c.get("model_type") == "mistral" and bool(c.get("sliding_window"))),
+    Kind("Mistral sliding window", lambda c: c.get("model_type") == "mistral" and bool(c.get("sliding_window"))
+         and c["sliding_window"] < c.get("max_position_embeddings", float("inf"))),  # a window >= the context never binds
     Kind("Ministral layer_types", lambda c: c.get("model_type") == "ministral"),
     Kind("shipped attention pattern", _shipped("modeling_retrofit_attention", named=True)),
     Kind("shipped Infini-attention", _shipped("modeling_retrofit_infini", named=True)),
@@ -115,7 +116,7 @@ _SGL_ROPE = "python/sglang/srt/layers/rotary_embedding/factory.py get_rope"
 _SGL_LEN = "python/sglang/srt/utils/hf_transformers_utils.py get_context_length"
 _SGL_ARCH = "python/sglang/srt/model_loader/utils.py get_model_architecture, resolve_transformers_arch"
 _EXPORT = "llm_retrofit export (docs/export.md); llama.cpp src/llama-model.cpp, src/models/llama.cpp"
-_EXPORT_REFUSES = "retrofit export refuses it: llama.cpp's llama architecture has no such key ({})"
+_EXPORT_REFUSES = "retrofit export refuses it: {}"
 _LONG_FOR_ALL = ("long factors for every token, short prompts too, once max_model_len > "
                  "original_max_position_embeddings; attention factor from short_mscale/long_mscale (else its own "
                  "formula)")
@@ -159,8 +160,9 @@ RULES: tuple[Rule, ...] = (
     Rule("SGLang", "RoPE dynamic NTK", DIFFERENTLY, "as vLLM: a fixed base, and a context length of "
          "max_position_embeddings x factor", f"python/sglang/srt/layers/rotary_embedding/rope_variant.py "
          f"DynamicNTKScalingRotaryEmbedding; {_SGL_LEN}"),
-    Rule("llama.cpp", "RoPE dynamic NTK", REFUSED, _EXPORT_REFUSES.format("no dynamic scaling type; use ntk or "
-         "yarn"), "src/llama-model.cpp LLAMA_ROPE_SCALING_TYPES"),
+    Rule("llama.cpp", "RoPE dynamic NTK", REFUSED, _EXPORT_REFUSES.format("dynamic NTK recomputes the base from each "
+         "sequence's length, which llama.cpp has no mode for; patch the original with ntk:factor=S (the base dynamic "
+         "NTK reaches at S x the context, fixed) or yarn, which llama.cpp runs"), "src/llama-model.cpp LLAMA_ROPE_SCALING_TYPES"),
     *_same_everywhere("RoPE YaRN", "factor, original length, beta_fast/beta_slow; default attention factor",
                       f"{_VLLM_ROPE}; yarn_scaling_rope.py", _SGL_ROPE),
     *_same_everywhere("RoPE Llama 3", "llama3 frequencies (llama.cpp: the rope_freqs tensor)",
@@ -191,28 +193,35 @@ RULES: tuple[Rule, ...] = (
     Rule("vLLM", "Mistral sliding window", AS_PATCHED, "sliding_window", "vllm/model_executor/models/llama.py"),
     Rule("SGLang", "Mistral sliding window", DIFFERENTLY, "the window is ignored: full attention",
          "python/sglang/srt/models/llama.py LlamaAttention (RadixAttention without a window)"),
-    Rule("llama.cpp", "Mistral sliding window", REFUSED, _EXPORT_REFUSES.format("no sliding window; write "
-         "attention:pattern=dense first"), "src/models/llama.cpp"),
+    Rule("llama.cpp", "Mistral sliding window", REFUSED, _EXPORT_REFUSES.format("a sliding window shorter than the "
+         "context, which llama.cpp's llama architecture ignores (it would attend to the whole context past the "
+         "window); export the checkpoint from before the attention patch, or serve this one with vLLM"), "src/models/llama.cpp"),
     Rule("transformers", "Ministral layer_types", AS_PATCHED, "sliding window on the layers layer_types names", _HF),
     Rule("vLLM", "Ministral layer_types", AS_PATCHED, "a window per layer from layer_types",
          "vllm/model_executor/models/registry.py (MinistralForCausalLM), llama.py"),
     Rule("SGLang", "Ministral layer_types", DIFFERENTLY, "no native Ministral; the windows are not applied",
          _SGL_ARCH),
-    Rule("llama.cpp", "Ministral layer_types", REFUSED, _EXPORT_REFUSES.format("no Ministral architecture"),
+    Rule("llama.cpp", "Ministral layer_types", REFUSED, _EXPORT_REFUSES.format("layers that mix sliding-window and "
+         "full attention (Ministral's layer_types) are no llama.cpp architecture; export the checkpoint from before "
+         "the attention patch"),
          "src/llama-arch.cpp"),
     Rule("transformers", "shipped attention pattern", AS_PATCHED, "the class auto_map names; without "
          "trust_remote_code, model_type llama loads the stock class: dense attention", "transformers "
          "dynamic_module_utils.py resolve_trust_remote_code (local code wins)", "with trust_remote_code=True"),
     Rule("vLLM", "shipped attention pattern", REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
     Rule("SGLang", "shipped attention pattern", REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
-    Rule("llama.cpp", "shipped attention pattern", REFUSED, _EXPORT_REFUSES.format("no attention sinks or "
-         "block-sparse attention; --keep N --context-shift only approximates sinks"), "src/models/llama.cpp"),
+    Rule("llama.cpp", "shipped attention pattern", REFUSED, _EXPORT_REFUSES.format("an attention "
+         "pattern (sinks or block-sparse) in the modeling code it ships, which llama.cpp does not run; for sinks, "
+         "llama.cpp's --keep N --context-shift keeps the first N tokens as the window slides, an approximation; "
+         "otherwise export the checkpoint from before the attention patch"), "src/models/llama.cpp"),
     Rule("transformers", "shipped Infini-attention", AS_PATCHED, "the class auto_map names; without "
          "trust_remote_code the stock class loads and drops the gates: no memory", "transformers "
          "dynamic_module_utils.py resolve_trust_remote_code", "with trust_remote_code=True"),
     Rule("vLLM", "shipped Infini-attention", REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
     Rule("SGLang", "shipped Infini-attention", REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
-    Rule("llama.cpp", "shipped Infini-attention", REFUSED, _EXPORT_REFUSES.format("no compressive memory"),
+    Rule("llama.cpp", "shipped Infini-attention", REFUSED, _EXPORT_REFUSES.format("Infini-attention's "
+         "compressive memory, in the modeling code it ships, which llama.cpp does not run; export the checkpoint "
+         "from before the infini patch"),
          "src/models/llama.cpp"),
     Rule("transformers", "shipped code, stock architectures", AS_PATCHED, "the class auto_map names", _HF,
          "with trust_remote_code=True"),
@@ -220,7 +229,8 @@ RULES: tuple[Rule, ...] = (
          "silently dropped (re-patch with this llm-retrofit to name the class)", _VLLM_ARCH),
     Rule("SGLang", "shipped code, stock architectures", DIFFERENTLY, "runs its own Llama: the shipped behaviour is "
          "silently dropped (re-patch with this llm-retrofit to name the class)", _SGL_ARCH),
-    Rule("llama.cpp", "shipped code, stock architectures", REFUSED, _EXPORT_REFUSES.format("shipped code"),
+    Rule("llama.cpp", "shipped code, stock architectures", REFUSED, _EXPORT_REFUSES.format("modeling code it ships, which "
+         "llama.cpp does not run"),
          _EXPORT),
 )
 
@@ -246,6 +256,12 @@ def serve_check(config: Config) -> list[dict[str, Any]]:
                        "rules": [{"kind": r.kind, "verdict": r.verdict, "how": r.how, "source": r.source,
                                   "condition": r.condition} for r in found]})
     return report
+
+
+def refusals(config: Config, engine: str) -> list[Rule]:
+    """The rules by which `engine` refuses this checkpoint (`retrofit export` refuses for llama.cpp by these)."""
+    kinds = set(kinds_of(config))
+    return [rule for rule in RULES if rule.engine == engine and rule.kind in kinds and rule.verdict == REFUSED]
 
 
 def summary_rows(report: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
