@@ -112,17 +112,18 @@ def evict_from_page_cache(directory: Path) -> None:
                 os.close(fd)
 
 
-def make_synthetic(path: Path, size_gb: float, dtype: str = "float32") -> tuple[int, int]:
+def make_synthetic(path: Path, size_gb: float, dtype: str = "float32", vocab: int = 32000) -> tuple[int, int]:
     """Make a random Llama checkpoint of about `size_gb` in a child process (so this one stays small: Linux
     children inherit the parent's peak RSS); returns (total bytes, largest tensor bytes)."""
     made = subprocess.run(
-        [sys.executable, __file__, str(path), str(size_gb), dtype], check=True, capture_output=True, text=True
+        [sys.executable, __file__, str(path), str(size_gb), dtype, str(vocab)], check=True, capture_output=True,
+        text=True,
     )
     total, largest = made.stdout.split()
     return int(total), int(largest)
 
 
-def _make(path: Path, size_gb: float, dtype_name: str) -> tuple[int, int]:
+def _make(path: Path, size_gb: float, dtype_name: str, vocab: int) -> tuple[int, int]:
     """A random Llama checkpoint of about `size_gb` in 1 GB shards; returns (bytes, largest tensor bytes)."""
     import torch
     from transformers import LlamaConfig
@@ -131,7 +132,7 @@ def _make(path: Path, size_gb: float, dtype_name: str) -> tuple[int, int]:
     from llm_retrofit.io.writer import SafetensorsWriter, layout_shards, write_index
 
     dtype = getattr(torch, dtype_name)
-    hidden, intermediate, vocab = 2048, 5632, 32000
+    hidden, intermediate = 2048, 5632
     per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) * dtype.itemsize
     layers = max(1, round((size_gb * 1e9 - 2 * vocab * hidden * dtype.itemsize) / per_layer))
     config = LlamaConfig(
@@ -163,4 +164,4 @@ def _make(path: Path, size_gb: float, dtype_name: str) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    print(*_make(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]))
+    print(*_make(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])))

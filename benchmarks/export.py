@@ -1,11 +1,13 @@
 """`retrofit export` against llama.cpp's own converter, on the same checkpoint and output type, in one run.
 
-    python benchmarks/export.py --llama-cpp DIR [--model DIR] [--outtype f16] [--repeats 2]
+    python benchmarks/export.py --llama-cpp DIR [--model DIR | --synthetic-gb 3] [--outtype f16] [--repeats 2]
 
 DIR is llama.cpp's source tree (the one inside the llama-cpp-python source package: `pip download --no-deps
 --no-binary :all: llama-cpp-python==0.3.36`, unpack, `vendor/llama.cpp`). Its `convert_hf_to_gguf.py` runs with the
 gguf package of that tree; nothing of it is copied here. The model defaults to the bundled SmolLM2-135M converted to
-float32 safetensors.
+float32 safetensors; `--synthetic-gb N` makes a random Llama of about N GB (hidden 2048, float32) with the bundled
+model's tokenizer instead, to show memory against the model's size. The reference converter needs `pip install
+sentencepiece` (it tries a SentencePiece tokenizer first).
 
 llama.cpp's converter names the BPE pre-tokenizer by hashing how the tokenizer splits a test string, and refuses a
 tokenizer whose hash it does not list. The bundled model's tokenizer, rebuilt by transformers from a GGUF, is one of
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import checkpoint_or_bundled
+from common import checkpoint_or_bundled, make_synthetic
 
 REFERENCE = """
 import sys
@@ -91,12 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree (vendor/llama.cpp)")
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--synthetic-gb", type=float, default=None)
     parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     tree = str(args.llama_cpp.resolve())
     with tempfile.TemporaryDirectory(dir=".") as scratch:
         model = str(checkpoint_or_bundled(args.model, Path(scratch)).resolve())
+        if args.synthetic_gb:
+            model = str(_synthetic(Path(scratch), Path(model), args.synthetic_gb))
         ours, theirs = Path(scratch) / "ours.gguf", Path(scratch) / "theirs.gguf"
         runs: dict[str, list[dict[str, float]]] = {"retrofit_export": [], "convert_hf_to_gguf": []}
         for _ in range(args.repeats):
@@ -114,6 +120,16 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
         }
     print(json.dumps(report, indent=2))
+
+
+def _synthetic(scratch: Path, tokenizer_from: Path, size_gb: float) -> Path:
+    """A random Llama of about `size_gb` whose vocabulary is `tokenizer_from`'s, with that tokenizer."""
+    path = scratch / "synthetic"
+    vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
+    make_synthetic(path, size_gb, vocab=vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, path / name)
+    return path
 
 
 def _cpu_name() -> str:

@@ -322,7 +322,11 @@ def read_vocabulary(directory: Path, config: Mapping[str, Any]) -> Vocabulary:
             f"is {model.get('type')} with pre-tokenizer {json.dumps(tokenizer.get('pre_tokenizer'))[:200]}, which "
             "llama.cpp would split differently. Use llama.cpp's convert_hf_to_gguf.py for this tokenizer.")
     settings = _tokenizer_settings(directory)
-    size = max(config["vocab_size"], len(model["vocab"]))
+    size = config["vocab_size"]
+    largest = max([*model["vocab"].values(), *(t["id"] for t in tokenizer.get("added_tokens") or [])], default=-1)
+    if largest >= size:
+        raise ExportError(f"{path} has token id {largest} but the model's vocab_size is {size}: this tokenizer belongs "
+                          "to another model. Save the model's own tokenizer into the checkpoint and export again.")
     tokens, types = [f"[PAD{i}]" for i in range(size)], [int(TokenType.UNUSED)] * size
     for text, index in model["vocab"].items():
         tokens[index], types[index] = text, int(TokenType.NORMAL)

@@ -234,6 +234,14 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tiny: Path, tm
         export_gguf(tiny, tmp_path / "out.gguf")
 
 
+def test_a_tokenizer_of_another_model_is_refused(tiny: Path, tmp_path: Path) -> None:
+    config = json.loads((tiny / "config.json").read_text())
+    config["vocab_size"] = 200  # the tokenizer has 320 tokens: they cannot all have an embedding
+    (tiny / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="belongs to another model"):
+        export_gguf(tiny, tmp_path / "out.gguf")
+
+
 def test_a_failed_export_leaves_the_old_file(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llm_retrofit import export
 
