@@ -42,6 +42,7 @@ from .io.checkpoint import (
     raw_bytes,
     refuse_incomplete_output,
 )
+from .io.engine_config import write_config
 from .io.commit import crash_test_point, link_or_copy, staged_directory
 from .io.progress import Progress, quiet_libraries
 from .errors import OutputError, PatchError
@@ -352,7 +353,7 @@ def apply_to_checkpoint(
         # next patch may reuse this hash; a stamp vouches for it (see WeightFiles).
         stamp = None if rewrite else source_weights.stamp(source_hash)
         plan.config[HISTORY_KEY] = with_stamp(plan.config[HISTORY_KEY], stamp)
-        (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        write_config(staging, plan.config)
     return target
 
 
