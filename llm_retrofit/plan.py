@@ -431,6 +431,17 @@ def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tenso
     return view, state
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with no two sharing memory. A copy under a new name (an untied LM head, a duplicated layer) is its
+    input itself in memory, and the rebuilt model would keep the two as one: trained together, never apart."""
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            tensors[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
+    return tensors
+
+
 def apply_to_model(model: PreTrainedModel, patchers: Sequence[Planner], *, force: bool = False) -> PreTrainedModel:
     """Run the patchers' plan over a loaded model; returns a new model (the input is left as it was)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -441,7 +452,7 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Planner], *, force
     source = str(getattr(model, "name_or_path", "") or "<model in memory>")
     source_hash = Fingerprinter(view.tensors, lambda name: raw_bytes(state[name])).result()
     _record_history(plan, plan.applied, source, source_hash)
-    new_state = {name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()}
+    new_state = _unshared({name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()})
     config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # Tensors only an installed behaviour has (Infini's gates) are loaded once the install hooks have made them.
