@@ -153,3 +153,11 @@ def test_a_patch_writes_the_mirrors_and_a_repatch_keeps_none_stale(tmp_path: Pat
     cast = read_config(patch(tmp_path / "yarn", "dtype:to=bfloat16", output=tmp_path / "bf16"))
     assert {key: cast[key] for key in (*MIRROR_KEYS, "rope_parameters")} == {
         key: yarn[key] for key in (*MIRROR_KEYS, "rope_parameters")}
+
+
+def test_the_converted_smollm2_gives_its_base_where_older_readers_look(smollm2: Path) -> None:
+    """The motivating case: `retrofit convert` saves through transformers, which writes the base only inside
+    rope_parameters; readers of the top-level key would take 10000."""
+    config = read_config(smollm2)
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": THETA}
+    assert config["rope_theta"] == THETA and "rope_scaling" not in config
