@@ -161,3 +161,29 @@ def test_the_converted_smollm2_gives_its_base_where_older_readers_look(smollm2: 
     config = read_config(smollm2)
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": THETA}
     assert config["rope_theta"] == THETA and "rope_scaling" not in config
+
+
+@pytest.mark.parametrize("training", [{}, {"lora": "lora:r=2,merge=true"}], ids=["full", "merged-lora"])
+def test_a_finetune_writes_the_mirrors_that_save_pretrained_leaves_out(training: dict[str, Any], tmp_path: Path) -> None:
+    from test_finetune import chars_model, corpus
+
+    from llm_retrofit import finetune
+
+    yarn = patch(chars_model(tmp_path / "base"), "yarn:factor=2", output=tmp_path / "yarn")
+    out = finetune(yarn, tmp_path / "out", data=[str(corpus(tmp_path))], steps=1, seq_len=32, **training)
+    written, patched = read_config(out.path), read_config(yarn)
+    assert {key: written[key] for key in (*MIRROR_KEYS, "rope_parameters")} == {
+        key: patched[key] for key in (*MIRROR_KEYS, "rope_parameters")}
+
+
+def test_a_stale_mirror_changes_nothing_in_memory_either(tmp_path: Path) -> None:
+    """transformers would let a leftover top-level original_max_position_embeddings win over the one yarn computes;
+    the model patched in memory uses the same RoPE as the checkpoint patched on disk."""
+    source = save_tiny(tmp_path / "tiny", rope_parameters={"rope_type": "default", "rope_theta": THETA})
+    config = read_config(source)
+    (source / "config.json").write_text(json.dumps({**config, "original_max_position_embeddings": 64}))
+    on_disk = AutoModelForCausalLM.from_pretrained(patch(source, "yarn:factor=2", output=tmp_path / "yarn"))
+    in_memory = patch(AutoModelForCausalLM.from_pretrained(source), "yarn:factor=2")
+    assert in_memory.config.rope_parameters["original_max_position_embeddings"] == 256
+    for ours, theirs in zip(_rope_of(in_memory.config), _rope_of(on_disk.config)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
