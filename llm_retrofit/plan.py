@@ -42,7 +42,7 @@ from .io.checkpoint import (
     raw_bytes,
     refuse_incomplete_output,
 )
-from .io.engine_config import MIRROR_KEYS, with_rope_mirrors, write_config
+from .io.engine_config import MIRROR_KEYS, without_rope_mirrors, write_config
 from .io.commit import crash_test_point, link_or_copy, staged_directory
 from .io.progress import Progress, quiet_libraries
 from .errors import OutputError, PatchError
@@ -454,9 +454,9 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Planner], *, force
     source_hash = Fingerprinter(view.tensors, lambda name: raw_bytes(state[name])).result()
     _record_history(plan, plan.applied, source, source_hash)
     new_state = _unshared({name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()})
-    # With the mirrors derived as on disk: a stale one (a top-level original_max_position_embeddings the model came
-    # with) would win over rope_parameters in transformers, and the model in memory would differ from the saved one.
-    config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(with_rope_mirrors(plan.config))
+    # Without mirrors: a stale one (a top-level original_max_position_embeddings the model came with) would win over
+    # rope_parameters in transformers, and the model in memory would differ from the saved one.
+    config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(without_rope_mirrors(plan.config))
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # Tensors only an installed behaviour has (Infini's gates) are loaded once the install hooks have made them.
     # (Only then: without hooks every tensor is the plain class's, under its on-disk name, which for a Mixtral is

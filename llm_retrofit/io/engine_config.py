@@ -38,20 +38,34 @@ def with_rope_mirrors(config: Mapping[str, Any]) -> dict[str, Any]:
     A config without a flat `rope_parameters` (a transformers 4 config, where `rope_scaling` and `rope_theta` are
     the truth, or one with RoPE per layer type) is returned as it is.
     """
-    parameters = config.get("rope_parameters")
-    if not isinstance(parameters, Mapping) or not isinstance(parameters.get("rope_type", "default"), str):
-        return dict(config)
-    canonical = {key: value for key, value in parameters.items() if key not in ALIAS_KEYS}
+    mirrored = without_rope_mirrors(config)
+    canonical = mirrored.get("rope_parameters")
+    if not _is_flat(canonical):
+        return mirrored
     rope_type = canonical.get("rope_type", "default")
-    mirrored = {key: value for key, value in config.items() if key not in MIRROR_KEYS}
-    mirrored["rope_parameters"] = canonical
     if "rope_theta" in canonical:
         mirrored["rope_theta"] = canonical["rope_theta"]
     if rope_type != "default":
         mirrored["rope_scaling"] = {**canonical, "type": rope_type, **_vllm_longrope_scales(config, canonical)}
-    if "original_max_position_embeddings" in canonical and rope_type != "default":
-        mirrored["original_max_position_embeddings"] = canonical["original_max_position_embeddings"]
+        if "original_max_position_embeddings" in canonical:
+            mirrored["original_max_position_embeddings"] = canonical["original_max_position_embeddings"]
     return mirrored
+
+
+def without_rope_mirrors(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with `rope_parameters` alone saying what the RoPE is: what a model is built from in memory, where a
+    mirror could only add the aliases a transformers load keeps (or, stale, override the truth)."""
+    parameters = config.get("rope_parameters")
+    if not _is_flat(parameters):
+        return dict(config)
+    kept = {key: value for key, value in config.items() if key not in MIRROR_KEYS}
+    kept["rope_parameters"] = {key: value for key, value in parameters.items() if key not in ALIAS_KEYS}
+    return kept
+
+
+def _is_flat(parameters: Any) -> bool:
+    """One RoPE for every layer (not a dict per layer type, whose values are dicts)."""
+    return isinstance(parameters, Mapping) and not any(isinstance(v, Mapping) for v in parameters.values())
 
 
 def _vllm_longrope_scales(config: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, float]:
