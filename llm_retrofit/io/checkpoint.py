@@ -26,6 +26,7 @@ import torch
 
 from ..architectures import Architecture, architecture_of, split_layer_name
 from ..errors import CheckpointError, PatchError
+from .engine_config import write_config
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +328,6 @@ def restore_dropped_config(directory: Path, source_config: Mapping[str, Any]) ->
     """Rewrite `directory/config.json` after a transformers `save_pretrained`: put back what it dropped from the
     source's config (the chosen attention kernel), so that our saves keep what a patch persisted, and the RoPE
     mirrors other readers need (`engine_config`), which it does not write either."""
-    from .engine_config import write_config
-
     kept = {key: source_config[key] for key in DROPPED_BY_SAVE_PRETRAINED if source_config.get(key) is not None}
     write_config(directory, {**json.loads((directory / "config.json").read_text()), **kept})
 
