@@ -75,6 +75,16 @@ def test_stale_mirrors_are_replaced_from_rope_parameters() -> None:
     # What a transformers 5 load of a mirrored config leaves in rope_parameters is not carried on as truth.
     reloaded = {**config_with("yarn"), "rope_parameters": {**ROPES["yarn"], "type": "yarn"}}
     assert with_rope_mirrors(reloaded)["rope_parameters"] == ROPES["yarn"]
+    legacy_type_only = {**config_with("linear"), "rope_parameters": {"type": "linear", "factor": 2.0, "rope_theta": THETA}}
+    assert with_rope_mirrors(legacy_type_only)["rope_parameters"] == ROPES["linear"]
+
+
+def test_a_base_given_only_at_the_top_level_moves_into_rope_parameters(tmp_path: Path) -> None:
+    """Not a mirror (we always write the base inside): transformers takes a missing base from the top level."""
+    config = {**config_with("linear"), "rope_theta": 500000.0, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
+    written = with_rope_mirrors(config)
+    assert written["rope_parameters"]["rope_theta"] == written["rope_theta"] == 500000.0
+    assert _load(written, tmp_path / "a").rope_parameters["rope_theta"] == _load(config, tmp_path / "b").rope_parameters["rope_theta"]
 
 
 def test_a_transformers_4_config_is_left_as_it_is() -> None:

@@ -60,6 +60,11 @@ def without_rope_mirrors(config: Mapping[str, Any]) -> dict[str, Any]:
         return dict(config)
     kept = {key: value for key, value in config.items() if key not in MIRROR_KEYS}
     kept["rope_parameters"] = {key: value for key, value in parameters.items() if key not in ALIAS_KEYS}
+    if "rope_type" not in parameters and "type" in parameters:  # as transformers reads a legacy-only type
+        kept["rope_parameters"]["rope_type"] = parameters["type"]
+    if "rope_theta" not in parameters and config.get("rope_theta") is not None:
+        # Not a mirror of ours (we always write the base inside): transformers takes a missing base from here.
+        kept["rope_parameters"]["rope_theta"] = config["rope_theta"]
     return kept
 
 
