@@ -12,7 +12,7 @@ from xxhash import xxh3_128
 
 from .architectures import architecture_of
 from .io.bundled import bundled_gguf
-from .io.checkpoint import load_checkpoint
+from .io.checkpoint import load_checkpoint, restore_dropped_config
 from .io.commit import staged_directory
 from .io.progress import note, quiet_libraries
 from .errors import CheckpointError
@@ -87,6 +87,7 @@ def import_gguf(
         view, state = model_view(model)
         write_weights(TensorPlan.identity(view), state.__getitem__, staging, shard_bytes)
         model.config.save_pretrained(staging)
+        restore_dropped_config(staging, {})  # the RoPE keys other readers need, which save_pretrained leaves out
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return output

@@ -42,6 +42,7 @@ from .io.checkpoint import (
     raw_bytes,
     refuse_incomplete_output,
 )
+from .io.engine_config import MIRROR_KEYS, without_rope_mirrors, write_config
 from .io.commit import crash_test_point, link_or_copy, staged_directory
 from .io.progress import Progress, quiet_libraries
 from .errors import OutputError, PatchError
@@ -240,10 +241,11 @@ class PlanSummary:
     @classmethod
     def of(cls, plan: TensorPlan, source: ModelView) -> PlanSummary:
         keys = sorted(set(plan.config) | set(source.config))
+        derived = {HISTORY_KEY, *MIRROR_KEYS}  # the RoPE mirrors follow rope_parameters: not changes of their own
         config_changes = {
             key: (source.config.get(key), plan.config.get(key))
             for key in keys
-            if key != HISTORY_KEY and source.config.get(key) != plan.config.get(key)
+            if key not in derived and source.config.get(key) != plan.config.get(key)
         }
         rewrites = plan.rewrites_weights(source.tensors)
         return cls(
@@ -352,7 +354,7 @@ def apply_to_checkpoint(
         # next patch may reuse this hash; a stamp vouches for it (see WeightFiles).
         stamp = None if rewrite else source_weights.stamp(source_hash)
         plan.config[HISTORY_KEY] = with_stamp(plan.config[HISTORY_KEY], stamp)
-        (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        write_config(staging, plan.config)
     return target
 
 
@@ -430,6 +432,17 @@ def model_view(model: PreTrainedModel) -> tuple[ModelView, dict[str, torch.Tenso
     return view, state
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with no two sharing memory. A copy under a new name (an untied LM head, a duplicated layer) is its
+    input itself in memory, and the rebuilt model would keep the two as one: trained together, never apart."""
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            tensors[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
+    return tensors
+
+
 def apply_to_model(model: PreTrainedModel, patchers: Sequence[Planner], *, force: bool = False) -> PreTrainedModel:
     """Run the patchers' plan over a loaded model; returns a new model (the input is left as it was)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -440,8 +453,10 @@ def apply_to_model(model: PreTrainedModel, patchers: Sequence[Planner], *, force
     source = str(getattr(model, "name_or_path", "") or "<model in memory>")
     source_hash = Fingerprinter(view.tensors, lambda name: raw_bytes(state[name])).result()
     _record_history(plan, plan.applied, source, source_hash)
-    new_state = {name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()}
-    config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(plan.config)
+    new_state = _unshared({name: task.run(state.__getitem__, name) for name, task in plan.tensors.items()})
+    # Without mirrors: a stale one (a top-level original_max_position_embeddings the model came with) would win over
+    # rope_parameters in transformers, and the model in memory would differ from the saved one.
+    config = CONFIG_MAPPING[plan.config["model_type"]].from_dict(without_rope_mirrors(plan.config))
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # Tensors only an installed behaviour has (Infini's gates) are loaded once the install hooks have made them.
     # (Only then: without hooks every tensor is the plain class's, under its on-disk name, which for a Mixtral is

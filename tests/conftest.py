@@ -89,6 +89,12 @@ def tiny_llama(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def tiny_tied(tmp_path: Path) -> Path:
+    """A Llama whose LM head is its input embedding, as SmolLM2's (the only layout that stores no lm_head.weight)."""
+    return save_tiny(tmp_path / "tiny-tied", tie_word_embeddings=True)
+
+
+@pytest.fixture
 def tiny_mistral(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-mistral", "mistral", sliding_window=64)
 

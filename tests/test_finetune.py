@@ -98,8 +98,9 @@ def test_gradient_accumulation_steps_the_optimizer_and_the_schedule_once_per_ste
     same_training(state_of(accumulated.path), state_of(batched.path), state_of(base))
 
 
-def test_router_only_finetune_of_an_upcycled_moe_changes_only_routers(tmp_path: Path) -> None:
-    base = chars_model(tmp_path / "base")
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-source", "tied-source"])  # the head is written untied
+def test_router_only_finetune_of_an_upcycled_moe_changes_only_routers(tmp_path: Path, tied: bool) -> None:
+    base = chars_model(tmp_path / "base", tie_word_embeddings=tied)
     moe = patch(base, "moe:num_experts=2,top_k=1", output=tmp_path / "moe")
     out = finetune(moe, tmp_path / "out", data=[str(corpus(tmp_path))], steps=2, seq_len=32, lr=1e-2, train=["router"])
     before, after = state_of(moe), state_of(out.path)

@@ -45,7 +45,7 @@ PATCHES: list[Row] = [
     row("dtype:to=bfloat16", ALL_LAYOUTS),
     row("dtype:to=float16", ALL_LAYOUTS),
     row("dtype:to=float32", ("tiny_llama",), keeps_function=True),  # config-only on a float32 model
-    row("moe:num_experts=4,top_k=2", ALL_LAYOUTS, keeps_function=True),
+    row("moe:num_experts=4,top_k=2", (*ALL_LAYOUTS, "tiny_tied"), keeps_function=True),  # tied: the head is untied
     row("moe:num_experts=3,top_k=1,noise=0.01,drop=0.3,router=uniform", ("tiny_llama", "tiny_mistral")),
     row("moe:num_experts=4,top_k=2,split=true,partition=cluster", ("tiny_llama",)),
     row("expand:num_new_layers=3", ALL_LAYOUTS, keeps_function=True),
@@ -68,7 +68,8 @@ CHAINS: list[Row] = [
     ),
     row(("expand:every=3", "moe:num_experts=2,top_k=1"), ("tiny_llama", "tiny_bin"), keeps_function=True),
     row(("expand:every=3", "moe:num_experts=3,top_k=1,noise=0.01,drop=0.3"), ("tiny_mistral",)),
-    row(("moe:num_experts=2,top_k=1", "expand:num_new_layers=3"), ("tiny_llama", "tiny_mistral"), keeps_function=True),
+    row(("moe:num_experts=2,top_k=1", "expand:num_new_layers=3"), ("tiny_llama", "tiny_mistral", "tiny_tied"),
+        keeps_function=True),
     row(("moe:num_experts=4,top_k=2", "dtype:to=bfloat16"), ("tiny_mistral",)),
     row(("gqa:num_key_value_heads=1,method=first", "dtype:to=bfloat16"), ("tiny_llama", "tiny_sharded")),
     row(("yarn:target_length=1024", "expand:num_new_layers=3", "dtype:to=float16"), ("tiny_llama", "tiny_sharded")),

@@ -188,3 +188,26 @@ def test_biases_are_refused(tmp_path: Path) -> None:
     source = save_tiny(tmp_path / "biased", attention_bias=True)
     with pytest.raises(PatchError, match="biases"):
         patch(source, "moe:num_experts=2", output=tmp_path / "x")
+
+
+def test_a_tied_lm_head_is_written_untied_with_the_same_logits(tmp_path: Path) -> None:
+    """SGLang's Mixtral builds its own output layer whatever tie_word_embeddings says: the head must be stored."""
+    source = save_tiny(tmp_path / "tied", tie_word_embeddings=True)
+    untied = patch(source, "moe:num_experts=2,top_k=1", output=tmp_path / "untied")
+    tied = patch(source, "moe:num_experts=2,top_k=1,untie_lm_head=false", output=tmp_path / "still-tied")
+    assert read_config(untied)["tie_word_embeddings"] is False and read_config(tied)["tie_word_embeddings"] is True
+    weights = state_of(untied)
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    assert "lm_head.weight" not in state_of(tied)
+    torch.testing.assert_close(logits(untied), logits(tied), rtol=0, atol=0)
+    torch.testing.assert_close(logits(untied), logits(source), rtol=0, atol=1e-5)  # top-1 of identical experts
+    # The same plan on a loaded model (whose state dict leaves the tied head out) unties it the same way.
+    in_memory = upcycle_moe(AutoModelForCausalLM.from_pretrained(source), num_experts=2, top_k=1)
+    assert in_memory.config.tie_word_embeddings is False
+    assert in_memory.lm_head.weight.data_ptr() != in_memory.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(logits(in_memory), logits(tied), rtol=0, atol=0)
+
+
+def test_an_untied_source_keeps_its_own_head(tiny_llama: Path, tmp_path: Path) -> None:
+    output = patch(tiny_llama, "moe:num_experts=2,top_k=1", output=tmp_path / "moe")
+    assert torch.equal(state_of(output)["lm_head.weight"], state_of(tiny_llama)["lm_head.weight"])

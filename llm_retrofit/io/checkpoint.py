@@ -26,6 +26,7 @@ import torch
 
 from ..architectures import Architecture, architecture_of, split_layer_name
 from ..errors import CheckpointError, PatchError
+from .engine_config import write_config
 
 log = logging.getLogger(__name__)
 
@@ -324,12 +325,11 @@ DROPPED_BY_SAVE_PRETRAINED = ("attn_implementation",)
 
 
 def restore_dropped_config(directory: Path, source_config: Mapping[str, Any]) -> None:
-    """Put back into `directory/config.json` what `save_pretrained` dropped from the source's config (the chosen
-    attention kernel), so that our saves keep what a patch persisted."""
+    """Rewrite `directory/config.json` after a transformers `save_pretrained`: put back what it dropped from the
+    source's config (the chosen attention kernel), so that our saves keep what a patch persisted, and the RoPE
+    mirrors other readers need (`engine_config`), which it does not write either."""
     kept = {key: source_config[key] for key in DROPPED_BY_SAVE_PRETRAINED if source_config.get(key) is not None}
-    if kept:
-        path = directory / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **kept}, indent=2, sort_keys=True) + "\n")
+    write_config(directory, {**json.loads((directory / "config.json").read_text()), **kept})
 
 
 def check_config_sizes(config: Mapping[str, Any], where: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import PatchError
+from ..io.engine_config import longrope_attention_factor as longrope_attention_factor  # one formula, shared with config writing
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,6 @@ def yarn_factors(shape: RopeShape, scale: float, beta_fast: float = 32.0, beta_s
         ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: extrapolate (keep), 1: interpolate by s
         factors.append(1.0 / ((1 - ramp) + ramp / scale))
     return factors
-
-
-def longrope_attention_factor(scale: float, original_length: int) -> float:
-    return math.sqrt(1 + math.log(scale) / math.log(original_length)) if scale > 1 else 1.0
 
 
 def rope_length_classes(model: torch.nn.Module, lengths: Sequence[int]) -> list[list[int]]:

@@ -66,6 +66,9 @@ class UpcycleMoE(Patcher):
     split: bool = False
     partition: Literal["random", "cluster"] = "random"
     seed: int = 0
+    untie_lm_head: bool = True
+    """Where the source ties its LM head to the embedding, write `lm_head.weight` as a copy of it: SGLang's Mixtral
+    never ties, so it would serve an untrained head (docs/patchers/moe.md#the-lm-head measures the cost)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 2:
@@ -134,6 +137,12 @@ class UpcycleMoE(Patcher):
             output_router_logits=False,
             router_jitter_noise=0.0,
         )
+        if self.untie_lm_head and config.get("tie_word_embeddings", False):
+            # A copy under a new name, as a tied head reads the embedding (a stored lm_head of a tied checkpoint is
+            # ignored by every reader, so it is replaced).
+            embed, head = model.architecture.embed, model.architecture.lm_head
+            tensors[head] = TensorTask(model.tensors[embed], (embed,))
+            new_config["tie_word_embeddings"] = False
         return TensorPlan(new_config, tensors)
 
     # -------------------------------------------------------------------------------------------------- experts

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import PatchError, PatchSpecError
+from ..io.engine_config import MIRROR_KEYS
 from ..modeling.activations import calibration_model
 from ..modeling.rope import RopeShape, longrope_attention_factor, pi_factors
 from ..plan import ModelView, TensorPlan
@@ -74,7 +75,7 @@ class _ContextExtension(Patcher):
 
     def extended(self, model: ModelView, rope_parameters: dict[str, Any], length: int | None = None) -> TensorPlan:
         shape = RopeShape.of(model.config)
-        config = {k: v for k, v in model.config.items() if k not in ("rope_scaling", "rope_theta")}
+        config = {k: v for k, v in model.config.items() if k not in MIRROR_KEYS}  # stale now; see engine_config
         config["rope_parameters"] = {"rope_theta": shape.base, **rope_parameters}
         if length is not None:
             config["max_position_embeddings"] = length
