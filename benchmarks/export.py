@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     tree = str(args.llama_cpp.resolve())
-    with tempfile.TemporaryDirectory(dir=".") as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         model = str(checkpoint_or_bundled(args.model, Path(scratch)).resolve())
         if args.synthetic_gb:
             model = str(_synthetic(Path(scratch), Path(model), args.synthetic_gb))

@@ -89,19 +89,20 @@ def test_the_shipped_class_refuses_the_engines_transformers_backends(patched: di
 TINY_FACTORS = Path(__file__).parent / "data" / "tiny_longrope_factors.json"
 AP, DIFF, REF = "as patched", "differently", "refused"
 # patch -> (spec, source, verdicts of transformers, vLLM, SGLang, llama.cpp through retrofit export), as
-# docs/serving.md's rules give them. The tiny source keeps rope_theta 10000, so no RoPE base is hidden from older
-# readers except where a patch changes it (ntk).
+# docs/serving.md's rules give them. Every config we write mirrors the RoPE base at the top level (ntk's too), and moe
+# unties a tied head unless told to keep it.
 EXPECTED = {
     "original": (None, "llama", (AP, AP, AP, AP)),
     "linear": ("linear:factor=2", "llama", (AP, DIFF, DIFF, AP)),
-    "ntk": ("ntk:factor=2", "llama", (AP, AP, DIFF, AP)),
+    "ntk": ("ntk:factor=2", "llama", (AP, AP, AP, AP)),
     "dynamic": ("dynamic:factor=2", "llama", (AP, DIFF, DIFF, REF)),
     "yarn": ("yarn:factor=2", "llama", (AP, AP, AP, AP)),
     "llama3": ("llama3:factor=8", "llama", (AP, AP, AP, AP)),
     "longrope": (f"longrope:factors={TINY_FACTORS}", "llama", (AP, DIFF, DIFF, DIFF)),
     "gqa": ("gqa:num_key_value_heads=1,method=mean", "llama", (AP, AP, AP, AP)),
     "expand": ("expand:num_new_layers=1", "llama", (AP, AP, AP, AP)),
-    "moe (tied)": ("moe:num_experts=2,top_k=1", "tied", (AP, AP, DIFF, AP)),
+    "moe (tied source)": ("moe:num_experts=2,top_k=1", "tied", (AP, AP, AP, AP)),
+    "moe (head kept tied)": ("moe:num_experts=2,top_k=1,untie_lm_head=false", "tied", (AP, AP, DIFF, AP)),
     "sliding": ("attention:pattern=sliding,window=8", "llama", (AP, AP, DIFF, REF)),
     "ministral": ("attention:pattern=sliding,window=8,full_every=2", "llama", (AP, AP, DIFF, REF)),
     "sinks": (SHIPPED["sinks"][0], "llama", (AP, REF, REF, REF)),
