@@ -16,6 +16,7 @@ from .io.checkpoint import load_checkpoint, restore_dropped_config
 from .io.commit import staged_directory
 from .io.progress import note, quiet_libraries
 from .errors import CheckpointError
+from .export import rope_parameters_of_gguf
 from .plan import TensorPlan, apply_to_checkpoint, model_view, write_weights
 from .io.provenance import HISTORY_KEY, make_records
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -81,6 +82,10 @@ def import_gguf(
             del model.config.quantization_config
         model.config.name_or_path = ""
         model.config.architectures = [architecture_of(model.config.to_dict()).class_name]
+        rope = rope_parameters_of_gguf(gguf, model.config.rope_parameters["rope_theta"],
+                                       model.config.max_position_embeddings)
+        if rope:
+            model.config.rope_parameters = rope
         params = {"from": "gguf", "dtype": str(model.dtype).removeprefix("torch."), "max_shard_size": max_shard_size}
         setattr(model.config, HISTORY_KEY, make_records([("convert", {"params": params})], str(gguf), _file_hash(gguf)))
         # Our own writer rather than save_pretrained, which refuses models that came from a quantized file.

@@ -39,6 +39,7 @@ from .architectures import architecture_of, layer_name
 from .errors import ExportError
 from .io.checkpoint import Checkpoint, load_checkpoint
 from .io.commit import staged_file
+from .io.engine_config import without_rope_mirrors
 from .io.progress import Progress
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -220,7 +221,8 @@ def _rope_of(config: Mapping[str, Any]) -> tuple[Any, float]:
     from transformers import CONFIG_MAPPING
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+    # transformers lets a rope_scaling mirror win over rope_parameters: read the truth alone.
+    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(without_rope_mirrors(config))
     rope_type = hf_config.rope_parameters.get("rope_type", "default")
     if rope_type == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -261,6 +263,46 @@ def _rope_metadata(writer: Any, config: Mapping[str, Any]) -> None:
         writer.add_rope_scaling_attn_factors(float(_rope_of(config)[1]))
     if original:
         writer.add_rope_scaling_orig_ctx_len(int(original))
+
+
+def rope_parameters_of_gguf(path: Path, rope_theta: float, context: int) -> dict[str, Any] | None:
+    """The `rope_parameters` a GGUF's RoPE keys and factor tensors describe (what `_rope_metadata` writes, read back),
+    or None for plain RoPE. transformers' GGUF import keeps only the base: without this, `retrofit convert` of a
+    LongRoPE, YaRN, linear or Llama 3 GGUF would give a model with plain RoPE.
+
+    A `rope_freqs` tensor (Llama 3, from any converter) holds divisors but not the rule that made them, so it comes
+    back as LongRoPE with those divisors for short and long sequences alike and no attention factor: transformers
+    then computes the same frequencies at every length."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    kind, factor = _field(reader, f"{arch}.rope.scaling.type"), _field(reader, f"{arch}.rope.scaling.factor")
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length") or context
+    attention = _field(reader, f"{arch}.rope.scaling.attn_factor")
+    factors = {t.name.removesuffix(".weight"): [float(x) for x in t.data] for t in reader.tensors
+               if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")}
+    base = {"rope_theta": rope_theta}
+    if "rope_factors_long" in factors or "rope_freqs" in factors:
+        long = factors.get("rope_factors_long", factors.get("rope_freqs"))
+        return {**base, "rope_type": "longrope", "factor": context / original, "original_max_position_embeddings":
+                original, "long_factor": long, "short_factor": factors.get("rope_factors_short", long),
+                "attention_factor": float(attention if attention is not None else 1.0)}
+    if kind == "linear" and factor and factor != 1.0:
+        return {**base, "rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor:
+        yarn = {**base, "rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original,
+                "beta_fast": float(_field(reader, f"{arch}.rope.scaling.yarn_beta_fast") or 32.0),
+                "beta_slow": float(_field(reader, f"{arch}.rope.scaling.yarn_beta_slow") or 1.0)}
+        if attention is not None:  # llama.cpp multiplies its own 0.1 ln s + 1 by it
+            yarn["attention_factor"] = float(attention) * (0.1 * math.log(factor) + 1.0)
+        return yarn
+    return None
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
 
 
 def _scaling(name: str) -> Any:

@@ -194,6 +194,18 @@ def test_export_round_trips_through_convert(tiny: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(read_back[name], original[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["linear", "ntk", "yarn", "llama3", "longrope"])
+def test_convert_reads_the_rope_back(name: str, tiny: Path, tmp_path: Path) -> None:
+    """transformers' GGUF import keeps only the RoPE base; `retrofit convert` reads the scaling keys and factor
+    tensors too, so the checkpoint it writes computes what the exported one did, past the original context. (Llama 3
+    comes back as LongRoPE with its divisors for every length: the same frequencies under another name.)"""
+    model = patch(tiny, *EXPRESSIBLE[name], output=tmp_path / "patched")
+    back = convert(export_gguf(model, tmp_path / "model.gguf", dtype="f32"), tmp_path / "back")
+    tokens = random_tokens(400)
+    np.testing.assert_allclose(transformers_logits(back, tokens), transformers_logits(model, tokens), rtol=0,
+                               atol=1e-5)
+
+
 def test_rotate_half_rows_become_adjacent_pairs() -> None:
     """Head 0 of a Q with head dim 4: rows (0, 1 | 2, 3) pair as (0, 2) and (1, 3); llama.cpp wants 0, 2, 1, 3."""
     rows = np.arange(8, dtype=np.float32).reshape(8, 1)
