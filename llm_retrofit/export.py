@@ -25,9 +25,11 @@ The format rules we follow are llama.cpp's, re-derived here rather than taken fr
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .architectures import architecture_of, layer_name
-from .errors import ExportError
+from .errors import ExportError, OutputError
 from .io.checkpoint import Checkpoint, load_checkpoint
 from .io.commit import staged_file
 from .io.engine_config import without_rope_mirrors
@@ -75,6 +77,8 @@ def export_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     output = Path(output).expanduser()
     if output.suffix != ".gguf":
         raise ExportError(f"{output} does not end in .gguf; name the output file, e.g. {output.name or 'model'}.gguf.")
+    if not output.parent.is_dir():
+        raise OutputError(f"{output.parent} does not exist; create it first or choose another output path.")
     checkpoint = load_checkpoint(source, revision=revision)
     checkpoint.require_complete()
     config = checkpoint.config
@@ -427,16 +431,27 @@ def _write(path: Path, name: str, config: Mapping[str, Any], vocabulary: Vocabul
         numpy_type = np.uint8 if raw else (np.float32 if tensor.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
         writer.add_tensor_info(tensor.name, shape, np.dtype(numpy_type), math.prod(tensor.byte_shape),
                                raw_dtype=tensor.qtype if raw else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    total = sum(math.prod(t.byte_shape) for t in tensors)
-    with Progress(total, f"writing {name}", "B", unit_scale=True) as bar:
-        for tensor in tensors:
-            data = tensor.make([checkpoint.read(name).float().numpy() for name in tensor.sources])
-            writer.write_tensor_data(tensor.encode(data))
-            bar.update(math.prod(tensor.byte_shape))
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(math.prod(t.byte_shape) for t in tensors)
+        with Progress(total, f"writing {name}", "B", unit_scale=True) as bar:
+            for tensor in tensors:
+                data = tensor.make([checkpoint.read(source).float().numpy() for source in tensor.sources])
+                _append(writer, tensor.encode(data), path)
+                bar.update(math.prod(tensor.byte_shape))
+    finally:
+        writer.close()
+
+
+def _append(writer: Any, data: np.ndarray, path: Path) -> None:
+    try:
+        writer.write_tensor_data(data)
+    except OSError as e:  # numpy's tofile reports a short write without its errno: a full disk, if there is no room
+        if e.errno is None and shutil.disk_usage(path.parent).free < data.nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise
 
 
 def _hyperparameters(writer: Any, config: Mapping[str, Any], dtype: str) -> None:

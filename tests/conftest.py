@@ -242,3 +242,19 @@ def start_paused(args: list[str], pause_at: str, *, env: dict[str, str] | None =
             return child
     child.wait()
     pytest.fail(f"`retrofit {' '.join(map(str, args))}` finished (exit {child.returncode}) without reaching {pause_at}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A real 256 KiB tmpfs (the simulated full disk above fails os.write; this one fills for real). Needs root."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -268,6 +268,14 @@ def test_a_failed_export_leaves_the_old_file(tiny: Path, tmp_path: Path, monkeyp
     assert [p.name for p in tmp_path.iterdir() if "retrofit-tmp" in p.name] == []
 
 
+def test_a_disk_that_fills_gives_one_error_and_leaves_nothing(tiny: Path, small_disk: Path) -> None:
+    from llm_retrofit.errors import OutputError
+
+    with pytest.raises(OutputError, match="No space left on device"):
+        export_gguf(tiny, small_disk / "model.gguf", dtype="f32")
+    assert list(small_disk.iterdir()) == []
+
+
 def test_bad_output_names_are_refused(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="does not end in .gguf"):
         export_gguf(tiny, tmp_path / "model.bin")

@@ -277,6 +277,16 @@ CASES = [
                  marks=pytest.mark.skipif(not unwritable("/sys"), reason="/sys is writable here")),
     pytest.param(results_lost_to_a_full_disk, EVAL + " --json {tmp}/eval.json", "cannot write {tmp}/eval.json: No "
                  "space left on device", id="eval-json-on-a-full-disk"),
+    pytest.param(None, "export {m} {tmp}/m.gguf", "export writes byte-level BPE tokenizers",
+                 id="export-word-level-tokenizer"),
+    pytest.param(remove("tokenizer.json"), "export {m} {tmp}/m.gguf", "has no tokenizer.json; a GGUF carries its "
+                 "tokenizer", id="export-without-a-tokenizer"),
+    pytest.param(config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+                 "export {m} {tmp}/m.gguf", "cannot be exported to GGUF: dynamic NTK", id="export-dynamic-ntk"),
+    pytest.param(None, "export {m} {tmp}/m.bin", "does not end in .gguf", id="export-output-not-gguf"),
+    pytest.param(None, "export {m} {tmp}/m.gguf --dtype q4_k", "Invalid value for '--dtype'", id="export-dtype-q4_k"),
+    pytest.param(None, "export {m} {tmp}/nowhere/m.gguf", "{tmp}/nowhere does not exist; create it first",
+                 id="export-into-a-missing-directory"),
     pytest.param(None, "patch {m} -p expand:num_new_layers=0 -o {out}", "expand: num_new_layers=0 must be a positive "
                  "integer (the layers to add)", id="expand-num-new-layers-0"),
     pytest.param(None, "patch {m} -p expand:every=0 -o {out}", "expand: every=0 must be a positive integer (original "
@@ -404,22 +414,6 @@ def test_inspect_flags_a_config_claiming_1e8_layers_at_once(place: Place) -> Non
     assert description["incomplete"].startswith("config.json says num_hidden_layers=100000000 but the weights hold 3")
     assert description["missing_tensors"][0] == "model.layers.3.self_attn.q_proj.weight"
     assert len(description["missing_tensors"]) == 9, "the first absent layer's tensors, not 10^8 layers of them"
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
-    """A real 256 KiB tmpfs (the simulated full disk above fails os.write; this one fills for real). Needs root."""
-    import subprocess
-
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("command", ["patch {m} -p dtype:to=float64 -o {out}", "convert {m} {out} --dtype float64"])
