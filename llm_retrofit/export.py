@@ -123,35 +123,49 @@ class GgufTensor:
         return quantize(np.ascontiguousarray(data, dtype=np.float32), self.qtype)
 
 
+# A layer's tensors, Hugging Face name -> llama.cpp's (each with .weight and, where the model has biases, .bias).
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_ROTATED_HEADS = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
+
+
 def gguf_tensors(config: Mapping[str, Any], checkpoint: Checkpoint, dtype: str) -> list[GgufTensor]:
-    """Every tensor of the GGUF, in the order it is written, from the checkpoint's tensor names and shapes."""
+    """Every tensor of the GGUF, in the order it is written, from the checkpoint's tensor names and shapes. A
+    checkpoint tensor with no place in the GGUF is refused rather than left out."""
     shapes = {name: tuple(meta.shape) for name, meta in checkpoint.tensors.items()}
     kind = _weight_type(dtype)
     tensors = [_copy("token_embd.weight", "model.embed_tokens.weight", shapes, kind),
                _copy("output_norm.weight", "model.norm.weight", shapes, kind)]
-    if "lm_head.weight" in shapes and not config.get("tie_word_embeddings", False):
+    tied = config.get("tie_word_embeddings", False)
+    if "lm_head.weight" in shapes and not tied:
         tensors.append(_copy("output.weight", "lm_head.weight", shapes, kind))
     tensors += _rope_tensors(config)
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     for layer in range(config["num_hidden_layers"]):
-        def named(suffix: str, gguf_name: str, *, heads: int | None = None) -> GgufTensor | None:
-            name = layer_name(layer, suffix)
-            if name not in shapes:
-                return None
-            return _copy(f"blk.{layer}.{gguf_name}", name, shapes, kind, rotary_heads=heads)
+        tensors += _layer_tensors(layer, config, shapes, kind)
+    placed = {source for tensor in tensors for source in tensor.sources} | ({"lm_head.weight"} if tied else set())
+    unplaced = sorted(set(shapes) - placed)
+    if unplaced:
+        raise ExportError(f"llama.cpp's llama architecture has no tensor for {', '.join(unplaced[:5])}"
+                          f"{' ...' if len(unplaced) > 5 else ''}; this checkpoint cannot be exported to GGUF.")
+    return tensors
 
-        found = [named("input_layernorm.weight", "attn_norm.weight"),
-                 named("post_attention_layernorm.weight", "ffn_norm.weight")]
+
+def _layer_tensors(layer: int, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                   kind: Any) -> list[GgufTensor]:
+    tensors = []
+    for hf_name, gguf_name in _LAYER_NAMES.items():
+        heads = config.get(_ROTATED_HEADS.get(hf_name, "")) or config["num_attention_heads"]
         for suffix in ("weight", "bias"):
-            found += [named(f"self_attn.q_proj.{suffix}", f"attn_q.{suffix}", heads=heads),
-                      named(f"self_attn.k_proj.{suffix}", f"attn_k.{suffix}", heads=kv_heads),
-                      named(f"self_attn.v_proj.{suffix}", f"attn_v.{suffix}"),
-                      named(f"self_attn.o_proj.{suffix}", f"attn_output.{suffix}")]
-            for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-                found.append(named(f"mlp.{hf}.{suffix}", f"{gg}.{suffix}"))
-        tensors += [tensor for tensor in found if tensor is not None]
-        if config.get("num_local_experts"):
-            tensors += _expert_tensors(layer, config["num_local_experts"], shapes, kind)
+            name = layer_name(layer, f"{hf_name}.{suffix}")
+            if name in shapes:
+                tensors.append(_copy(f"blk.{layer}.{gguf_name}.{suffix}", name, shapes, kind,
+                                     rotary_heads=heads if hf_name in _ROTATED_HEADS else None))
+    if config.get("num_local_experts"):
+        tensors += _expert_tensors(layer, config["num_local_experts"], shapes, kind)
     return tensors
 
 
