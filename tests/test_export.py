@@ -109,6 +109,12 @@ def test_llama_cpp_computes_what_transformers_computes(name: str, tiny: Path, tm
     assert max_difference(model, gguf, length, context) < 1e-4
 
 
+def test_a_mistral_computes_the_same(tmp_path: Path) -> None:
+    model = tiny_checkpoint(tmp_path / "mistral", "mistral", sliding_window=None)
+    gguf = export_gguf(model, tmp_path / "mistral.gguf", dtype="f32")
+    assert max_difference(model, gguf, 200, ORIGINAL) < 1e-4
+
+
 def test_longrope_below_the_original_context_uses_the_short_factors(tiny: Path, tmp_path: Path) -> None:
     """llama.cpp picks LongRoPE's set by its context size, transformers by each sequence's length. Started within
     the original context, llama.cpp computes transformers' short-factor logits; started with the long context, it
