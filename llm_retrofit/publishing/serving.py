@@ -143,7 +143,8 @@ RULES: tuple[Rule, ...] = (
          "and before PR #28542, rope_scaling and a top-level rope_theta, default 10000)",
          f"vllm/transformers_utils/config.py patch_rope_parameters; {_VLLM_ROPE}", "with transformers 5"),
     Rule("SGLang", "RoPE base only in rope_parameters", DIFFERENTLY, "reads a top-level rope_theta, default 10000: "
-         "the wrong base at every position (every llm-retrofit rewrite writes the top-level rope_theta too: `retrofit convert MODEL OUT` adds it)", _SGL_LLAMA),
+         "the wrong base at every position (every llm-retrofit rewrite writes the top-level rope_theta too: "
+         "`retrofit convert MODEL OUT` adds it)", _SGL_LLAMA),
     Rule("llama.cpp", "RoPE base only in rope_parameters", AS_PATCHED, "export writes rope.freq_base from "
          "rope_parameters", _EXPORT),
     Rule("transformers", "RoPE linear", AS_PATCHED, "linear interpolation", _HF),
