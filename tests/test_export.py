@@ -100,7 +100,7 @@ EXPRESSIBLE = {
 
 @pytest.mark.parametrize("name", EXPRESSIBLE)
 def test_llama_cpp_computes_what_transformers_computes(name: str, tiny: Path, tmp_path: Path) -> None:
-    """float32 export: llama.cpp's logits equal transformers' to 1e-4 at every position (measured: under 1e-5, with
+    """float32 export: llama.cpp's logits equal transformers' to 1e-4 at every position (measured: 3e-6 to 1.4e-5, with
     llama.cpp's KV cache in float32), past the original context for the RoPE patches (400 tokens against 256)."""
     model = patch(tiny, *EXPRESSIBLE[name], output=tmp_path / "patched") if EXPRESSIBLE[name] else tiny
     gguf = export_gguf(model, tmp_path / "model.gguf", dtype="f32")
