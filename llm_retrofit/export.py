@@ -41,8 +41,8 @@ from .architectures import architecture_of, layer_name
 from .errors import ExportError, OutputError
 from .io.checkpoint import Checkpoint, load_checkpoint
 from .io.commit import staged_file
-from .io.engine_config import without_rope_mirrors
 from .io.progress import Progress
+from .modeling.rope import rotary_of
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 """The weight types `retrofit export --dtype` writes (llama.cpp's `llama-quantize` makes the smaller ones from f16)."""
@@ -234,27 +234,17 @@ def _rope_tensors(config: Mapping[str, Any]) -> list[GgufTensor]:
     return []
 
 
-def _rope_of(config: Mapping[str, Any]) -> tuple[Any, float]:
-    """transformers' own inverse frequencies and attention factor for this config (the reference we express)."""
-    from transformers import CONFIG_MAPPING
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    # transformers lets a rope_scaling mirror win over rope_parameters: read the truth alone.
-    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(without_rope_mirrors(config))
-    rope_type = hf_config.rope_parameters.get("rope_type", "default")
-    if rope_type == "default":
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        return LlamaRotaryEmbedding.compute_default_rope_parameters(hf_config)
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-
-
 def _divisors_of(config: Mapping[str, Any]) -> np.ndarray:
-    """lambda_i = theta_i / theta_i' of this config's RoPE, from transformers' frequencies."""
-    scaled, _ = _rope_of(config)
-    plain, _ = _rope_of({**config, "rope_parameters": {"rope_type": "default",
-                                                       "rope_theta": config["rope_parameters"]["rope_theta"]}})
-    return (plain / scaled).double().numpy().astype(np.float32)
+    """lambda_i = theta_i / theta_i' of this config's RoPE, from transformers' own frequencies (its rotary
+    embedding)."""
+    base = config["rope_parameters"]["rope_theta"]
+    plain = {**config, "rope_parameters": {"rope_type": "default", "rope_theta": base}}
+    return (rotary_of(plain).inv_freq / rotary_of(config).inv_freq).double().numpy().astype(np.float32)
+
+
+def _attention_factor(config: Mapping[str, Any]) -> float:
+    """What transformers multiplies this config's cos and sin by (YaRN's and LongRoPE's attention factor)."""
+    return float(rotary_of(config).attention_scaling)
 
 
 def _rope_metadata(writer: Any, config: Mapping[str, Any]) -> None:
@@ -273,12 +263,12 @@ def _rope_metadata(writer: Any, config: Mapping[str, Any]) -> None:
         writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
         writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
         # llama.cpp scales YaRN attention by 0.1 ln(s) + 1 itself; the attn_factor key multiplies that.
-        attention = _rope_of(config)[1] / (0.1 * math.log(factor) + 1.0)
+        attention = _attention_factor(config) / (0.1 * math.log(factor) + 1.0)
         if not math.isclose(attention, 1.0, rel_tol=1e-6):
             writer.add_rope_scaling_attn_factors(float(attention))
     elif rope_type == "longrope":
         writer.add_rope_scaling_type(_scaling("LONGROPE"))
-        writer.add_rope_scaling_attn_factors(float(_rope_of(config)[1]))
+        writer.add_rope_scaling_attn_factors(_attention_factor(config))
     if original:
         writer.add_rope_scaling_orig_ctx_len(int(original))
 

@@ -106,11 +106,16 @@ def rope_length_classes(model: torch.nn.Module, lengths: Sequence[int]) -> list[
 
 def rotary_of(config: Mapping[str, Any]) -> torch.nn.Module:
     """transformers' rotary embedding of a model with this config.json, without the model: what `rope_length_classes`
-    asks when a recipe prices its evaluations before any model is loaded (Llama, Mistral and Mixtral share it)."""
+    asks when a recipe prices its evaluations before any model is loaded (Llama, Mistral and Mixtral share it), and
+    the frequencies `retrofit export` writes. Built from `rope_parameters` alone: transformers would let a
+    `rope_scaling` mirror win, which for a config edited in memory (another RoPE in `rope_parameters`) is stale."""
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    kept = {key: value for key, value in config.items() if key not in ("architectures", "auto_map")}
+    from ..io.engine_config import without_rope_mirrors
+
+    kept = {key: value for key, value in without_rope_mirrors(config).items()
+            if key not in ("architectures", "auto_map")}
     return LlamaRotaryEmbedding(config=AutoConfig.for_model(**kept).get_text_config())
 
 
