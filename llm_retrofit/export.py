@@ -57,9 +57,9 @@ def refusal(config: Mapping[str, Any]) -> str | None:
     """Why llama.cpp would compute another model than this config describes, with the nearest thing that runs; None
     when the GGUF can say everything the config does. The reasons are serve-check's rules for llama.cpp, so the two
     never disagree."""
-    from .publishing.serving import refusals
+    from .publishing.serving import EXPORT_REFUSES, refusals
 
-    reasons = [rule.how.removeprefix("retrofit export refuses it: ") for rule in refusals(config, "llama.cpp")]
+    reasons = [rule.how.removeprefix(EXPORT_REFUSES) for rule in refusals(config, "llama.cpp")]
     rope_type = (config.get("rope_parameters") or {}).get("rope_type", "default")
     if config.get("auto_map") and not reasons:  # code that is not ours: what it computes is unknown to us
         reasons.append(f"it loads modeling code of its own (auto_map {dict(config['auto_map'])}), which llama.cpp "

@@ -95,8 +95,9 @@ KINDS = (
          c.get("num_attention_heads")),
     Kind("expanded depth", lambda c: _applied("expand")(c) or _applied("dus")(c)),
     Kind("Mixtral, tied embeddings", lambda c: c.get("model_type") == "mixtral" and bool(c.get("tie_word_embeddings"))),
+    # A window at least as long as the context never binds.
     Kind("Mistral sliding window", lambda c: c.get("model_type") == "mistral" and bool(c.get("sliding_window"))
-         and c["sliding_window"] < c.get("max_position_embeddings", float("inf"))),  # a window >= the context never binds
+         and c["sliding_window"] < c.get("max_position_embeddings", float("inf"))),
     Kind("Ministral layer_types", lambda c: c.get("model_type") == "ministral"),
     Kind("shipped attention pattern", _shipped("modeling_retrofit_attention", named=True)),
     Kind("shipped Infini-attention", _shipped("modeling_retrofit_infini", named=True)),
@@ -116,7 +117,8 @@ _SGL_ROPE = "python/sglang/srt/layers/rotary_embedding/factory.py get_rope"
 _SGL_LEN = "python/sglang/srt/utils/hf_transformers_utils.py get_context_length"
 _SGL_ARCH = "python/sglang/srt/model_loader/utils.py get_model_architecture, resolve_transformers_arch"
 _EXPORT = "llm_retrofit export (docs/export.md); llama.cpp src/llama-model.cpp, src/models/llama.cpp"
-_EXPORT_REFUSES = "retrofit export refuses it: {}"
+EXPORT_REFUSES = "retrofit export refuses it: "
+"""How a llama.cpp refusal's `how` begins; `retrofit export` gives the rest as its reason."""
 _LONG_FOR_ALL = ("long factors for every token, short prompts too, once max_model_len > "
                  "original_max_position_embeddings; attention factor from short_mscale/long_mscale (else its own "
                  "formula)")
@@ -124,6 +126,18 @@ _SHIPPED_REFUSED_VLLM = ("refuses: architectures names a class vLLM does not kno
                          "Transformers backend refuses it too (the class declares no attention-backend support)")
 _SHIPPED_REFUSED_SGL = ("refuses: the class is not in transformers and auto_map has no AutoModel entry "
                         "(--model-impl transformers overrides this with a warning and runs the stock model)")
+
+
+def _shipped_code(kind: str, without_flag: str, export_reason: str) -> list[Rule]:
+    """A kind that runs only in the modeling file the checkpoint ships: transformers runs it with trust_remote_code
+    (`without_flag`: what it runs otherwise), the engines refuse it."""
+    return [Rule("transformers", kind, AS_PATCHED,
+                 f"the class auto_map names; without trust_remote_code, {without_flag}",
+                 "transformers dynamic_module_utils.py resolve_trust_remote_code (local code wins)",
+                 "with trust_remote_code=True"),
+            Rule("vLLM", kind, REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
+            Rule("SGLang", kind, REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
+            Rule("llama.cpp", kind, REFUSED, EXPORT_REFUSES + export_reason, "src/models/llama.cpp")]
 
 
 def _same_everywhere(kind: str, how: str, vllm: str, sglang: str, export: str = _EXPORT) -> list[Rule]:
@@ -161,9 +175,10 @@ RULES: tuple[Rule, ...] = (
     Rule("SGLang", "RoPE dynamic NTK", DIFFERENTLY, "as vLLM: a fixed base, and a context length of "
          "max_position_embeddings x factor", f"python/sglang/srt/layers/rotary_embedding/rope_variant.py "
          f"DynamicNTKScalingRotaryEmbedding; {_SGL_LEN}"),
-    Rule("llama.cpp", "RoPE dynamic NTK", REFUSED, _EXPORT_REFUSES.format("dynamic NTK recomputes the base from each "
+    Rule("llama.cpp", "RoPE dynamic NTK", REFUSED, EXPORT_REFUSES + ("dynamic NTK recomputes the base from each "
          "sequence's length, which llama.cpp has no mode for; patch the original with ntk:factor=S (the base dynamic "
-         "NTK reaches at S x the context, fixed) or yarn, which llama.cpp runs"), "src/llama-model.cpp LLAMA_ROPE_SCALING_TYPES"),
+         "NTK reaches at S x the context, fixed) or yarn, which llama.cpp runs"),
+         "src/llama-model.cpp LLAMA_ROPE_SCALING_TYPES"),
     *_same_everywhere("RoPE YaRN", "factor, original length, beta_fast/beta_slow; default attention factor",
                       f"{_VLLM_ROPE}; yarn_scaling_rope.py", _SGL_ROPE),
     *_same_everywhere("RoPE Llama 3", "llama3 frequencies (llama.cpp: the rope_freqs tensor)",
@@ -194,43 +209,33 @@ RULES: tuple[Rule, ...] = (
     Rule("vLLM", "Mistral sliding window", AS_PATCHED, "sliding_window", "vllm/model_executor/models/llama.py"),
     Rule("SGLang", "Mistral sliding window", DIFFERENTLY, "the window is ignored: full attention",
          "python/sglang/srt/models/llama.py LlamaAttention (RadixAttention without a window)"),
-    Rule("llama.cpp", "Mistral sliding window", REFUSED, _EXPORT_REFUSES.format("a sliding window shorter than the "
+    Rule("llama.cpp", "Mistral sliding window", REFUSED, EXPORT_REFUSES + ("a sliding window shorter than the "
          "context, which llama.cpp's llama architecture ignores (it would attend to the whole context past the "
-         "window); export the checkpoint from before the attention patch, or serve this one with vLLM"), "src/models/llama.cpp"),
+         "window); export the checkpoint from before the attention patch, or serve this one with vLLM"),
+         "src/models/llama.cpp"),
     Rule("transformers", "Ministral layer_types", AS_PATCHED, "sliding window on the layers layer_types names", _HF),
     Rule("vLLM", "Ministral layer_types", AS_PATCHED, "a window per layer from layer_types",
          "vllm/model_executor/models/registry.py (MinistralForCausalLM), llama.py"),
     Rule("SGLang", "Ministral layer_types", DIFFERENTLY, "no native Ministral; the windows are not applied",
          _SGL_ARCH),
-    Rule("llama.cpp", "Ministral layer_types", REFUSED, _EXPORT_REFUSES.format("layers that mix sliding-window and "
+    Rule("llama.cpp", "Ministral layer_types", REFUSED, EXPORT_REFUSES + ("layers that mix sliding-window and "
          "full attention (Ministral's layer_types) are no llama.cpp architecture; export the checkpoint from before "
          "the attention patch"),
          "src/llama-arch.cpp"),
-    Rule("transformers", "shipped attention pattern", AS_PATCHED, "the class auto_map names; without "
-         "trust_remote_code, model_type llama loads the stock class: dense attention", "transformers "
-         "dynamic_module_utils.py resolve_trust_remote_code (local code wins)", "with trust_remote_code=True"),
-    Rule("vLLM", "shipped attention pattern", REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
-    Rule("SGLang", "shipped attention pattern", REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
-    Rule("llama.cpp", "shipped attention pattern", REFUSED, _EXPORT_REFUSES.format("an attention "
-         "pattern (sinks or block-sparse) in the modeling code it ships, which llama.cpp does not run; for sinks, "
-         "llama.cpp's --keep N --context-shift keeps the first N tokens as the window slides, an approximation; "
-         "otherwise export the checkpoint from before the attention patch"), "src/models/llama.cpp"),
-    Rule("transformers", "shipped Infini-attention", AS_PATCHED, "the class auto_map names; without "
-         "trust_remote_code the stock class loads and drops the gates: no memory", "transformers "
-         "dynamic_module_utils.py resolve_trust_remote_code", "with trust_remote_code=True"),
-    Rule("vLLM", "shipped Infini-attention", REFUSED, _SHIPPED_REFUSED_VLLM, _VLLM_ARCH),
-    Rule("SGLang", "shipped Infini-attention", REFUSED, _SHIPPED_REFUSED_SGL, _SGL_ARCH),
-    Rule("llama.cpp", "shipped Infini-attention", REFUSED, _EXPORT_REFUSES.format("Infini-attention's "
-         "compressive memory, in the modeling code it ships, which llama.cpp does not run; export the checkpoint "
-         "from before the infini patch"),
-         "src/models/llama.cpp"),
+    *_shipped_code("shipped attention pattern", "model_type llama loads the stock class: dense attention",
+                   "an attention pattern (sinks or block-sparse) in the modeling code it ships, which llama.cpp does "
+                   "not run; for sinks, llama.cpp's --keep N --context-shift keeps the first N tokens as the window "
+                   "slides, an approximation; otherwise export the checkpoint from before the attention patch"),
+    *_shipped_code("shipped Infini-attention", "the stock class loads and drops the gates: no memory",
+                   "Infini-attention's compressive memory, in the modeling code it ships, which llama.cpp does not "
+                   "run; export the checkpoint from before the infini patch"),
     Rule("transformers", "shipped code, stock architectures", AS_PATCHED, "the class auto_map names", _HF,
          "with trust_remote_code=True"),
     Rule("vLLM", "shipped code, stock architectures", DIFFERENTLY, "runs its own Llama: the shipped behaviour is "
          "silently dropped (re-patch with this llm-retrofit to name the class)", _VLLM_ARCH),
     Rule("SGLang", "shipped code, stock architectures", DIFFERENTLY, "runs its own Llama: the shipped behaviour is "
          "silently dropped (re-patch with this llm-retrofit to name the class)", _SGL_ARCH),
-    Rule("llama.cpp", "shipped code, stock architectures", REFUSED, _EXPORT_REFUSES.format("modeling code it ships, which "
+    Rule("llama.cpp", "shipped code, stock architectures", REFUSED, EXPORT_REFUSES + ("modeling code it ships, which "
          "llama.cpp does not run"),
          _EXPORT),
 )
