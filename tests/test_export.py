@@ -236,26 +236,24 @@ def test_what_llama_cpp_cannot_express_is_refused(spec: str, reason: str, tiny: 
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*retrofit-tmp*"))
 
 
+def edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
 def test_a_model_with_code_of_its_own_is_refused(tiny: Path, tmp_path: Path) -> None:
-    config = json.loads((tiny / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}
-    (tiny / "config.json").write_text(json.dumps(config))
+    edit_json(tiny / "config.json", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLlama"})
     with pytest.raises(ExportError, match="modeling code of its own"):
         export_gguf(tiny, tmp_path / "out.gguf")
 
 
 def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tiny: Path, tmp_path: Path) -> None:
-    settings = json.loads((tiny / "tokenizer.json").read_text())
-    settings["pre_tokenizer"] = {"type": "Whitespace"}
-    (tiny / "tokenizer.json").write_text(json.dumps(settings))
+    edit_json(tiny / "tokenizer.json", pre_tokenizer={"type": "Whitespace"})
     with pytest.raises(ExportError, match="would split differently"):
         export_gguf(tiny, tmp_path / "out.gguf")
 
 
 def test_a_tokenizer_of_another_model_is_refused(tiny: Path, tmp_path: Path) -> None:
-    config = json.loads((tiny / "config.json").read_text())
-    config["vocab_size"] = 200  # the tokenizer has 320 tokens: they cannot all have an embedding
-    (tiny / "config.json").write_text(json.dumps(config))
+    edit_json(tiny / "config.json", vocab_size=200)  # the tokenizer has 320 tokens: they cannot all have an embedding
     with pytest.raises(ExportError, match="belongs to another model"):
         export_gguf(tiny, tmp_path / "out.gguf")
 
