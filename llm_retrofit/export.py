@@ -19,8 +19,10 @@ The format rules we follow are llama.cpp's, re-derived here rather than taken fr
   the adjacent pairs (2i, 2i + 1) that llama.cpp's `llama` rotation uses.
 - Norms, biases, the MoE router and the RoPE factor tensors stay float32 (small, and precision-critical); a matrix
   whose rows do not split into whole Q8_0 blocks of 32 is written float16.
-- The tokenizer goes in as llama.cpp's byte-level BPE: tokens, types, merges, special ids, whether a BOS is added,
-  the chat template, and the pre-tokenizer, named by what tokenizer.json's pre-tokenizer does (`_PRE_TOKENIZERS`).
+- The tokenizer goes in with its special ids, whether a BOS is added, and the chat template: a byte-level BPE one as
+  llama.cpp's `gpt2` tokenizer with its merges and the pre-tokenizer named by what tokenizer.json's does
+  (`_pre_tokenizer_name`); a SentencePiece-style one (byte fallback, '▁' for spaces: Llama 2, Mistral) as llama.cpp's
+  `llama` tokenizer, each piece scored by the rank of its first merge (`_merge_scores`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -345,14 +348,19 @@ def _pre_tokenizer_name(pre: Mapping[str, Any] | None) -> str | None:
 
 @dataclass(frozen=True)
 class Vocabulary:
+    model: str
+    """llama.cpp's tokenizer: `gpt2` (byte-level BPE, with merges and a pre-tokenizer) or `llama` (SentencePiece's
+    merges by score over the whole text, with byte fallback)."""
     tokens: list[str]
     types: list[int]
-    merges: list[str]
-    pre: str
     special: dict[str, int]
     add_bos: bool
     add_eos: bool
     chat_template: str | None
+    merges: list[str] | None = None
+    pre: str | None = None
+    scores: list[float] | None = None
+    add_space_prefix: bool | None = None
 
 
 def read_vocabulary(directory: Path, config: Mapping[str, Any]) -> Vocabulary:
@@ -365,11 +373,14 @@ def read_vocabulary(directory: Path, config: Mapping[str, Any]) -> Vocabulary:
                           "into the checkpoint (tokenizer.save_pretrained) and export again.")
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer.get("model") or {}
-    pre = _pre_tokenizer_name(tokenizer.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    pre = None if sentencepiece else _pre_tokenizer_name(tokenizer.get("pre_tokenizer"))
+    space_prefix = _space_prefix(tokenizer) if sentencepiece else None
+    if model.get("type") != "BPE" or (pre is None and space_prefix is None):
         raise ExportError(
-            f"{path}: export writes byte-level BPE tokenizers that split text as GPT-2, SmolLM or Llama 3 do; this one "
-            f"is {model.get('type')} with pre-tokenizer {json.dumps(tokenizer.get('pre_tokenizer'))[:200]}, which "
+            f"{path}: export writes byte-level BPE tokenizers that split text as GPT-2, SmolLM or Llama 3 do, and "
+            "SentencePiece-style ones (byte fallback, '▁' for spaces, as Llama 2 and Mistral); this one is "
+            f"{model.get('type')} with pre-tokenizer {json.dumps(tokenizer.get('pre_tokenizer'))[:200]}, which "
             "llama.cpp would split differently. Use llama.cpp's convert_hf_to_gguf.py for this tokenizer.")
     settings = _tokenizer_settings(directory)
     size = config["vocab_size"]
@@ -387,8 +398,48 @@ def read_vocabulary(directory: Path, config: Mapping[str, Any]) -> Vocabulary:
     special = {role: ids[text] for role in ("bos", "eos", "unk", "pad")
                if isinstance(text := _token_text(settings.get(f"{role}_token")), str) and text in ids}
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return Vocabulary(tokens, types, merges, pre, special, _adds_bos(tokenizer, settings),
-                      bool(settings.get("add_eos_token", False)), _chat_template(directory, settings))
+    common = dict(tokens=tokens, special=special, add_bos=_adds_bos(tokenizer, settings),
+                  add_eos=bool(settings.get("add_eos_token", False)), chat_template=_chat_template(directory, settings))
+    if not sentencepiece:
+        return Vocabulary("gpt2", types=types, merges=merges, pre=pre, **common)
+    for index, text in enumerate(tokens):  # byte fallback pieces and the unknown piece, as SentencePiece types them
+        if _BYTE_PIECE.fullmatch(text):
+            types[index] = int(TokenType.BYTE)
+    if model.get("unk_token") in ids:
+        types[ids[model["unk_token"]]] = int(TokenType.UNKNOWN)
+    return Vocabulary("llama", types=types, scores=_merge_scores(merges, ids, size), add_space_prefix=space_prefix,
+                      **common)
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _space_prefix(tokenizer: Mapping[str, Any]) -> bool | None:
+    """Whether a SentencePiece-style tokenizer puts '▁' before the text (llama.cpp's add_space_prefix), read from the
+    normalizer (Llama 2: Prepend '▁', then spaces replaced by '▁') or a Metaspace pre-tokenizer; None when it is
+    neither, which llama.cpp's SentencePiece tokenizer would not reproduce."""
+    normalizer = tokenizer.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    kinds = {step.get("type"): step for step in steps}
+    if "Replace" in kinds and (kinds["Replace"].get("content") == "▁"):
+        return kinds.get("Prepend", {}).get("prepend") == "▁"
+    pre = tokenizer.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement", "▁") == "▁":
+        return pre.get("prepend_scheme", "always") != "never"
+    return None
+
+
+def _merge_scores(merges: Sequence[str], ids: Mapping[str, int], size: int) -> list[float]:
+    """SentencePiece scores that make llama.cpp merge in the tokenizer's merge order: llama.cpp merges the adjacent
+    pair whose joined piece scores highest, so each piece scores minus the rank of the first merge that makes it."""
+    scores = [0.0] * size
+    made: set[int] = set()
+    for rank, merge in enumerate(merges):
+        piece = ids.get(merge.replace(" ", "", 1))
+        if piece is not None and piece not in made:
+            made.add(piece)
+            scores[piece] = -float(rank + 1)
+    return scores
 
 
 def _tokenizer_settings(directory: Path) -> dict[str, Any]:
@@ -482,11 +533,17 @@ def _hyperparameters(writer: Any, config: Mapping[str, Any], dtype: str) -> None
 
 
 def _tokenizer_metadata(writer: Any, vocabulary: Vocabulary) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocabulary.pre)
+    writer.add_tokenizer_model(vocabulary.model)
+    if vocabulary.pre is not None:
+        writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_types(vocabulary.types)
-    writer.add_token_merges(vocabulary.merges)
+    if vocabulary.merges is not None:
+        writer.add_token_merges(vocabulary.merges)
+    if vocabulary.scores is not None:
+        writer.add_token_scores(vocabulary.scores)
+    if vocabulary.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocabulary.add_space_prefix)
     for role, index in vocabulary.special.items():
         getattr(writer, f"add_{role}_token_id")(index)
     writer.add_add_bos_token(vocabulary.add_bos)

@@ -191,6 +191,52 @@ def test_llama_cpp_tokenizes_as_transformers(smollm2: Path, tmp_path: Path) -> N
         model.close()
 
 
+def sentencepiece_style_checkpoint(path: Path) -> Path:
+    """A tiny Mistral with a tokenizer.json as transformers writes Llama 2's and Mistral's: BPE with byte fallback,
+    '▁' for spaces and one put before the text, merges for every pair of pieces that joins into a piece, in the
+    order of the joined piece (how a SentencePiece model becomes a tokenizer.json), and a BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator([Path(__file__).read_text()], trainers.BpeTrainer(vocab_size=600,
+                                                                                   special_tokens=specials))
+    vocab = trained.get_vocab()
+    pieces = [piece for piece in vocab if piece not in specials]
+    merges = sorted(((a, b) for a in pieces for b in pieces if a + b in vocab), key=lambda pair: vocab["".join(pair)])
+    tokenizer = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    save_tiny(path, "mistral", vocab_size=len(vocab), max_position_embeddings=ORIGINAL, initializer_range=0.1,
+              sliding_window=None)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def test_a_sentencepiece_style_tokenizer_tokenizes_as_transformers(tmp_path: Path) -> None:
+    """llama.cpp's SentencePiece tokenizer merges the pair whose joined piece scores highest: the export scores each
+    piece by its first merge's rank, so it merges in transformers' order; bytes outside the pieces fall back alike."""
+    from transformers import AutoTokenizer
+
+    model = sentencepiece_style_checkpoint(tmp_path / "spm")
+    gguf = export_gguf(model, tmp_path / "spm.gguf", dtype="f32")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    reader = llama_cpp.Llama(str(gguf), n_ctx=256, vocab_only=True, verbose=False)
+    try:
+        for text in ["def export_gguf(source, output):\n    return Path(output)", "x",
+                     "Prices rose 12.5% in 2024, didn't they? ça va 😀", "  two  spaces\tand a tab"]:
+            assert reader.tokenize(text.encode(), add_bos=True, special=False) == tokenizer(text)["input_ids"]
+    finally:
+        reader.close()
+    assert max_difference(model, gguf, 200, ORIGINAL) < 1e-4
+
+
 def test_export_round_trips_through_convert(tiny: Path, tmp_path: Path) -> None:
     gguf = export_gguf(tiny, tmp_path / "tiny.gguf", dtype="f32")
     back = convert(gguf, tmp_path / "back")
