@@ -267,9 +267,11 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
         checkpoint.require_complete()  # as the real run: no plan is shown for what would be refused
         source = checkpoint_view(checkpoint)
         click.echo(PlanSummary.of(build_plan(source, patchers, force), source).render())
+        click.echo(_patch_memory(patchers, dict(source.config)))
         return
     if bool(output) == in_place:
         raise click.UsageError("pass either -o/--output DIR or --in-place.")
+    _patch_memory(patchers, dict(checkpoint.config))
     path = apply_to_checkpoint(  # a full or read-only disk is an OutputError naming the output (staged_directory)
         checkpoint, patchers, output=output, in_place=in_place, max_shard_size=max_shard_size, force=force
     )
@@ -277,6 +279,23 @@ def patch(model: str, specs: tuple[str, ...], recipe: str | None, overrides: tup
 
     warn_of_foreign_code(path, json.loads((path / "config.json").read_text()))
     click.echo(f"wrote {path}")
+
+
+def _patch_memory(patchers: list[Any], config: dict[str, Any]) -> str:
+    """The memory line of a patch's dry run: the peak of the passes the patches run (a calibration, a search), or
+    the few tensors a streamed rewrite holds. A patch that will not fit is refused here, by the run as by the dry
+    run, before anything is read."""
+    from .errors import PatchError
+    from .modeling.memory import shortfall, step_footprint
+    from .recipes.steps.patch import PatchStep
+
+    found = step_footprint([one for patcher in patchers for one in patcher.passes(config)])
+    if found is None:
+        return "peak memory: a few tensors at a time (the rewrite is streamed; nothing runs the model)"
+    short = shortfall(found)
+    if short:
+        raise PatchError(f"the patch will not fit in memory: it {short}. To fit, {PatchStep.memory_advice}.")
+    return f"peak memory: {found.describe()}"
 
 
 def _run_recipe(model: str, recipe: str, overrides: tuple[str, ...], push_to_hub: str | None, resume: bool,

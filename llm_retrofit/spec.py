@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .errors import PatchSpecError, RetrofitError
+from .modeling.cost import Pass
 from .plan import ModelView, TensorPlan
 
 PATCHERS: dict[str, type[Patcher]] = {}
@@ -91,9 +92,9 @@ class Patcher(ABC):
         without running the model, so that a recipe can price the steps after this one; None if unknown."""
         return None if self.loads_model() else self.plan(model)
 
-    def forward_lengths(self, config: Mapping[str, Any]) -> list[int]:
-        """The token counts of the forward passes planning this patch runs on a model with this config.json (a
-        search's candidates), for the time a recipe expects before it starts; none for a patch that only rewrites."""
+    def passes(self, config: Mapping[str, Any]) -> list[Pass]:
+        """The passes of the model planning this patch runs on a model with this config.json (a search's candidates,
+        a calibration), for the time and memory a dry run expects; none for a patch that only rewrites."""
         return []
 
     @classmethod

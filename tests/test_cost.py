@@ -107,7 +107,7 @@ def test_a_longrope_search_runs_the_passes_its_patcher_prices(tmp_path: Path) ->
         build_plan(ModelView(config, checkpoint.tensors, checkpoint.path), [patcher])
     finally:
         torch.nn.Module.__call__ = original
-    priced = patcher.forward_lengths(config)
+    priced = [one.tokens for one in patcher.passes(config)]
     # The priced count is the most the search runs: a child equal to a candidate already scored is not run again.
     assert set(counted) == {256} and 3 <= len(counted) <= len(priced) == 6
 

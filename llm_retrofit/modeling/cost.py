@@ -66,15 +66,26 @@ class PassCost:
 
 @dataclass(frozen=True)
 class Pass:
-    """One pass a step will run: `tokens` long, through a model of `config`'s shape, forward or training."""
+    """One pass a step will run: `tokens` long, through a model of `config`'s shape, forward or training.
+
+    `cost` prices it in seconds, `memory` in bytes."""
 
     tokens: int
     config: Mapping[str, Any] = field(compare=False, hash=False)
     training: bool = False
     checkpointing: bool = False
     attention_group: int | None = None
+    rows: int = 1
+    """Sequences run together in one batch (a training micro-batch): the time is priced per sequence, the memory
+    per batch."""
+    adapter_params: int | None = None
+    """Training an adapter of this many parameters (LoRA) on a frozen base; None: every weight trains."""
+    streamed: int = 0
+    """A calibration: this many tokens, in sequences of `tokens`, carried through the model one layer at a time."""
 
     def seconds(self, cost: PassCost) -> float:
+        if self.streamed:
+            return cost.forward(self.tokens) * self.streamed / self.tokens
         if self.training:
             return cost.train_step(self.tokens, checkpointing=self.checkpointing, attention_group=self.attention_group)
         return cost.forward(self.tokens)

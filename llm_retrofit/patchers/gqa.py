@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -76,6 +76,7 @@ import torch
 from ..architectures import layer_name, split_layer_name
 from ..errors import PatchError, PatchSpecError
 from ..io.checkpoint import TensorMeta
+from ..modeling.cost import Pass
 from ..modeling.activations import AttentionMoments, attention_moments, calibration_model, calibration_sequences
 from ..plan import ModelView, TensorPlan, TensorTask
 from ..spec import PatchCard, Patcher, register
@@ -154,6 +155,13 @@ class PoolKVHeads(Patcher):
 
     def loads_model(self) -> bool:
         return self.method == "fit"
+
+    def passes(self, config: Mapping[str, Any]) -> list[Pass]:
+        """A fit's calibration: its tokens carried through the model one layer at a time."""
+        if self.method != "fit":
+            return []
+        length = min(CALIBRATION_SEQUENCE, int(config.get("max_position_embeddings") or CALIBRATION_SEQUENCE))
+        return [Pass(length, config, streamed=self.calibration_tokens or DEFAULT_CALIBRATION_TOKENS)]
 
     def shape_plan(self, model: ModelView) -> TensorPlan:
         """A fitted merge has the shape of a mean one: the plan of `method=mean` (no calibration run)."""

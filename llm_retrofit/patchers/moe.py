@@ -23,7 +23,7 @@ for inputs like its own prompts (mergekit-moe's "hidden" gate mode). `hidden` lo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -32,6 +32,7 @@ import torch
 
 from ..architectures import layer_name, split_layer_name
 from ..io.checkpoint import TensorMeta
+from ..modeling.cost import Pass
 from ..modeling.activations import calibration_model, mean_mlp_inputs
 from ..errors import PatchError, PatchSpecError
 from ..plan import ModelView, TensorPlan, TensorTask
@@ -232,6 +233,15 @@ class UpcycleMoE(Patcher):
 
     def loads_model(self) -> bool:
         return self.router == "hidden"
+
+    def passes(self, config: Mapping[str, Any]) -> list[Pass]:
+        """A hidden router's calibration: the prompts carried through the model one layer at a time, each counted
+        as one token per byte of its text (no tokenizer makes more)."""
+        if self.router != "hidden":
+            return []
+        prompts = [prompt for expert in _read_prompts(self.prompts, self.num_experts) for prompt in expert]  # type: ignore[arg-type]
+        longest = max(len(prompt.encode()) for prompt in prompts)
+        return [Pass(longest, config, streamed=sum(len(prompt.encode()) for prompt in prompts))]
 
 
 def _hidden_routers(network: Any, tokenizer: Any, prompts: list[list[str]]) -> dict[int, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch
 from ..errors import PatchError, PatchSpecError
 from ..io.engine_config import MIRROR_KEYS
 from ..modeling.activations import calibration_model
+from ..modeling.cost import Pass
 from ..modeling.rope import RopeShape, longrope_attention_factor, pi_factors
 from ..plan import ModelView, TensorPlan
 from ..spec import PatchCard, Patcher, register
@@ -352,13 +353,13 @@ class LongRope(_ContextExtension):
         return SearchSettings(target_length=length, attention_factor=self.attention_factor, segments=segments,
                               **budget)
 
-    def forward_lengths(self, config: Mapping[str, Any]) -> list[int]:
+    def passes(self, config: Mapping[str, Any]) -> list[Pass]:
         """With data=DOCS, one pass of the target length per candidate and document (the most the search runs)."""
         if self.data is None:
             return []
         length = self.new_length(RopeShape.of(dict(config)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return [length] * (self.search_settings(length, device).candidates * self.max_docs)
+        return [Pass(length, config)] * (self.search_settings(length, device).candidates * self.max_docs)
 
 
 def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RetrofitError
 from ..io.progress import quiet_libraries
+from ..modeling.memory import step_footprint
 from .expressions import Unresolved, resolve
 from .overrides import NO_PROFILE, SLOW_FLOAT_PROFILE, apply_overrides, profile_of, with_machine_profile
 from .schema import Recipe, RecipeError, Step, Unknown, load_recipe
@@ -442,10 +443,28 @@ def dry_run(
         if item.unknown:
             lines.append(f"   values known only when run: {'; '.join(dict.fromkeys(item.unknown))}")
         lines += [f"   {note}" for note in item.notes]
+        if item.memory is not None:
+            lines.append(f"   peak memory: {item.memory.describe()}")
     total = sum(item.bytes_written for item in planned)
     lines.append(f"total weights written: {size_text(total)}" + ("" if known else " (plus steps only known when run)"))
     lines.append(expected_time(planned))
+    lines.append(memory_summary(planned))
     return "\n".join(lines)
+
+
+def memory_summary(planned: list[PlannedStep]) -> str:
+    """`peak memory: 4.21 GB (finetune); 20.1 GB free on cpu`: the largest step's estimate against what is free."""
+    from ..modeling.memory import available_bytes, gigabytes
+    from ..modeling.precision import default_device
+
+    sized = [item for item in planned if item.memory is not None]
+    if not sized:
+        return "peak memory: unknown (no step's passes are known before the run)"
+    largest = max(sized, key=lambda item: item.memory.total)  # type: ignore[union-attr]
+    device = default_device()
+    free = available_bytes(device)
+    return (f"peak memory: {gigabytes(largest.memory.total)} ({largest.step.id})"  # type: ignore[union-attr]
+            + (f"; {gigabytes(free)} free on {device}" if free is not None else ""))
 
 
 class _Pending(Mapping[str, Any]):
@@ -490,11 +509,23 @@ def plan_steps(recipe: Recipe, model: str, config: dict[str, Any], tensors: Mapp
         kind.check(recipe, step, params, push_repo)
         item = PlannedStep(number, step, params, unknown)
         item.passes = _passes(recipe, kind, step, params if not unknown else None, planning)
+        item.memory = step_footprint(item.passes or [])
+        _check_memory(recipe, kind, item)
         kind.plan(item, planning)
         planning.model_is_input = planning.model_is_input and not kind.makes_model
         planned.append(item)
         state.results[step.id] = _Pending(step.id, str(output / f"{number:02d}-{step.id}"))
     return planned, planning.view is not None
+
+
+def _check_memory(recipe: Recipe, kind: StepKind, item: PlannedStep) -> None:
+    """Refuse, before anything runs, a step whose peak memory is more than the machine has free."""
+    from ..modeling.memory import shortfall
+
+    short = shortfall(item.memory) if item.memory is not None else None
+    if short is not None:
+        raise RecipeError(f"{recipe.where(item.step)}: step {item.step.id} will not fit in memory: it {short}. To fit, "
+                          f"{kind.memory_advice} (--set {item.step.id}.KEY=VALUE).")
 
 
 def _passes(recipe: Recipe, kind: StepKind, step: Step, params: dict[str, Any] | None,

@@ -79,6 +79,24 @@ class LoraSpec:
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def trained_parameters(self, config: Mapping[str, Any]) -> int:
+        """How many parameters this adapter trains on a model with this config.json: r x (in + out) per targeted
+        projection, and every parameter of the extra trainables (peft trains a full copy of each)."""
+        text = dict(config.get("text_config") or config)
+        hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        head_dim = int(text.get("head_dim") or hidden // heads)
+        kv = int(text.get("num_key_value_heads") or heads) * head_dim
+        mlp = int(text.get("intermediate_size") or 4 * hidden) * int(text.get("num_local_experts") or 1)
+        widths = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+                  "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, mlp), "up_proj": (hidden, mlp),
+                  "down_proj": (mlp, hidden)}
+        targets = list(widths) if self.targets == "all-linear" else self.targets
+        adapter = sum(self.r * sum(widths[t]) for t in targets if t in widths) * layers
+        extras = {"embed_tokens": int(text["vocab_size"]) * hidden, "lm_head": int(text["vocab_size"]) * hidden,
+                  "norm": (2 * layers + 1) * hidden}
+        return adapter + sum(extras[t] for t in self.extra_trainables)
+
     def peft_config(self, model: PreTrainedModel) -> Any:
         from peft import LoraConfig
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ...errors import RetrofitError
 from ...modeling.cost import Pass
+from ...modeling.memory import Footprint
 from ..schema import Recipe, RecipeError, Step, Unknown, read_settings
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class PlannedStep:
     passes: list[Pass] | None = field(default_factory=list)
     """The passes of the model the step runs (a search's candidates, training steps, evaluations): what the time a
     run expects is priced on (`modeling.cost`); None where they are known only when run."""
+    memory: Footprint | None = None
+    """The peak memory of its largest pass (`modeling.memory`); None where it runs none or they are not known."""
 
 
 @dataclass
@@ -110,6 +113,8 @@ class StepKind(ABC):
     """It writes files into the model it works on (a card): the runner gives it a copy where that is the input."""
     makes_model: ClassVar[bool] = False
     """After it, the model later steps work on is one the run made under OUT (not the recipe's input)."""
+    memory_advice: ClassVar[str] = ""
+    """What lowers the step's peak memory, for the refusal of a step that will not fit (`modeling.memory`)."""
 
     @abstractmethod
     def check(self, recipe: Recipe, step: Step, params: dict[str, Any], push_repo: str | None) -> None:

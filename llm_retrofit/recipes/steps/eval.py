@@ -23,6 +23,8 @@ _PRICED = ("lengths", "protocol", "stride", "passkey", "passkey_lengths", "passk
 
 class EvalStep(StepKind):
     kind: ClassVar[str] = "eval"
+    memory_advice: ClassVar[str] = ("lower the longest of lengths, or place the model across devices and offload "
+                                     "(device_map, max_memory: docs/evaluation.md)")
     writes_directory: ClassVar[bool] = True
 
     def check(self, recipe: Recipe, step: Step, params: dict[str, Any], push_repo: str | None) -> None:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 class FinetuneStep(StepKind):
     kind: ClassVar[str] = "finetune"
+    memory_advice: ClassVar[str] = ("set gradient_checkpointing: true, train a LoRA adapter (lora: {r: 16}) instead "
+                                     "of every weight, lower seq_len or batch_size, or shard a full finetune over "
+                                     "several GPUs (docs/scale.md)")
     writes_directory: ClassVar[bool] = True
     makes_model: ClassVar[bool] = True
 
@@ -61,8 +64,9 @@ class FinetuneStep(StepKind):
         settings = finetune_settings(params)
         group = group_size(settings.seq_len) if settings.s2_attn else None
         sequences = settings.total_steps() * settings.grad_accum * settings.batch_size
-        one = Pass(settings.seq_len, shape.config, training=True, checkpointing=settings.gradient_checkpointing,
-                   attention_group=group)
+        adapter = settings.lora.trained_parameters(shape.config) if settings.lora is not None else None
+        one = Pass(settings.seq_len, shape.config, training=True, rows=settings.batch_size,
+                   checkpointing=settings.gradient_checkpointing, attention_group=group, adapter_params=adapter)
         teacher = [Pass(settings.seq_len, shape.config)] if settings.distill is not None else []
         return [one, *teacher] * sequences
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 class PatchStep(StepKind):
     kind: ClassVar[str] = "patch"
+    memory_advice: ClassVar[str] = ("a calibration holds one layer and the calibration tokens' hidden states: lower "
+                                     "calibration_tokens; a search holds the model and a pass of the target length")
     writes_directory: ClassVar[bool] = True
     makes_model: ClassVar[bool] = True
 
@@ -65,8 +67,7 @@ class PatchStep(StepKind):
 
     def passes(self, step: Step, params: dict[str, Any], shape: ModelView, base: ModelView) -> list[Pass]:
         """A patch that runs the model (a search) makes its passes on the model before it."""
-        lengths = build_patcher(step, params).forward_lengths(shape.config)
-        return [Pass(tokens, shape.config) for tokens in lengths]
+        return build_patcher(step, params).passes(shape.config)
 
     def describe(self, step: Step, params: dict[str, Any]) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in params.items() if not isinstance(v, (list, dict)))
