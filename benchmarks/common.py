@@ -125,42 +125,47 @@ def make_synthetic(path: Path, size_gb: float, dtype: str = "float32", vocab: in
 
 def _make(path: Path, size_gb: float, dtype_name: str, vocab: int) -> tuple[int, int]:
     """A random Llama checkpoint of about `size_gb` in 1 GB shards; returns (bytes, largest tensor bytes)."""
+    hidden, intermediate = 2048, 5632
+    itemsize = 2 if dtype_name in ("bfloat16", "float16") else 4
+    per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) * itemsize
+    layers = max(1, round((size_gb * 1e9 - 2 * vocab * hidden * itemsize) / per_layer))
+    config = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+              "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
+              "tie_word_embeddings": False}
+    return write_random_checkpoint(path, config, dtype_name)
+
+
+def write_random_checkpoint(path: Path, config: dict, dtype_name: str = "bfloat16", seed: int = 0) -> tuple[int, int]:
+    """A Llama (or any architecture `config` names) with random weights, written one tensor at a time in 1 GB
+    shards, so that making a model larger than memory needs a few tensors of it: matrices N(0, 0.02^2), norms 1.
+    The tensor names and shapes are transformers' own, read off the model built on the meta device. Returns (total
+    bytes, largest tensor bytes)."""
     import torch
-    from transformers import LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from llm_retrofit.io.checkpoint import TensorMeta
     from llm_retrofit.io.writer import SafetensorsWriter, layout_shards, write_index
 
     dtype = getattr(torch, dtype_name)
-    hidden, intermediate = 2048, 5632
-    per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) * dtype.itemsize
-    layers = max(1, round((size_gb * 1e9 - 2 * vocab * hidden * dtype.itemsize) / per_layer))
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False, dtype=dtype_name,
-        architectures=["LlamaForCausalLM"],
-    )
+    settings = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **config, "dtype": dtype_name}
+    made = AutoConfig.for_model(**{k: v for k, v in settings.items() if k != "architectures"})
+    made.architectures = settings["architectures"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(made)
+    tied = {"lm_head.weight"} if made.tie_word_embeddings else set()  # saved once, as the embedding
+    metas = {name: TensorMeta(dtype, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied}
     path.mkdir(parents=True)
-    config.save_pretrained(path)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + f"self_attn.{m}_proj.weight": (hidden, hidden) for m in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden)}
-        shapes |= {p + "mlp.down_proj.weight": (hidden, intermediate)}
-        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    metas = {name: TensorMeta(dtype, shape) for name, shape in shapes.items()}
+    made.save_pretrained(path)
     layout = layout_shards(metas, 1 << 30)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for file_name, names in layout.items():
         with SafetensorsWriter(path / file_name, {n: metas[n] for n in names}) as writer:
             for name in names:
-                writer.write(name, (torch.randn(metas[name].shape, generator=generator) * 0.02).to(dtype))
+                shape = metas[name].shape
+                weight = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
+                writer.write(name, weight.to(dtype))
     write_index(path, layout, metas)
     return sum(m.nbytes for m in metas.values()), max(m.nbytes for m in metas.values())
-
-
 
 
 if __name__ == "__main__":
