@@ -118,3 +118,55 @@ def test_a_calibration_that_will_not_fit_is_refused(tmp_path: Path, small_machin
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code != 0 and "will not fit in memory" in result.output and "calibration_tokens" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# -- the estimates against measured peaks -----------------------------------------------------------------------------
+
+MEASURE_PEAK = """
+import sys
+from llm_retrofit.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    print("VmHWM", open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+"""
+
+
+def measured_peak(*args: str) -> int:
+    """The peak RSS in bytes of `retrofit ARGS` in a fresh interpreter (everything it loads and runs counted)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MEASURE_PEAK, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split("VmHWM")[-1].split()[0]) * 1024
+
+
+def smollm2_steps(model: Path, scratch: Path) -> dict[str, tuple[list[str], Pass]]:
+    """Each kind of step as the CLI runs it on SmolLM2-135M, and the pass the plan prices it by. Training runs in
+    float32 (`--bf16 false`), what the plan counts; under bf16 autocast the activations are smaller."""
+    from llm_retrofit.io.checkpoint import load_checkpoint
+    from llm_retrofit.training.lora import parse_lora
+
+    config = dict(load_checkpoint(model).config)
+    lora = parse_lora("lora:r=16,trainable=embed_tokens+norm")
+    training = ["--data", "bundled:python-docs", "--steps", "1", "--bf16", "false", "--gradient-checkpointing"]
+    return {
+        "eval": (["eval", str(model), "--lengths", "2048", "--data", "bundled:python-docs", "--max-docs", "1",
+                  "--autocast", "off"], Pass(2048, config)),
+        "gqa-fit": (["patch", str(model), "--patch", "gqa:num_key_value_heads=1,method=fit,calibration_tokens=8192",
+                     "-o", str(scratch / "gqa")], Pass(2048, config, streamed=8192)),
+        "finetune-lora": (["finetune", str(model), "--lora", lora.spec(), "--seq-len", "4096", *training,
+                           "-o", str(scratch / "lora")],
+                          Pass(4096, config, training=True, checkpointing=True,
+                               adapter_params=lora.trained_parameters(config))),
+        "finetune-full": (["finetune", str(model), "--seq-len", "1024", *training, "-o", str(scratch / "full")],
+                          Pass(1024, config, training=True, checkpointing=True)),
+    }
+
+
+@pytest.mark.parametrize("step", ["eval", "gqa-fit", "finetune-lora", "finetune-full"])
+def test_the_estimate_is_within_a_quarter_of_the_measured_peak(step: str, smollm2: Path, tmp_path: Path) -> None:
+    argv, priced = smollm2_steps(smollm2, tmp_path)[step]
+    estimate, peak = footprint(priced).total, measured_peak(*argv)
+    assert abs(estimate - peak) <= 0.25 * peak, f"{step}: estimated {estimate / 1e9:.2f} GB, measured {peak / 1e9:.2f} GB"
