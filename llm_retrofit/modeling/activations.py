@@ -1,14 +1,23 @@
-"""Running the model for the patches that need its activations: calibration models and captured inputs.
+"""Running the model for the patches that need its activations, one decoder layer at a time.
 
-A patch that computes its result from activations (a MoE router from hidden states, the LongRoPE search, GQA's
-fitted merge) gets a `ModelView` whose `origin` is the checkpoint directory or the loaded model. It calls
-`calibration_model(view, "moe: router=hidden")` when it first needs data, never while planning, so a dry run loads
-nothing. The capture functions run the model with forward hooks and keep running sums, not activations, so memory
-stays at one forward pass whatever the number of prompts.
+A patch that computes its result from activations (a MoE router from hidden states, GQA's fitted merge) gets a
+`ModelView` whose `origin` is the checkpoint directory or the loaded model, and runs it when it first needs data,
+never while planning, so a dry run loads nothing.
 
-`capture` is the one hook runner: it calls an observer with the input or output of chosen modules on every
-sequence. `mean_mlp_inputs` (MoE's `hidden` router) and `attention_moments` (GQA's fitted merge: the second moments
-of each layer's query, key and value projections) are reductions on top of it.
+`run_layers` is the one runner, the sequential approach of GPTQ-style quantizers: the calibration sequences' hidden
+states are carried from one decoder layer to the next. From a checkpoint the model is built on the meta device (the
+class transformers would load, our shipped modeling file included, so an attention pattern calibrates as it runs);
+the embedding is read, the model's own forward runs up to the layers and records what each layer is called with
+(the hidden states entering the first, the mask and position embeddings of every layer), and stops there. Then each
+layer is read once from the checkpoint in float32 onto `default_device()`, runs every sequence, and is freed; its
+outputs are the next layer's inputs. Peak memory is the larger of the embedding and one layer, plus the hidden
+states (tokens x hidden x 4 bytes), whatever the depth. A loaded model goes through the same runner over its own
+layers, where they are, in their dtype.
+
+A reduction is a `Tap`: which modules of a layer to hook and what to keep from their outputs (or inputs), as
+running sums, not activations. `mean_mlp_inputs` (MoE's `hidden` router) and `attention_moments` (GQA's fitted
+merge: the second moments of each layer's query, key and value projections) are the two. `calibration_model`
+loads the whole model, for the LongRoPE search only.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,11 +37,10 @@ if TYPE_CHECKING:
     from ..io.checkpoint import Checkpoint
     from ..plan import ModelView
 
-Key = TypeVar("Key", bound=Hashable)
-
 
 def calibration_model(view: ModelView, needed_by: str) -> tuple[PreTrainedModel, Any]:
-    """The model behind `view` in eval mode (float32 when loaded from disk) and its tokenizer.
+    """The whole model behind `view` in eval mode (float32 when loaded from disk) and its tokenizer: what the
+    LongRoPE search runs. Calibration runs one layer at a time instead (`run_layers`).
 
     `needed_by` names the patch in the error given when the view has no origin (the patch is not first in a chain).
     """
