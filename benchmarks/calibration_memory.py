@@ -4,7 +4,8 @@
 
 Each measurement is one `patch(source, "gqa:num_key_value_heads=1,...")` to a temporary directory in a fresh
 process, after its imports: the process's peak resident memory (VmHWM, reset by writing 5 to /proc/self/clear_refs
-once imports are done) and its resident memory before the patch. The random models (`--layers`; SmolLM2-135M's
+once imports are done; the kernel updates it lazily, so a thread also samples VmRSS every 5 ms and the larger is
+reported) and its resident memory before the patch. The random models (`--layers`; SmolLM2-135M's
 width, 576 hidden, 1536 MLP, 9 heads, 3 KV heads, 49152 vocabulary; float32 like the converted SmolLM2; its
 tokenizer) are written to a temporary directory and deleted afterwards. `--old SRC` also measures the same patch
 with the llm_retrofit found under SRC (a checkout of an earlier version, e.g. from `git archive`), to compare.
@@ -27,23 +28,34 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDTH = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+WIDTH = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+         "vocab_size": 49152}
 
 CHILD = r"""
-import json, sys
-import transformers, llm_retrofit.patchers.gqa, llm_retrofit.evaluation.documents  # imports before the baseline
+import json, sys, threading, time
+# what either version imports on the way, imported before the baseline
+import accelerate, transformers, transformers.models.llama.modeling_llama
+import llm_retrofit.patchers.gqa, llm_retrofit.evaluation.documents
 from llm_retrofit import patch
 
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
     return int(line.split()[1]) / 1024
 
+def sample(highest):  # the kernel updates VmHWM lazily: a 5 ms sampler catches what it can miss
+    while True:
+        highest[0] = max(highest[0], status("VmRSS"))
+        time.sleep(0.005)
+
 source, output, tokens = sys.argv[1:4]
 with open("/proc/self/clear_refs", "w") as reset:
     reset.write("5")
 baseline = status("VmRSS")
+highest = [baseline]
+threading.Thread(target=sample, args=(highest,), daemon=True).start()
 patch(source, f"gqa:num_key_value_heads=1,calibration_tokens={tokens}", output=output)
-print(json.dumps({"baseline_mb": round(baseline), "peak_mb": round(status("VmHWM"))}))
+peak = max(status("VmHWM"), highest[0])
+print(json.dumps({"baseline_mb": round(baseline), "peak_mb": round(peak)}))
 """
 
 
@@ -86,8 +98,8 @@ def _random(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator) * 0.02
 
 
-def measure(source: Path, tokens: int, code: Path) -> dict[str, int]:
-    with tempfile.TemporaryDirectory(dir=source.parent) as scratch:
+def measure(source: Path, tokens: int, code: Path, scratch_root: Path | None) -> dict[str, int]:
+    with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
         environment = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"}
         done = subprocess.run([sys.executable, "-c", CHILD, str(source), str(Path(scratch) / "out"), str(tokens)],
                               env=environment, capture_output=True, text=True, check=True)
@@ -100,17 +112,19 @@ def main() -> None:
     parser.add_argument("--layers", default="30,120")
     parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--old", type=Path, help="an earlier llm_retrofit source tree to measure too")
+    parser.add_argument("--output-to", type=Path, help="where the patched models go (default: the temp directory; "
+                        "/dev/shm is faster, and files written, not mapped, do not count in the process's memory)")
     args = parser.parse_args()
     versions = {"new": ROOT} | ({"old": args.old} if args.old else {})
     layer_mb = sum(torch.Size(s).numel() for _, s in _layer_shapes()) * 4 / 2**20
     print(json.dumps({"largest_layer_mb": round(layer_mb, 1), "embedding_mb": round(49152 * 576 * 4 / 2**20, 1),
                       "activations_mb": round(args.calibration_tokens * 576 * 4 / 2**20, 1)}), flush=True)
-    print(json.dumps({"SmolLM2-135M": {v: measure(args.model, args.calibration_tokens, c) for v, c in versions.items()}}),
-          flush=True)
+    smollm2 = {v: measure(args.model, args.calibration_tokens, c, args.output_to) for v, c in versions.items()}
+    print(json.dumps({"SmolLM2-135M": smollm2}), flush=True)
     for layers in (int(n) for n in args.layers.split(",")):
         with tempfile.TemporaryDirectory() as scratch:
             source = random_model(Path(scratch) / f"random-{layers}", layers, args.model)
-            found = {v: measure(source, args.calibration_tokens, c) for v, c in versions.items()}
+            found = {v: measure(source, args.calibration_tokens, c, args.output_to) for v, c in versions.items()}
         print(json.dumps({f"random, {layers} layers": found}), flush=True)
 
 
