@@ -1,14 +1,23 @@
-"""Running the model for the patches that need its activations: calibration models and captured inputs.
+"""Running the model for the patches that need its activations, one decoder layer at a time.
 
-A patch that computes its result from activations (a MoE router from hidden states, the LongRoPE search, GQA's
-fitted merge) gets a `ModelView` whose `origin` is the checkpoint directory or the loaded model. It calls
-`calibration_model(view, "moe: router=hidden")` when it first needs data, never while planning, so a dry run loads
-nothing. The capture functions run the model with forward hooks and keep running sums, not activations, so memory
-stays at one forward pass whatever the number of prompts.
+A patch that computes its result from activations (a MoE router from hidden states, GQA's fitted merge) gets a
+`ModelView` whose `origin` is the checkpoint directory or the loaded model, and runs it when it first needs data,
+never while planning, so a dry run loads nothing.
 
-`capture` is the one hook runner: it calls an observer with the input or output of chosen modules on every
-sequence. `mean_mlp_inputs` (MoE's `hidden` router) and `attention_moments` (GQA's fitted merge: the second moments
-of each layer's query, key and value projections) are reductions on top of it.
+`run_layers` is the one runner, the sequential approach of GPTQ-style quantizers: the calibration sequences' hidden
+states are carried from one decoder layer to the next. From a checkpoint the model is built on the meta device (the
+class transformers would load, our shipped modeling file included, so an attention pattern calibrates as it runs);
+the embedding is read, the model's own forward runs up to the layers and records what each layer is called with
+(the hidden states entering the first, the mask and position embeddings of every layer), and stops there. Then each
+layer is read once from the checkpoint in float32 onto `default_device()`, runs every sequence, and is freed; its
+outputs are the next layer's inputs. Peak memory is the larger of the embedding and one layer, plus the hidden
+states (tokens x hidden x 4 bytes), whatever the depth. A loaded model goes through the same runner over its own
+layers, where they are, in their dtype.
+
+A reduction is a `Tap`: which modules of a layer to hook and what to keep from their outputs (or inputs), as
+running sums, not activations. `mean_mlp_inputs` (MoE's `hidden` router) and `attention_moments` (GQA's fitted
+merge: the second moments of each layer's query, key and value projections) are the two. `calibration_model`
+loads the whole model, for the LongRoPE search only.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,13 +34,13 @@ from ..errors import PatchError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from ..io.checkpoint import Checkpoint
     from ..plan import ModelView
-
-Key = TypeVar("Key", bound=Hashable)
 
 
 def calibration_model(view: ModelView, needed_by: str) -> tuple[PreTrainedModel, Any]:
-    """The model behind `view` in eval mode (float32 when loaded from disk) and its tokenizer.
+    """The whole model behind `view` in eval mode (float32 when loaded from disk) and its tokenizer: what the
+    LongRoPE search runs. Calibration runs one layer at a time instead (`run_layers`).
 
     `needed_by` names the patch in the error given when the view has no origin (the patch is not first in a chain).
     """
@@ -52,48 +61,208 @@ def calibration_model(view: ModelView, needed_by: str) -> tuple[PreTrainedModel,
         return view.origin, AutoTokenizer.from_pretrained(view.origin.name_or_path)
 
 
-def capture(
-    network: PreTrainedModel,
-    sequences: Iterable[torch.Tensor],
-    modules: Mapping[Key, torch.nn.Module],
-    observe: Callable[[Key, torch.Tensor], None],
-    *,
-    inputs: bool = False,
-) -> None:
-    """Run `network` on each 1-D tensor of token ids, calling `observe(key, tensor)` with the output of every module
-    of `modules` (with `inputs=True`, its first positional input) as it runs. The hooks are removed afterwards,
-    even when a sequence fails."""
+def calibration_tokenizer(view: ModelView) -> Any:
+    """The tokenizer of the model behind `view` (saved beside the checkpoint, or named by the loaded model)."""
+    from transformers import AutoTokenizer
 
-    def hook_for(key: Key) -> Callable[..., None]:
-        if inputs:
-            return lambda _module, args: observe(key, args[0])
-        return lambda _module, _args, output: observe(key, output)
+    from ..io.progress import quiet_libraries
 
-    register = "register_forward_pre_hook" if inputs else "register_forward_hook"
-    handles = [getattr(module, register)(hook_for(key)) for key, module in modules.items()]
+    origin = view.origin
+    with quiet_libraries():
+        return AutoTokenizer.from_pretrained(origin if isinstance(origin, Path) else origin.name_or_path)
+
+
+def _runnable(view: ModelView) -> tuple[PreTrainedModel, Checkpoint | None, torch.device]:
+    """The model to run, the checkpoint its weights are read from (None: a loaded model, whose weights are in place)
+    and the device it runs on."""
+    from ..io.checkpoint import load_checkpoint
+    from .precision import default_device
+
+    if view.origin is None:
+        raise PatchError("calibration runs the model; make the calibrated patch the first patch of the chain.")
+    if not isinstance(view.origin, Path):
+        return view.origin, None, view.origin.device
+    checkpoint, device = load_checkpoint(view.origin), torch.device(default_device())
+    return _skeleton(checkpoint, device), checkpoint, device
+
+
+def _skeleton(checkpoint: Checkpoint, device: torch.device) -> PreTrainedModel:
+    """The class transformers would load from `checkpoint`, built without memory: every parameter on the meta device,
+    the buffers (rotary frequencies) on `device`. Our shipped modeling file is what runs when the config names it,
+    so an attention pattern calibrates as it will run."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..io.progress import quiet_libraries
+    from .remote_code import runs_our_code
+
+    trusted = runs_our_code(checkpoint.path, checkpoint.config)
+    with quiet_libraries():
+        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trusted)
+        with init_empty_weights():
+            network = AutoModelForCausalLM.from_config(config, trust_remote_code=trusted, dtype=torch.float32)
+    for name, _ in network.named_buffers():
+        set_module_tensor_to_device(network, name, device)
+    converted = [name for name, _ in network.named_parameters()
+                 if name.startswith("model.") and name not in checkpoint.tensors]
+    if converted:
+        raise PatchError(
+            f"{checkpoint.path} stores its weights in another layout than {type(network).__name__} holds them in "
+            f"memory (it has no {converted[0]!r}: transformers converts it while loading), so calibration cannot read "
+            "it one layer at a time. Load the model with transformers and patch the loaded model (the Python API) "
+            "instead.")
+    return network.eval()
+
+
+def _trunk_names(network: PreTrainedModel) -> list[str]:
+    """The parameters of the decoder stack outside its layers: the embedding, which runs before the first layer, and
+    the final norm. The LM head is never run."""
+    return [name for name, _ in network.named_parameters()
+            if name.startswith("model.") and not name.startswith("model.layers.")]
+
+
+def _materialise(network: PreTrainedModel, names: Iterable[str], checkpoint: Checkpoint | None,
+                 device: torch.device) -> None:
+    """Read the parameters `names` from the checkpoint into `network`, in float32 on `device` (nothing to do for a
+    loaded model)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    if checkpoint is None:
+        return
+    for name in names:
+        set_module_tensor_to_device(network, name, device, value=checkpoint.read(name), dtype=torch.float32)
+
+
+def _release(network: PreTrainedModel, names: Iterable[str], checkpoint: Checkpoint | None) -> None:
+    """Free the parameters `names` (back to the meta device) once read from the checkpoint; a loaded model keeps its."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    if checkpoint is None:
+        return
+    for name in names:
+        set_module_tensor_to_device(network, name, "meta")
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: nothing after the decoder layers is needed (nor loaded)."""
+
+
+@dataclass
+class Tap:
+    """What a reduction reads from every decoder layer as the calibration text goes through it.
+
+    `modules(index, layer)` names the modules of decoder layer `index` to watch; `observe(sequence, key, tensor)` is
+    called with the output of each (with `inputs=True`, its first positional input) on every sequence, `sequence`
+    being the sequence's position in the list given to `run_layers`.
+    """
+
+    modules: Callable[[int, torch.nn.Module], Mapping[Hashable, torch.nn.Module]]
+    observe: Callable[[int, Any, torch.Tensor], None]
+    inputs: bool = False
+
+
+@dataclass
+class _LayerCall:
+    """The arguments one decoder layer gets on one sequence besides its hidden states (position embeddings, mask...)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def run_layers(view: ModelView, sequences: Sequence[torch.Tensor], tap: Tap) -> None:
+    """Run the model behind `view` on each 1-D tensor of token ids one decoder layer at a time, calling `tap` on
+    every layer. From a checkpoint, each layer's weights are read once, in float32, onto `default_device()`, and
+    freed before the next is read; a loaded model runs as it is, where it is."""
+    network, checkpoint, device = _runnable(view)
+    layers = list(network.model.layers)
+    with torch.no_grad():
+        trunk = _trunk_names(network)
+        _materialise(network, trunk, checkpoint, device)
+        hidden, calls = _layer_calls(network, sequences, device)
+        _release(network, trunk, checkpoint)
+        for index, layer in enumerate(layers):
+            names = [f"model.layers.{index}.{name}" for name, _ in layer.named_parameters()]
+            _materialise(network, names, checkpoint, device)
+            hidden = _run_layer(layer, index, hidden, calls[index], tap)
+            _release(network, names, checkpoint)
+
+
+def _run_layer(layer: torch.nn.Module, index: int, hidden: list[torch.Tensor], calls: list[_LayerCall],
+               tap: Tap) -> list[torch.Tensor]:
+    """Every sequence's hidden states through `layer`, with `tap`'s hooks attached meanwhile: its outputs."""
+    current = [0]
+
+    def hook_for(key: Hashable) -> Callable[..., None]:
+        if tap.inputs:
+            return lambda _module, args: tap.observe(current[0], key, args[0])
+        return lambda _module, _args, output: tap.observe(current[0], key, output)
+
+    register = "register_forward_pre_hook" if tap.inputs else "register_forward_hook"
+    handles = [getattr(module, register)(hook_for(key)) for key, module in tap.modules(index, layer).items()]
+    outputs = []
     try:
-        with torch.no_grad():
-            for ids in sequences:
-                network(ids[None].to(network.device))
+        for sequence, (states, call) in enumerate(zip(hidden, calls, strict=True)):
+            current[0] = sequence
+            output = layer(states, *call.args, **call.kwargs)
+            outputs.append(output[0] if isinstance(output, tuple) else output)
     finally:
         for handle in handles:
             handle.remove()
+    return outputs
 
 
-def mean_mlp_inputs(network: PreTrainedModel, tokenizer: Any, prompts: Sequence[str]) -> dict[int, torch.Tensor]:
-    """Per decoder layer, the float32 mean of its MLP's input over every token of `prompts`."""
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+def _layer_calls(network: PreTrainedModel, sequences: Sequence[torch.Tensor],
+                 device: torch.device) -> tuple[list[torch.Tensor], list[list[_LayerCall]]]:
+    """The hidden states entering the first decoder layer for each sequence, and per layer and sequence the other
+    arguments the model calls it with: the model's own forward runs up to the layers, each replaced meanwhile by a
+    recorder (layers of different kinds, sliding or full, get different masks), and stops at the last one."""
+    layers = list(network.model.layers)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[_LayerCall]] = [[] for _ in layers]
 
-    def observe(layer: int, states: torch.Tensor) -> None:
+    def recorder(index: int) -> Callable[..., torch.Tensor]:
+        def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if index == 0:
+                hidden.append(hidden_states)
+            calls[index].append(_LayerCall(args, kwargs))
+            if index == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+
+        return record
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)  # an instance attribute: deleting it restores the class's forward
+    try:
+        for ids in sequences:
+            try:
+                network.model(input_ids=ids[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return hidden, calls
+
+
+def mean_mlp_inputs(view: ModelView, tokenizer: Any, prompts: Sequence[Sequence[str]]) -> list[dict[int, torch.Tensor]]:
+    """For each group of `prompts`, per decoder layer, the float32 mean of its MLP's input over every token of the
+    group: one pass over the layers for all the groups."""
+    sequences = [tokenizer(prompt, return_tensors="pt").input_ids[0] for group in prompts for prompt in group]
+    group_of = [index for index, group in enumerate(prompts) for _ in group]
+    sums: dict[tuple[int, int], torch.Tensor] = {}
+    counts: dict[tuple[int, int], int] = {}
+
+    def observe(sequence: int, layer: int, states: torch.Tensor) -> None:
+        key = (group_of[sequence], layer)
         tokens = states.reshape(-1, states.shape[-1]).float()
-        sums[layer] = sums.get(layer, 0) + tokens.sum(0)
-        counts[layer] = counts.get(layer, 0) + tokens.shape[0]
+        sums[key] = sums.get(key, 0) + tokens.sum(0)
+        counts[key] = counts.get(key, 0) + tokens.shape[0]
 
-    sequences = (tokenizer(prompt, return_tensors="pt").input_ids[0] for prompt in prompts)
-    mlps = {i: layer.mlp for i, layer in enumerate(network.model.layers)}
-    capture(network, sequences, mlps, observe, inputs=True)
-    return {layer: (sums[layer] / counts[layer]).cpu() for layer in sums}
+    run_layers(view, sequences, Tap(lambda index, layer: {index: layer.mlp}, observe, inputs=True))
+    return [{layer: (sums[group, layer] / counts[group, layer]).cpu() for group, layer in sums if group == wanted}
+            for wanted in range(len(prompts))]
 
 
 def calibration_sequences(documents: Sequence[torch.Tensor], tokens: int, length: int) -> list[torch.Tensor]:
@@ -132,21 +301,22 @@ class AttentionMoments:
     tokens: int = 0
 
 
-def attention_moments(network: PreTrainedModel, sequences: Iterable[torch.Tensor], groups: int) -> dict[int, AttentionMoments]:
-    """`AttentionMoments` of every decoder layer of `network` over `sequences` (token ids), in one pass."""
-    config = network.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
+def attention_moments(view: ModelView, sequences: Sequence[torch.Tensor], groups: int) -> dict[int, AttentionMoments]:
+    """`AttentionMoments` of every decoder layer of the model behind `view` over `sequences` (token ids), in one
+    pass over the layers."""
+    config = view.config
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     m, half = kv_heads // groups, head_dim // 2
     moments: dict[int, AttentionMoments] = {}
-    for layer in range(len(network.model.layers)):
+    for layer in range(int(config["num_hidden_layers"])):
         moments[layer] = AttentionMoments(
-            torch.zeros(config.num_attention_heads, head_dim, dtype=torch.float64),
+            torch.zeros(config["num_attention_heads"], head_dim, dtype=torch.float64),
             torch.zeros(groups, half, m, m, dtype=torch.complex128),
             torch.zeros(groups, m * head_dim, m * head_dim, dtype=torch.float64),
         )
 
-    def observe(key: tuple[int, str], output: torch.Tensor) -> None:
+    def observe(_sequence: int, key: tuple[int, str], output: torch.Tensor) -> None:
         layer, projection = key
         features = output.reshape(-1, output.shape[-1]).double()
         found = moments[layer]
@@ -161,8 +331,8 @@ def attention_moments(network: PreTrainedModel, sequences: Iterable[torch.Tensor
             grouped = features.view(-1, groups, m * head_dim)
             found.values += torch.einsum("tgi,tgj->gij", grouped, grouped).cpu()
 
-    modules = {
-        (i, p): getattr(layer.self_attn, f"{p}_proj") for i, layer in enumerate(network.model.layers) for p in "qkv"
-    }
-    capture(network, sequences, modules, observe)
+    def projections(index: int, layer: torch.nn.Module) -> dict[tuple[int, str], torch.nn.Module]:
+        return {(index, p): getattr(layer.self_attn, f"{p}_proj") for p in "qkv"}
+
+    run_layers(view, sequences, Tap(projections, observe))
     return moments

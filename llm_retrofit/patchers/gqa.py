@@ -77,7 +77,7 @@ from ..architectures import layer_name, split_layer_name
 from ..errors import PatchError, PatchSpecError
 from ..io.checkpoint import TensorMeta
 from ..modeling.cost import Pass
-from ..modeling.activations import AttentionMoments, attention_moments, calibration_model, calibration_sequences
+from ..modeling.activations import AttentionMoments, attention_moments, calibration_sequences, calibration_tokenizer
 from ..plan import ModelView, TensorPlan, TensorTask
 from ..spec import PatchCard, Patcher, register
 
@@ -256,15 +256,12 @@ class PoolKVHeads(Patcher):
         def measure() -> dict[int, AttentionMoments]:
             from ..evaluation.perplexity import tokenize
 
-            network, tokenizer = calibration_model(model, "gqa: method=fit")
-            ids, _ = tokenize(tokenizer, documents)
+            ids, _ = tokenize(calibration_tokenizer(model), documents)
             sequences = calibration_sequences(ids, tokens, length)
             found = sum(len(sequence) for sequence in sequences)
             if found < MIN_CALIBRATION_TOKENS:  # before the first tensor is written: the output is never committed
                 raise PatchError(_too_little_calibration(source, f"{found} tokens"))
-            moments = attention_moments(network, sequences, shape.groups)
-            del network  # the model loaded from disk is freed here; only the moments (a few MB) are kept
-            return moments
+            return attention_moments(model, sequences, shape.groups)  # one decoder layer in memory at a time
 
         return _Fit(measure, shape)
 

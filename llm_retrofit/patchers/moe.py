@@ -33,7 +33,7 @@ import torch
 from ..architectures import layer_name, split_layer_name
 from ..io.checkpoint import TensorMeta
 from ..modeling.cost import Pass
-from ..modeling.activations import calibration_model, mean_mlp_inputs
+from ..modeling.activations import calibration_tokenizer, mean_mlp_inputs
 from ..errors import PatchError, PatchSpecError
 from ..plan import ModelView, TensorPlan, TensorTask
 from ..spec import PatchCard, Patcher, register
@@ -225,8 +225,7 @@ class UpcycleMoE(Patcher):
 
         def routers() -> dict[int, torch.Tensor]:
             if not cache:
-                network, tokenizer = calibration_model(model, "moe: router=hidden")
-                cache.update(_hidden_routers(network, tokenizer, prompts))
+                cache.update(_hidden_routers(model, prompts))
             return cache
 
         return routers
@@ -244,9 +243,9 @@ class UpcycleMoE(Patcher):
         return [Pass(longest, config, streamed=sum(len(prompt.encode()) for prompt in prompts))]
 
 
-def _hidden_routers(network: Any, tokenizer: Any, prompts: list[list[str]]) -> dict[int, torch.Tensor]:
+def _hidden_routers(model: ModelView, prompts: list[list[str]]) -> dict[int, torch.Tensor]:
     """Per layer, an (experts, hidden) matrix whose row e is the unit-norm mean MLP input of expert e's prompts."""
-    means = [mean_mlp_inputs(network, tokenizer, expert_prompts) for expert_prompts in prompts]
+    means = mean_mlp_inputs(model, calibration_tokenizer(model), prompts)
     return {layer: torch.stack([m[layer] / m[layer].norm() for m in means]) for layer in means[0]}
 
 
