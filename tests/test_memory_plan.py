@@ -52,8 +52,8 @@ def test_weights_are_held_in_the_dtype_each_pass_keeps() -> None:
     assert footprint(Pass(64, config, training=True, adapter_params=100)).weights == 2 * params + 4 * 100
     full = footprint(Pass(64, config, training=True))
     assert (full.weights, full.training_state) == (4 * params, 12 * params)  # float32 masters, grads, AdamW moments
-    layer = Shape.of(config).layer_params
-    assert footprint(Pass(64, config, streamed=4096)).weights == 4 * layer  # one layer at a time, in float32
+    shape = Shape.of(config)  # the embedding, then one layer at a time, in float32
+    assert footprint(Pass(64, config, streamed=4096)).weights == 4 * max(shape.layer_params, shape.vocab * shape.hidden)
 
 
 def test_calibration_memory_does_not_grow_with_depth() -> None:

@@ -5,8 +5,8 @@ how much memory each step needs and refuses, with the option that fixes it, a st
 
 A pass holds, at its peak (`Footprint`):
 - weights: the model as the step holds it. Evaluation, a search, a teacher and a LoRA base keep the checkpoint's
-  own dtype; a full finetune holds float32 master weights; a calibration holds one decoder layer in float32 (the
-  hidden states are carried from layer to layer, `modeling.activations`).
+  own dtype; a full finetune holds float32 master weights; a calibration holds the embedding, then one decoder layer
+  at a time, in float32 (the hidden states are carried from layer to layer, `modeling.activations`).
 - training state: a gradient and two AdamW moments per trained parameter, float32 (4 + 4 + 8 bytes).
 - activations: the largest of (a) one decoder layer's intermediate tensors at the pass's length and (b) one chunk of
   LM-head logits (`modeling.nll`'s budget: the head runs a chunk of positions at a time in eval, search and every
@@ -105,9 +105,10 @@ def footprint(one: Pass) -> Footprint:
     """The peak memory of `one` pass (see the module docstring for what each part counts)."""
     shape = Shape.of(one.config)
     length = one.tokens
-    if one.streamed:  # a calibration: one layer in float32, the carried hidden states of every calibration token
+    if one.streamed:  # a calibration: the embedding, then one layer at a time, in float32
         carried = 2 * one.streamed * shape.hidden * 4  # each layer's input and output for every sequence
-        return Footprint(4 * shape.layer_params, 0, carried + _layer_forward(shape, length, 4))
+        held = 4 * max(shape.layer_params, shape.vocab * shape.hidden)
+        return Footprint(held, 0, carried + _layer_forward(shape, length, 4))
     if not one.training:
         activation_bytes = 4 if shape.dtype_bytes == 4 else shape.dtype_bytes
         through = 2 * length * shape.hidden * activation_bytes  # the residual stream and the final hidden states
