@@ -22,7 +22,7 @@ import torch
 
 from ..errors import EvaluationError
 from ..modeling.kv_cache import cache_argument, returned_cache
-from ..modeling.placement import input_device
+from ..modeling.devices import input_device
 from .report import PasskeyTrial
 
 log = logging.getLogger(__name__)

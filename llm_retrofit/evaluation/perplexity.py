@@ -38,8 +38,8 @@ import torch
 
 from ..errors import EvaluationError
 from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
-from ..modeling.placement import placement_summary, resolve_device
-from ..modeling.precision import arithmetic, check_autocast, default_device, inference_autocast
+from ..modeling.placement import placement_summary
+from ..modeling.precision import arithmetic, check_autocast, inference_autocast
 from ..modeling.rope import rope_depends_on_length, rope_length_classes, rotary_of
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
@@ -315,12 +315,10 @@ def load_model(
 
     from ..io.checkpoint import load_checkpoint
     from ..io.progress import quiet_libraries
-    from ..modeling.placement import default_dtype, load_placed, parse_max_memory, placement_options
+    from ..modeling.placement import check_placement, default_dtype, load_placed, placement_options
     from ..modeling.remote_code import runs_our_code
 
-    if device is not None:
-        resolve_device(device)
-    parse_max_memory(max_memory)
+    check_placement(device, device_map, max_memory)  # before anything is read
     checkpoint = load_checkpoint(source, revision)
     checkpoint.require_complete()
     path = checkpoint.path

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EvaluationError
-from .placement import input_device
+from .devices import input_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

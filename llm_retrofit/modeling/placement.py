@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import EvaluationError
+from .devices import input_device
 from .precision import default_device, native_bf16
 
 if TYPE_CHECKING:
@@ -112,20 +113,40 @@ def _memory_key(key: Any) -> int | str:
                           f"(e.g. {MAX_MEMORY_EXAMPLE}).")
 
 
+def check_placement(
+    device: str | torch.device | None, device_map: str | Mapping[str, Any] | None,
+    max_memory: str | Mapping[Any, Any] | None,
+) -> dict[int | str, int] | None:
+    """Raise EvaluationError, naming the fix, unless the options make one placement; the parsed max_memory."""
+    limits = parse_max_memory(max_memory)
+    if device is not None:
+        resolve_device(device)
+    if device is not None and device_map is not None:
+        raise EvaluationError("device and device_map both given: pass device (--device) for one device, or "
+                              "device_map (--device-map) to place the model, not both.")
+    if isinstance(device_map, str) and device_map not in STRATEGIES:  # one device, named
+        try:
+            resolve_device(device_map)
+        except EvaluationError as e:
+            raise EvaluationError(f"device_map {device_map!r} is neither a placement ({', '.join(STRATEGIES)}) nor "
+                                  f"a device: {e}") from None
+        if limits is not None:
+            raise EvaluationError(f"max_memory spreads a model over devices, but device_map {device_map!r} is one "
+                                  "device; pass --device-map auto with --max-memory, or drop --max-memory.")
+    elif device_map is not None and not isinstance(device_map, (str, Mapping)):
+        raise EvaluationError(f"device_map {device_map!r} is not a placement; pass one of {', '.join(STRATEGIES)}, a "
+                              "device (cpu, cuda:0) or a dict of module name -> device.")
+    return limits
+
+
 def placement_options(
     checkpoint: Checkpoint, dtype: torch.dtype, *, device: str | torch.device | None = None,
     device_map: str | Mapping[str, Any] | None = None, max_memory: str | Mapping[Any, Any] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """The placement keywords of `from_pretrained` for this checkpoint loaded in `dtype` (see the module's doc)."""
-    limits = parse_max_memory(max_memory)
-    if device is not None and device_map is not None:
-        raise EvaluationError("device and device_map both given: pass device (--device) for one device, or "
-                              "device_map (--device-map) to place the model, not both.")
+    limits = check_placement(device, device_map, max_memory)
     if isinstance(device_map, str) and device_map not in STRATEGIES:  # one device, named
-        if limits is not None:
-            raise EvaluationError(f"max_memory spreads a model over devices, but device_map {device_map!r} is one "
-                                  "device; pass --device-map auto with --max-memory, or drop --max-memory.")
         return {"device_map": {"": resolve_device(device_map)}}
     if device_map is None and limits is None:
         target = resolve_device(device)
@@ -213,16 +234,26 @@ def load_placed(path: Path, dtype: torch.dtype | str, options: dict[str, Any], t
     return model.eval()
 
 
-def input_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's input ids go: the device its input embedding computes on (an offloaded embedding's weight is
-    on the meta device; accelerate's hook says where it runs)."""
-    embedding = model.get_input_embeddings()
-    hook = getattr(embedding, "_hf_hook", None)
-    for one in getattr(hook, "hooks", [hook]):
-        execution = getattr(one, "execution_device", None)
-        if execution is not None:
-            return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
-    return embedding.weight.device
+def place_loaded(
+    model: Any, *, device_map: str | Mapping[str, Any] | None = None, max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+) -> Any:
+    """A model already in CPU memory (an adapter merged onto its base) placed as `load_model` places a checkpoint:
+    whole on the default device when no placement is given, else by accelerate (`dispatch_model`)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    limits = check_placement(None, device_map, max_memory)
+    if device_map is None and limits is None:
+        return model.to(resolve_device(None))
+    if isinstance(device_map, str) and device_map not in STRATEGIES:
+        return model.to(resolve_device(device_map))
+    if not isinstance(device_map, Mapping):
+        no_split = getattr(model, "_no_split_modules", None) or []
+        device_map = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split)
+    folder = str(offload_folder) if offload_folder else tempfile.mkdtemp(prefix="retrofit-offload-")
+    if not offload_folder:
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    return dispatch_model(model, device_map=dict(device_map), offload_dir=folder)
 
 
 def placement_summary(model: torch.nn.Module) -> str:

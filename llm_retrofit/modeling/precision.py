@@ -84,6 +84,6 @@ def inference_autocast(model: Any, choice: str = "auto") -> Iterator[None]:
 
 def _computes_on(model: Any) -> torch.device:
     """The device a (possibly placed) model starts computing on: see modeling/placement.py."""
-    from .placement import input_device
+    from .devices import input_device
 
     return input_device(model)

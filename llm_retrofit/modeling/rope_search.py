@@ -215,7 +215,7 @@ def segment_nll(model: Any, ids: torch.Tensor, segments: int) -> Iterator[float]
 
     from .kv_cache import cache_argument
     from .nll import decoder_and_head, default_chunk_size, head_nll
-    from .placement import input_device
+    from .devices import input_device
 
     decoder, head = decoder_and_head(model)
     chunk = default_chunk_size(model)
