@@ -36,7 +36,7 @@ COUNTERS["rss_before_gb"] = int(status.split("VmRSS:")[1].split()[0]) * 1024 / 1
 """
 WORK = """
 result = evaluate(SOURCE, documents, progress=False, **options)
-COUNTERS["perplexity"] = result.models[0].lengths[0].perplexity
+COUNTERS["perplexity"] = result.models[0].perplexity[0].perplexity
 COUNTERS["device"] = result.models[0].info["device"]
 """
 

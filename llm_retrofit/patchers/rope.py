@@ -328,12 +328,13 @@ class LongRope(_ContextExtension):
         """Run the factor search on the first `max_docs` documents of `data` (default budget unless given)."""
         from ..evaluation.documents import load_documents
         from ..evaluation.perplexity import tokenize
+        from ..modeling.devices import input_device
         from ..modeling.rope_search import FactorEvaluator, search
 
         network, tokenizer = _search_model(model)
         length = self.new_length(shape)
         ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
-        settings = self.search_settings(length, network.device.type)
+        settings = self.search_settings(length, input_device(network).type)  # a placed model's first weight: meta
         evaluator = FactorEvaluator(network, ids, shape, length, settings.segments,
                                     attention_factor=self.attention_factor)
         best = search(evaluator, settings).population[0]
