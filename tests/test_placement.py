@@ -140,3 +140,16 @@ def test_cli_and_recipe_refuse_a_bad_max_memory_naming_the_format(checkpoint: Pa
     with pytest.raises(EvaluationError, match="DEVICE=SIZE"):
         EvalSettings.read({"max_memory": "20GiB"})
     assert EvalSettings.read({"device_map": "auto", "max_memory": "cpu=1GiB"}).evaluate_options()["device_map"] == "auto"
+
+
+def test_a_model_already_in_memory_is_placed_as_a_checkpoint_is(
+    checkpoint: Path, whole, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the eval step does with an adapter merged onto its base: accelerate spreads the loaded model."""
+    loaded, _ = load_model(checkpoint, device="cpu")
+    with caplog.at_level(logging.WARNING):
+        placed = placement.place_loaded(loaded, max_memory="cpu=20KB")
+    assert not caplog.records
+    assert "disk" in set(placed.hf_device_map.values())
+    assert _nll(placed) == pytest.approx(_nll(whole), rel=1e-6)
+    assert placement.place_loaded(load_model(checkpoint, device="cpu")[0]).device == torch.device("cpu")

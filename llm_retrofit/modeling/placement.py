@@ -242,6 +242,8 @@ def place_loaded(
     whole on the default device when no placement is given, else by accelerate (`dispatch_model`)."""
     from accelerate import dispatch_model, infer_auto_device_map
 
+    from ..io.progress import quiet_libraries
+
     limits = check_placement(None, device_map, max_memory)
     if device_map is None and limits is None:
         return model.to(resolve_device(None))
@@ -250,10 +252,13 @@ def place_loaded(
     if not isinstance(device_map, Mapping):
         no_split = getattr(model, "_no_split_modules", None) or []
         device_map = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split)
+    if set(device_map) == {""}:  # dispatch_model offloads modules by name, and "" names none of the state dict's keys
+        device_map = {name: device_map[""] for name, _ in model.named_children()}
     folder = str(offload_folder) if offload_folder else tempfile.mkdtemp(prefix="retrofit-offload-")
     if not offload_folder:
         weakref.finalize(model, shutil.rmtree, folder, True)
-    return dispatch_model(model, device_map=dict(device_map), offload_dir=folder)
+    with quiet_libraries():  # accelerate's notice that offloaded weights sit on meta
+        return dispatch_model(model, device_map=dict(device_map), offload_dir=folder)
 
 
 def placement_summary(model: torch.nn.Module) -> str:
