@@ -139,7 +139,8 @@ def test_cli_and_recipe_refuse_a_bad_max_memory_naming_the_format(checkpoint: Pa
     assert outcome.exit_code != 0 and "write it as 20GiB" in outcome.output and "Traceback" not in outcome.output
     with pytest.raises(EvaluationError, match="DEVICE=SIZE"):
         EvalSettings.read({"max_memory": "20GiB"})
-    assert EvalSettings.read({"device_map": "auto", "max_memory": "cpu=1GiB"}).evaluate_options()["device_map"] == "auto"
+    options = EvalSettings.read({"device_map": "auto", "max_memory": "cpu=1GiB", "dtype": "auto"}).evaluate_options()
+    assert (options["device_map"], options["max_memory"], options["dtype"]) == ("auto", "cpu=1GiB", "auto")
 
 
 def test_a_model_already_in_memory_is_placed_as_a_checkpoint_is(

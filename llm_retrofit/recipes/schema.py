@@ -102,13 +102,13 @@ def _protocols() -> str:
 def _dtype_ok(value: str) -> bool:
     from ..spec import DTYPES
 
-    return value.lower() in DTYPES
+    return value.lower() in DTYPES or value.lower() == "auto"  # auto: the checkpoint's own, always
 
 
 def _dtypes() -> str:
     from ..spec import DTYPES
 
-    return "one of " + ", ".join(DTYPES)
+    return "auto or one of " + ", ".join(DTYPES)
 
 
 def read_settings(cls: type, values: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,7 +213,8 @@ class EvalSettings(_Settings):
         keys = ("lengths", "max_docs", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths",
                 "passkey_trials", "batch_size", "autocast", "device_map", "max_memory", "offload_folder")
         options = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
-        return options | {"dtype": DTYPES[self.dtype.lower()] if self.dtype else None}
+        dtype = self.dtype.lower() if self.dtype else None
+        return options | {"dtype": DTYPES[dtype] if dtype and dtype != "auto" else dtype}
 
 
 @dataclass(frozen=True)
