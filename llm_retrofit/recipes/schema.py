@@ -108,7 +108,7 @@ def _dtype_ok(value: str) -> bool:
 def _dtypes() -> str:
     from ..spec import DTYPES
 
-    return "auto or one of " + ", ".join(DTYPES)
+    return "one of " + ", ".join(DTYPES) + ", or auto"
 
 
 def read_settings(cls: type, values: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
