@@ -107,8 +107,12 @@ def _memory_key(key: Any) -> int | str:
         resolve_device(key)
         return key
     if isinstance(key, str) and key.startswith("cuda"):
-        device = resolve_device(key)
-        return device.index or 0
+        try:
+            return resolve_device(key).index or 0
+        except EvaluationError as e:
+            reason = str(e).split("; pass")[0]
+            raise EvaluationError(f"max_memory: {reason}; name only devices this machine has (cpu=64GiB, "
+                                  "cuda:N=20GiB).") from None
     raise EvaluationError(f"max_memory names {key!r}, which is not a device; use cpu, mps or cuda:N "
                           f"(e.g. {MAX_MEMORY_EXAMPLE}).")
 
@@ -128,8 +132,10 @@ def check_placement(
         try:
             resolve_device(device_map)
         except EvaluationError as e:
+            if _names_a_device(device_map):  # a device this machine lacks: resolve_device says which it has
+                raise EvaluationError(f"device_map: {str(e).replace('--device', '--device-map')}") from None
             raise EvaluationError(f"device_map {device_map!r} is neither a placement ({', '.join(STRATEGIES)}) nor "
-                                  f"a device: {e}") from None
+                                  "a device (cpu, cuda, cuda:N).") from None
         if limits is not None:
             raise EvaluationError(f"max_memory spreads a model over devices, but device_map {device_map!r} is one "
                                   "device; pass --device-map auto with --max-memory, or drop --max-memory.")
@@ -137,6 +143,14 @@ def check_placement(
         raise EvaluationError(f"device_map {device_map!r} is not a placement; pass one of {', '.join(STRATEGIES)}, a "
                               "device (cpu, cuda:0) or a dict of module name -> device.")
     return limits
+
+
+def _names_a_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def placement_options(
