@@ -24,6 +24,30 @@ _autocast_option = click.option(
     "bf16 forces it, off keeps float32 throughout.")
 
 
+
+def _placement_options(command: Any) -> Any:
+    """--device-map, --max-memory and --offload-folder: where a model that is run (eval, search-rope) is placed."""
+    options = [
+        click.option("--device-map", default=None, metavar="auto|balanced|sequential|DEVICE",
+                     help="Spread the model with accelerate (auto: GPUs, then CPU memory, then disk) or put it on one "
+                          "device (cpu, cuda:1). [default: whole on --device when it fits, else auto]"),
+        click.option("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                     help="Most memory each device may hold of the weights, e.g. cuda:0=20GiB,cpu=64GiB; the rest is "
+                          "read from disk as it is needed (slower). Implies --device-map auto."),
+        click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
+                     help="Where weights offloaded to disk are written when they cannot be read from the checkpoint "
+                          "as they are (another dtype). [default: a temporary folder]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_dtype(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """--dtype of a command that runs the model: a dtype, or auto (the checkpoint's own, always)."""
+    return "auto" if value is not None and value.lower() == "auto" else _dtype(ctx, param, value)
+
+
 class _Group(click.Group):
     """Prints RetrofitError as one line (it already says what to do) instead of a traceback, and so a disk that is
     full or read-only (a fault of the machine, not of llm-retrofit), wherever a command meets it."""
@@ -403,15 +427,17 @@ def _lr_groups(_ctx: click.Context, param: click.Parameter, values: tuple[str, .
 @click.option("--attention-factor", type=click.FloatRange(min=1.0), default=None,
               help="Attention scaling (transformers applies it at every length; 1.0 keeps short contexts exactly as "
               "they were). [default: the paper's sqrt(1 + ln s / ln L)]")
-@click.option("--dtype", callback=_dtype,
-              help="Load the weights in this dtype. bfloat16 is fast on GPUs and on CPUs with AVX512-BF16/AMX; on other "
-              "CPUs it can be several times slower than float32. [default: the checkpoint's]")
+@click.option("--dtype", callback=_run_dtype,
+              help="Load the weights in this dtype (auto: the checkpoint's). bfloat16 is fast on GPUs and on CPUs with "
+              "AVX512-BF16/AMX; on other CPUs it can be several times slower than float32. [default: the checkpoint's; "
+              "float32 for bfloat16 weights on a CPU without bf16 units when float32 fits in memory]")
 @click.option("--device", default=None, help="cpu, cuda... [default: cuda if available, else cpu]")
+@_placement_options
 @_autocast_option
 def search_rope(model: str, target_length: int, data: tuple[str, ...], output: str, population: int, iterations: int,
                 mutations: int, crossovers: int, parents: int, segments: int, max_docs: int | None, seed: int,
                 resume_path: str | None, attention_factor: float | None, dtype: Any, device: str | None,
-                autocast: str) -> None:
+                device_map: str | None, max_memory: str | None, offload_folder: str | None, autocast: str) -> None:
     """Search LongRoPE factors for MODEL at --target-length; writes the JSON that `longrope:factors=FILE` reads.
 
     An evolutionary search (LongRoPE, arXiv 2402.13753) over one factor per RoPE frequency, seeded with PI, NTK
@@ -424,6 +450,7 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
       retrofit search-rope smollm2/ --target-length 16384 --data bundled:python-docs --max-docs 1 -o factors.json
       retrofit patch smollm2/ --patch longrope:factors=factors.json -o smollm2-16k/
       accelerate launch -m llm_retrofit search-rope smollm2/ --target-length 32768 --data books/ -o f.json
+      retrofit search-rope llama-70b/ --target-length 131072 --data books/ --max-memory cuda:0=70GiB,cpu=200GiB -o f.json
     """
     from .evaluation.documents import load_documents
     from .evaluation.perplexity import load_model, tokenize
@@ -440,7 +467,8 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 
     for path in (output, resume_path or f"{output}.state.json"):  # before a search of hours, not after it
         check_writable(path)
-    network, tokenizer = load_model(model, dtype=dtype, device=device)
+    network, tokenizer = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                                    offload_folder=offload_folder)
     ids, _ = tokenize(tokenizer, load_documents(data, max_docs=max_docs))
     shape = RopeShape.of(network.config.to_dict())
     evaluator = FactorEvaluator(network, ids, shape, target_length, segments, attention_factor, autocast)
@@ -573,8 +601,11 @@ def finetune(model: str, output: str, data: tuple[str, ...], data_format: str, c
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of perplexity vs length here.")
 @click.option("--passkey-plot", type=click.Path(dir_okay=False),
               help="Write the passkey heatmap PNG here. [default with --plot and --passkey: PLOT-passkey.png]")
-@click.option("--dtype", callback=_dtype, help="Load the weights in this dtype. [default: the checkpoint's]")
+@click.option("--dtype", callback=_run_dtype,
+              help="Load the weights in this dtype (auto: the checkpoint's). [default: the checkpoint's; float32 for "
+                   "bfloat16 weights on a CPU without bf16 units when float32 fits in memory]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... [default: cuda if available, else cpu]")
+@_placement_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Windows of equal length run together in one forward pass.")
 @_autocast_option
@@ -583,7 +614,8 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, 
           stride: int | None, max_docs: int | None, passkey: bool, passkey_lengths: list[int] | None,
           passkey_depths: list[float], passkey_trials: int,
           json_path: str | None, markdown: str | None, plot: str | None, passkey_plot: str | None, dtype: Any,
-          device: str | None, batch_size: int, autocast: str) -> None:
+          device: str | None, device_map: str | None, max_memory: str | None, offload_folder: str | None,
+          batch_size: int, autocast: str) -> None:
     """Perplexity vs context length (and passkey retrieval) of one or more MODELS, side by side.
 
     Each MODEL is a checkpoint directory or Hub repo id, checked as `retrofit patch` checks it before it loads; the
@@ -600,6 +632,8 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, 
       retrofit eval smollm2/ --data bundled:python-docs --lengths 1k,2k --passkey --plot ppl.png
       retrofit eval smollm2/ --data bundled:python-docs --lengths 2k --passkey --passkey-lengths 1k,4k,8k
       retrofit eval smollm2/ smollm2-chat/ --chat bundled:python-chat@test --json chat.json
+      retrofit eval llama-70b/ --data bundled:python-docs --lengths 8k --max-memory cuda:0=70GiB,cpu=120GiB
+      retrofit eval smollm2/ --data bundled:python-docs --lengths 2k --device-map auto --max-memory cpu=100MiB
     """
     import gc
 
@@ -609,7 +643,8 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, 
     from .evaluation.documents import load_documents
     from .evaluation.report import EvalResult
     from .evaluation.conversations import load_conversations
-    from .evaluation.perplexity import evaluate, resolve_device
+    from .evaluation.perplexity import evaluate
+    from .modeling.placement import check_placement
     from .io.checkpoint import load_checkpoint
     from .io.writer import check_writable
 
@@ -625,7 +660,7 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, 
     for path in (json_path, markdown, plot, passkey_plot):
         if path:
             check_writable(path)
-    resolve_device(device)
+    check_placement(device, device_map, max_memory)
     from .modeling.remote_code import runs_our_code
 
     for model in models:  # every model, so the last one's damage does not cost the first one's evaluation
@@ -638,7 +673,8 @@ def eval_(models: tuple[str, ...], data: tuple[str, ...], chat_data: tuple[str, 
     for model in models:
         results.append(evaluate(
             model, documents, lengths=lengths, protocol=protocol, stride=stride, max_docs=max_docs,
-            batch_size=batch_size, dtype=dtype, device=device, passkey=passkey, passkey_lengths=passkey_lengths,
+            batch_size=batch_size, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+            offload_folder=offload_folder, passkey=passkey, passkey_lengths=passkey_lengths,
             passkey_depths=passkey_depths, passkey_trials=passkey_trials, autocast=autocast, chat=conversations,
         ))
         gc.collect()  # the model is no longer referenced: free it before loading the next one

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import EvaluationError
 from ..modeling.kv_cache import cache_argument, returned_cache
+from ..modeling.devices import input_device
 from .report import PasskeyTrial
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def greedy_answer(model: Any, input_ids: list[int], new_tokens: int = ANSWER_TOK
 
     The prompt's forward builds the cache the model wants (a DynamicCache for a stock model, the bounded caches of
     attention sinks and Infini-attention for theirs), and every step after it reuses that one."""
-    ids = torch.tensor([input_ids], device=model.device)
+    device = input_device(model)  # the embedding's: a placed model's first parameter may be offloaded (meta)
+    ids = torch.tensor([input_ids], device=device)
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     stop = set(eos if isinstance(eos, list) else [eos]) - {None}
     answer: list[int] = []
@@ -123,7 +125,7 @@ def greedy_answer(model: Any, input_ids: list[int], new_tokens: int = ANSWER_TOK
             if token in stop:
                 break
             answer.append(token)
-            step = torch.tensor([[token]], device=model.device)
+            step = torch.tensor([[token]], device=device)
             out = model(input_ids=step, use_cache=True, logits_to_keep=1, **cache)
     return answer
 

@@ -38,7 +38,8 @@ import torch
 
 from ..errors import EvaluationError
 from ..modeling.nll import NLL, check_head, default_chunk_size, nll_rows, sequence_nll
-from ..modeling.precision import arithmetic, check_autocast, default_device, inference_autocast
+from ..modeling.placement import placement_summary
+from ..modeling.precision import arithmetic, check_autocast, inference_autocast
 from ..modeling.rope import rope_depends_on_length, rope_length_classes, rotary_of
 from .documents import Document
 from .report import DocumentNLL, EvalResult, LengthResult, ModelResult
@@ -291,68 +292,55 @@ def forward_lengths(
 # -- the whole evaluation --------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device` (default: cuda if available, else cpu) checked against this machine, so that a typo or a missing GPU
-    is one clear error before anything is loaded."""
-    if device is None:
-        return torch.device(default_device())
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise EvaluationError(f"device {str(device)!r} is not a device; pass cpu, cuda or cuda:N.") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise EvaluationError(
-                f"device {str(device)!r}: CUDA is not available here (no NVIDIA GPU or driver, or a CPU-only torch "
-                "build); pass --device cpu (device='cpu')."
-            )
-        if resolved.index is not None and resolved.index >= count:
-            raise EvaluationError(
-                f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}."
-            )
-    if resolved.type == "meta":
-        raise EvaluationError("device 'meta' holds no weights, so nothing can be measured on it; pass cpu or cuda.")
-    try:
-        torch.empty(0, device=resolved)
-    except (RuntimeError, AssertionError) as e:  # torch says AssertionError for a backend it was not built with
-        raise EvaluationError(f"device {str(device)!r} cannot be used here ({e}); pass cpu or cuda.") from None
-    return resolved
-
-
 def load_model(
-    source: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-    revision: str | None = None,
+    source: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    revision: str | None = None, device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None, offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, Any]:
-    """A checkpoint directory or Hub repo id -> (model in eval mode on `device`, its tokenizer or None).
+    """A checkpoint directory or Hub repo id -> (model in eval mode, placed; its tokenizer or None).
 
-    The device is checked first, then the checkpoint as `retrofit patch` checks it (`load_checkpoint`: a supported
+    Placement (`modeling.placement`): whole on `device` when it fits there, else spread by accelerate over that
+    device, CPU memory and disk; `device_map` (auto, balanced, sequential, or one device) and `max_memory`
+    ("cuda:0=20GiB,cpu=64GiB") choose otherwise, `offload_folder` is where converted offloaded weights go. `dtype`
+    defaults to the checkpoint's own (`placement.default_dtype`: float32 for bf16 weights on a CPU without native
+    bf16 when it fits); "auto" always keeps the checkpoint's.
+
+    The options are checked first, then the checkpoint as `retrofit patch` checks it (`load_checkpoint`: a supported
     architecture, sizes that are positive integers, safetensors headers that describe their files; and every tensor
     the config requires), so that transformers never loads a model with randomly initialised weights where the
     checkpoint has none, nor fails with a traceback of its own. Every command that runs a local checkpoint (eval,
-    search-rope, recipe eval steps) loads it here.
+    search-rope, recipe eval steps, the longrope patch's search) loads it here.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..io.checkpoint import load_checkpoint
     from ..io.progress import quiet_libraries
+    from ..modeling.placement import check_placement, default_dtype, load_placed, placement_options
     from ..modeling.remote_code import runs_our_code
 
-    target = resolve_device(device)
+    check_placement(device, device_map, max_memory)  # before anything is read
     checkpoint = load_checkpoint(source, revision)
     checkpoint.require_complete()
     path = checkpoint.path
+    dtype = dtype or default_dtype(checkpoint, device)
+    sized = dtype if isinstance(dtype, torch.dtype) else None
+    options = placement_options(checkpoint, sized or _stored_dtype(checkpoint), device=device, device_map=device_map,
+                                max_memory=max_memory, offload_folder=offload_folder)
     with quiet_libraries():  # no weight-loading bar or library warnings for our own load
         # A checkpoint with an attention pattern runs it, through the modeling file the patch shipped (ours only).
-        trusted = runs_our_code(path, checkpoint.config)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trusted)
-        model.to(target).eval()
+        model = load_placed(path, dtype, options, runs_our_code(path, checkpoint.config))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:  # no tokenizer files: fine if the caller passes token ids
             log.info("%s has no usable tokenizer (%s)", path, e)
             tokenizer = None
     return model, tokenizer
+
+
+def _stored_dtype(checkpoint: Any) -> torch.dtype:
+    """The widest floating-point dtype of the checkpoint's tensors (what "auto" loads them in, to size them)."""
+    floats = [meta.dtype for meta in checkpoint.tensors.values() if meta.dtype.is_floating_point]
+    return max(floats, key=lambda d: d.itemsize, default=torch.float32)
 
 
 def tokenize(tokenizer: Any, documents: Sequence[str | Document | Sequence[int] | torch.Tensor]) -> tuple[list[torch.Tensor], list[str]]:
@@ -404,8 +392,11 @@ def evaluate(
     tokenizer: Any = None,
     max_docs: int | None = None,
     batch_size: int = 1,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     passkey: bool = False,
     passkey_lengths: Sequence[int] | None = None,
     passkey_depths: Sequence[float] | None = None,
@@ -418,7 +409,8 @@ def evaluate(
     """Perplexity at each length (and, with `passkey=True`, passkey retrieval accuracy) of one model.
 
     `model_or_path` is a checkpoint directory, a Hub repo id, or a loaded causal LM (then pass `tokenizer` for text
-    documents; `dtype` and `device` apply to paths only). `documents` are texts, `Document`s (`load_documents`) or
+    documents; `dtype`, `device`, `device_map`, `max_memory` and `offload_folder` apply to paths only: see
+    `load_model`). `documents` are texts, `Document`s (`load_documents`) or
     token ids. Passkey prompts are made at `passkey_lengths` (default: `lengths`) and `passkey_depths`. Results of
     several models are put side by side with `EvalResult.merge`. A path is loaded with `load_model`'s checks; a run
     that would measure nothing (no document as long as the shortest length, no passkey) is an EvaluationError.
@@ -433,7 +425,8 @@ def evaluate(
     check_protocol(lengths, protocol, stride)
     check_autocast(autocast)
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, loaded_tokenizer = load_model(model_or_path, dtype=dtype, device=device)
+        model, loaded_tokenizer = load_model(model_or_path, dtype=dtype, device=device, device_map=device_map,
+                                             max_memory=max_memory, offload_folder=offload_folder)
         tokenizer = tokenizer or loaded_tokenizer
         name = name or str(model_or_path)
     else:
@@ -490,7 +483,7 @@ def _model_info(model: PreTrainedModel, tokenizer: Any, autocast: str, shared_pr
     info = {
         "dtype": str(model.dtype).removeprefix("torch."),
         "arithmetic": arithmetic(model, autocast),
-        "device": str(model.device),
+        "device": placement_summary(model),
         "context_length": getattr(config, "max_position_embeddings", None),
         "rope_parameters": getattr(config, "rope_parameters", None),
         "bos": _bos(tokenizer),

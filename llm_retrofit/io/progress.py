@@ -179,10 +179,10 @@ def quiet_libraries() -> Iterator[None]:
     hub_disabled = are_progress_bars_disabled()
     disable_progress_bars()
     restore.append(lambda: None if hub_disabled else enable_progress_bars())
-    hub_logger = logging.getLogger("huggingface_hub")
-    hub_level = hub_logger.level
-    hub_logger.setLevel(max(hub_level, logging.ERROR))
-    restore.append(lambda: hub_logger.setLevel(hub_level))
+    for name in ("huggingface_hub", "accelerate"):  # accelerate: the notice that offloaded weights sit on meta
+        quieted = logging.getLogger(name)
+        restore.append(lambda quieted=quieted, level=quieted.level: quieted.setLevel(level))
+        quieted.setLevel(max(quieted.level, logging.ERROR))
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     if parallelism is None:  # the warning a fork after a tokenizer ran prints; the user's choice if they made one
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -16,8 +16,7 @@ layers, where they are, in their dtype.
 
 A reduction is a `Tap`: which modules of a layer to hook and what to keep from their outputs (or inputs), as
 running sums, not activations. `mean_mlp_inputs` (MoE's `hidden` router) and `attention_moments` (GQA's fitted
-merge: the second moments of each layer's query, key and value projections) are the two. `calibration_model`
-loads the whole model, for the LongRoPE search only.
+merge: the second moments of each layer's query, key and value projections) are the two.
 """
 
 from __future__ import annotations
@@ -36,29 +35,6 @@ if TYPE_CHECKING:
 
     from ..io.checkpoint import Checkpoint
     from ..plan import ModelView
-
-
-def calibration_model(view: ModelView, needed_by: str) -> tuple[PreTrainedModel, Any]:
-    """The whole model behind `view` in eval mode (float32 when loaded from disk) and its tokenizer: what the
-    LongRoPE search runs. Calibration runs one layer at a time instead (`run_layers`).
-
-    `needed_by` names the patch in the error given when the view has no origin (the patch is not first in a chain).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..io.progress import quiet_libraries
-    from .remote_code import runs_our_code
-
-    if view.origin is None:
-        raise PatchError(f"{needed_by} runs the model to compute its result; make it the first patch of the chain.")
-    with quiet_libraries():  # our own load: no weight-loading bar, no library warnings
-        if isinstance(view.origin, Path):
-            # Calibrated on what the checkpoint runs: its attention pattern through the file the patch shipped (ours
-            # only), never the plain architecture in place of code its config says it needs.
-            trusted = runs_our_code(view.origin, view.config)
-            model = AutoModelForCausalLM.from_pretrained(view.origin, dtype=torch.float32, trust_remote_code=trusted)
-            return model.eval(), AutoTokenizer.from_pretrained(view.origin)
-        return view.origin, AutoTokenizer.from_pretrained(view.origin.name_or_path)
 
 
 def calibration_tokenizer(view: ModelView) -> Any:

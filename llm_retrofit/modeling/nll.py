@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EvaluationError
+from .devices import input_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -85,7 +86,7 @@ def nll_rows(
     """For each row b: fp32 NLL of input_ids[b, t] for t in [scored_from[b], T), from one forward of the decoder."""
     decoder, head = decoder_and_head(model)
     chunk = chunk_size or default_chunk_size(model)
-    input_ids = input_ids.to(model.device)
+    input_ids = input_ids.to(input_device(model))
     with inference_mode(model):
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         rows = []
@@ -99,12 +100,15 @@ def nll_rows(
 def head_nll(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """fp32 -log p(targets[t] | states[t]) through the LM head, `chunk` positions at a time (the logits budget).
 
-    The one place llm-retrofit turns hidden states into NLL: `retrofit eval` and the LongRoPE search's fitness.
+    The one place llm-retrofit turns hidden states into NLL: `retrofit eval` and the LongRoPE search's fitness. On a
+    placed model the head may compute on another device than the decoder's last layer (accelerate's hook moves its
+    input there): the targets go to the logits' device, the losses come back to the states'.
     """
     losses = torch.empty(len(targets), dtype=torch.float32, device=states.device)
     for start in range(0, len(targets), chunk):
         logits = head(states[start : start + chunk]).float()
-        losses[start : start + chunk] = F.cross_entropy(logits, targets[start : start + chunk], reduction="none")
+        found = F.cross_entropy(logits, targets[start : start + chunk].to(logits.device), reduction="none")
+        losses[start : start + chunk] = found.to(losses.device)
     return losses
 
 
@@ -141,7 +145,8 @@ def check_head(model: PreTrainedModel, tokens: int = 32) -> None:
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     ours = token_nll(model, ids).mean().item()
     with inference_mode(model):
-        theirs = model(input_ids=ids.to(model.device), labels=ids.to(model.device), use_cache=False).loss.item()
+        ids = ids.to(input_device(model))
+        theirs = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
     if not (math.isfinite(ours) and math.isfinite(theirs)):
         raise EvaluationError(_non_finite(model))
     if not math.isclose(ours, theirs, rel_tol=1e-3):
@@ -156,7 +161,7 @@ def _non_finite(model: PreTrainedModel) -> str:
     name = getattr(model, "name_or_path", "") or type(model).__name__
     with torch.no_grad():
         for tensor_name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
                 return (
                     f"the weights of {name} hold NaN or inf (first in {tensor_name}), so its loss is not a number: "
                     "restore the checkpoint from a good copy, or redo the patch or finetune that produced it."

@@ -59,7 +59,7 @@ def autocast_dtype(model: Any, choice: str = "auto") -> torch.dtype | None:
     check_autocast(choice)
     if choice == "off" or model.dtype != torch.float32:
         return None
-    if choice == "bf16" or native_bf16(model.device):
+    if choice == "bf16" or native_bf16(_computes_on(model)):
         return torch.bfloat16
     return None
 
@@ -78,5 +78,12 @@ def inference_autocast(model: Any, choice: str = "auto") -> Iterator[None]:
     if dtype is None:
         yield
         return
-    with torch.autocast(device_type=model.device.type, dtype=dtype):
+    with torch.autocast(device_type=_computes_on(model).type, dtype=dtype):
         yield
+
+
+def _computes_on(model: Any) -> torch.device:
+    """The device a (possibly placed) model starts computing on: see modeling/placement.py."""
+    from .devices import input_device
+
+    return input_device(model)

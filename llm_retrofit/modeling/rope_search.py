@@ -215,15 +215,17 @@ def segment_nll(model: Any, ids: torch.Tensor, segments: int) -> Iterator[float]
 
     from .kv_cache import cache_argument
     from .nll import decoder_and_head, default_chunk_size, head_nll
+    from .devices import input_device
 
     decoder, head = decoder_and_head(model)
     chunk = default_chunk_size(model)
-    ids = ids.to(model.device)
+    device = input_device(model)  # the embedding's: a placed model's first parameter may be offloaded (meta)
+    ids = ids.to(device)
     bounds = [round(len(ids) * k / segments) for k in range(segments + 1)]
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         for start, end in zip(bounds, bounds[1:]):
-            positions = torch.arange(start, end, device=model.device)[None]
+            positions = torch.arange(start, end, device=device)[None]
             hidden = decoder(
                 input_ids=ids[None, start:end], position_ids=positions, use_cache=True, **cache_argument(decoder, cache)
             ).last_hidden_state[0]

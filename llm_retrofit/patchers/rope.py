@@ -34,7 +34,6 @@ import torch
 
 from ..errors import PatchError, PatchSpecError
 from ..io.engine_config import MIRROR_KEYS
-from ..modeling.activations import calibration_model
 from ..modeling.cost import Pass
 from ..modeling.rope import RopeShape, longrope_attention_factor, pi_factors
 from ..plan import ModelView, TensorPlan
@@ -330,12 +329,13 @@ class LongRope(_ContextExtension):
         """Run the factor search on the first `max_docs` documents of `data` (default budget unless given)."""
         from ..evaluation.documents import load_documents
         from ..evaluation.perplexity import tokenize
+        from ..modeling.devices import input_device
         from ..modeling.rope_search import FactorEvaluator, search
 
-        network, tokenizer = calibration_model(model, "longrope: data=DOCS (a factor search)")
+        network, tokenizer = _search_model(model)
         length = self.new_length(shape)
         ids, _ = tokenize(tokenizer, load_documents([self.data], max_docs=self.max_docs))  # type: ignore[list-item]
-        settings = self.search_settings(length, network.device.type)
+        settings = self.search_settings(length, input_device(network).type)  # a placed model's first weight: meta
         evaluator = FactorEvaluator(network, ids, shape, length, settings.segments,
                                     attention_factor=self.attention_factor)
         best = search(evaluator, settings).population[0]
@@ -360,6 +360,23 @@ class LongRope(_ContextExtension):
         length = self.new_length(RopeShape.of(dict(config)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return [Pass(length, config)] * (self.search_settings(length, device).candidates * self.max_docs)
+
+
+def _search_model(view: ModelView) -> tuple[Any, Any]:
+    """The model the search runs, and its tokenizer: a checkpoint is loaded as `retrofit eval` loads it (in its own
+    dtype, whole on the GPU or CPU when it fits, else placed by accelerate); a loaded model is used as it is."""
+    from transformers import AutoTokenizer
+
+    from ..evaluation.perplexity import load_model
+    from ..io.progress import quiet_libraries
+
+    if view.origin is None:
+        raise PatchError("longrope: data=DOCS (a factor search) runs the model to compute its result; make it the "
+                         "first patch of the chain.")
+    if isinstance(view.origin, Path):
+        return load_model(view.origin)
+    with quiet_libraries():
+        return view.origin, AutoTokenizer.from_pretrained(view.origin.name_or_path)
 
 
 def read_factors(path: Path, shape: RopeShape) -> dict[str, Any]:

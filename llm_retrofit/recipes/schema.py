@@ -102,13 +102,13 @@ def _protocols() -> str:
 def _dtype_ok(value: str) -> bool:
     from ..spec import DTYPES
 
-    return value.lower() in DTYPES
+    return value.lower() in DTYPES or value.lower() == "auto"  # auto: the checkpoint's own, always
 
 
 def _dtypes() -> str:
     from ..spec import DTYPES
 
-    return "one of " + ", ".join(DTYPES)
+    return "one of " + ", ".join(DTYPES) + ", or auto"
 
 
 def read_settings(cls: type, values: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -166,6 +166,11 @@ class EvalSettings(_Settings):
     dtype: str | None = _setting(None, _dtype_ok, _dtypes, "dtype: bfloat16")
     autocast: str | None = _setting(None, lambda c: c in AUTOCAST_CHOICES, "one of " + ", ".join(AUTOCAST_CHOICES),
                                     "autocast: off")
+    device_map: str | None = _setting(None, example="device_map: auto")
+    """`retrofit eval --device-map`: auto, balanced, sequential or one device (default: whole on the GPU or CPU when
+    the model fits, else auto)."""
+    max_memory: str | None = _setting(None, example="max_memory: cuda:0=20GiB,cpu=64GiB")
+    offload_folder: str | None = None
 
     @classmethod
     def read(cls, values: typing.Mapping[str, Any]) -> EvalSettings:
@@ -173,6 +178,9 @@ class EvalSettings(_Settings):
         from ..evaluation.perplexity import DEFAULT_PROTOCOL, check_protocol
 
         check_protocol(settings.measured_lengths(), settings.protocol or DEFAULT_PROTOCOL, settings.stride)
+        from ..modeling.placement import check_placement
+
+        check_placement(None, settings.device_map, settings.max_memory)
         settings.baseline_patchers()  # a bad spec is refused before the run
         return settings
 
@@ -203,9 +211,10 @@ class EvalSettings(_Settings):
         from ..spec import DTYPES
 
         keys = ("lengths", "max_docs", "protocol", "stride", "passkey", "passkey_lengths", "passkey_depths",
-                "passkey_trials", "batch_size", "autocast")
+                "passkey_trials", "batch_size", "autocast", "device_map", "max_memory", "offload_folder")
         options = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
-        return options | {"dtype": DTYPES[self.dtype.lower()] if self.dtype else None}
+        dtype = self.dtype.lower() if self.dtype else None
+        return options | {"dtype": DTYPES[dtype] if dtype and dtype != "auto" else dtype}
 
 
 @dataclass(frozen=True)

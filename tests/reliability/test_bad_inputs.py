@@ -310,6 +310,12 @@ CASES = [
                  id="eval-device-bogus"),
     pytest.param(no_evaluation, EVAL + " --device cuda", "device 'cuda': CUDA is not available here",
                  id="eval-device-cuda-without-cuda", marks=without_cuda("this machine has CUDA")),
+    pytest.param(no_evaluation, EVAL + " --max-memory cpu:1GiB", "max_memory 'cpu:1GiB' is not DEVICE=SIZE,...; "
+                 "write it as cuda:0=20GiB,cpu=64GiB", id="eval-max-memory-malformed"),
+    pytest.param(no_evaluation, EVAL + " --max-memory gpu=1GiB", "max_memory names 'gpu', which is not a device; use "
+                 "cpu, mps or cuda:N", id="eval-max-memory-unknown-device"),
+    pytest.param(no_evaluation, EVAL + " --device-map cdua", "device_map 'cdua' is neither a placement (auto, "
+                 "balanced, balanced_low_0, sequential) nor a device", id="eval-device-map-bogus"),
     pytest.param(config(num_hidden_layers=None), PATCH, "config.json has no 'num_hidden_layers', which every "
                  "Llama-family config gives", id="config-without-num-hidden-layers"),
     pytest.param(config(num_hidden_layers="3"), PATCH, 'config.json: num_hidden_layers is "3", but it must be a '

@@ -365,10 +365,10 @@ def test_a_teacher_with_our_code_runs_it(sinks: Path, tmp_path: Path) -> None:
 
 def test_a_calibration_on_our_code_runs_it(sinks: Path) -> None:
     from llm_retrofit.io.checkpoint import load_checkpoint
-    from llm_retrofit.modeling.activations import calibration_model
+    from llm_retrofit.modeling.activations import _runnable
     from llm_retrofit.plan import checkpoint_view
 
-    calibrated, _ = calibration_model(checkpoint_view(load_checkpoint(sinks)), "a test")
+    calibrated, _, _ = _runnable(checkpoint_view(load_checkpoint(sinks)))  # the skeleton its layers run in
     assert ran_our_sinks_file(calibrated, sinks), type(calibrated)
 
 

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...errors import EvaluationError
 from ...modeling.cost import Pass
 from ..schema import EvalSettings, Recipe, Step
 from .base import PlannedStep, Planning, RunState, StepKind, StepOutcome, check_settings
 
 if TYPE_CHECKING:
-    import torch
 
     from ...plan import ModelView
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,7 +80,7 @@ class EvalStep(StepKind):
             options["chat"] = load_conversations(settings.chat)
         directory.mkdir(parents=True)
         results = _alternatives(settings, state.base, documents, options)
-        model, tokenizer = _loadable(state.model, options["dtype"])
+        model, tokenizer = _loadable(state.model, options)
         results.append(evaluate(model, documents, tokenizer=tokenizer, name=settings.labels()[-1], **options))
         result = EvalResult.merge(results)
         result.to_json(directory / "eval.json")
@@ -101,7 +101,12 @@ def _alternatives(settings: EvalSettings, base: str, documents: list[Any], optio
     results = []
     options = options | ({"passkey": False} if not settings.passkey_compared else {})
     if settings.compare_base or settings.baselines:
-        model, tokenizer = _loadable(base, options["dtype"])
+        model, tokenizer = _loadable(base, options)
+        if settings.baselines and _spread(model):
+            raise EvaluationError(
+                "baselines are patched from the base model in memory, which needs it whole on one device, but it "
+                "was spread over devices or disk (it does not fit, or device_map/max_memory say so); evaluate each "
+                "baseline as a patch step and an eval step of its own, or drop device_map/max_memory.")
         if settings.compare_base:
             results.append(evaluate(model, documents, tokenizer=tokenizer, name="before", **options))
         for label, patcher in settings.baseline_patchers():
@@ -112,18 +117,27 @@ def _alternatives(settings: EvalSettings, base: str, documents: list[Any], optio
     return results
 
 
-def _loadable(path: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A model directory, or an adapter directory (merged onto its base in memory), with its tokenizer."""
-    from ...evaluation.perplexity import default_device, load_model
+def _loadable(path: str, options: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model directory, or an adapter directory (merged onto its base in memory), with its tokenizer, placed as
+    the step's dtype, device_map, max_memory and offload_folder say (`load_model`)."""
+    from ...evaluation.perplexity import load_model
+    from ...modeling.placement import place_loaded
 
+    placement = {key: options.get(key) for key in ("device_map", "max_memory", "offload_folder")}
     if (Path(path) / "adapter_config.json").is_file():
         from transformers import AutoTokenizer
 
         from ...training.lora import load_merged_adapter
 
-        model = load_merged_adapter(path, dtype)
-        return model.to(default_device()).eval(), AutoTokenizer.from_pretrained(path)
-    return load_model(path, dtype=dtype)
+        model = place_loaded(load_merged_adapter(path, options.get("dtype")), **placement)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    return load_model(path, dtype=options.get("dtype"), **placement)
+
+
+def _spread(model: PreTrainedModel) -> bool:
+    """Whether accelerate placed the model over several devices or disk (its state dict then holds meta tensors)."""
+    places = {str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()}
+    return len(places) > 1 or "disk" in places
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
