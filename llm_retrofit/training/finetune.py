@@ -369,15 +369,24 @@ def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
 
 
 class LanguageModelLoss:
-    """The plain finetune's loss: the model's own next-token cross-entropy on the batch's labels."""
+    """The plain finetune's loss: the next-token cross-entropy on the batch's labels, as `model(**batch).loss`
+    computes it, through the LM head a chunk of positions at a time (training/head_loss.py: never the logits of
+    the whole batch)."""
 
     parts: tuple[str, ...] = ()
+
+    def __init__(self, accelerator: Any, chunk: int) -> None:
+        self.accelerator, self.chunk = accelerator, chunk
 
     def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
                  rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to backpropagate, its logged parts: none here) of a micro-batch. `network` is what trains
         (maybe DDP-wrapped), `student` the unwrapped model, `rows` the batch's row indices (a teacher cache's keys)."""
-        return network(**batch).loss, torch.zeros(0, device=batch["input_ids"].device)
+        from .head_loss import language_model_loss, student_outputs
+
+        with self.accelerator.autocast():  # the head runs outside the (autocast) forward
+            loss = language_model_loss(student_outputs(network, student, batch), self.chunk)
+        return loss, torch.zeros(0, device=batch["input_ids"].device)
 
     def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
         return {}
@@ -394,7 +403,7 @@ class DistillationLoss:
     def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
                  rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         with self.accelerator.autocast():  # the head runs outside the (autocast) forward
-            loss = self.distiller.loss(network, student, batch["input_ids"], rows, self.chunk)
+            loss = self.distiller.loss(network, student, batch, rows, self.chunk)
         return loss.total, torch.stack([loss.lm, loss.kl]).detach().float()
 
     def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
@@ -409,8 +418,11 @@ FinetuneLoss = LanguageModelLoss | DistillationLoss
 def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, checkpoint: Any, network: Any,
              rows: Any, output: Path, base: str | os.PathLike[str] | None) -> FinetuneLoss:
     """The loss the settings ask for; with distill, the teacher is checked and (unless cached) loaded here."""
+    vocab_size = network.config.get_text_config().vocab_size
     if settings.distill is None:
-        return LanguageModelLoss()
+        from .head_loss import chunk_size as head_chunk
+
+        return LanguageModelLoss(accelerator, head_chunk(vocab_size, rows_per_position=4))
     from accelerate.utils import DistributedType
 
     from .distill import Distiller, chunk_size
@@ -427,7 +439,7 @@ def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, check
                           accelerator.device, teacher_dtype, base)
     log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
              settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
-    return DistillationLoss(distiller, accelerator, chunk_size(network.config.get_text_config().vocab_size))
+    return DistillationLoss(distiller, accelerator, chunk_size(vocab_size))
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -572,7 +584,7 @@ def _train(run: _Run) -> _Log:
         progress.set_postfix(**shown, tok_s=f"{measured.tokens * accelerator.num_processes / elapsed:.0f}")
         progress.update()
         if run.eval_rows.shape[0] and ((step + 1) % settings.eval_every == 0 or step + 1 == run.total_steps):
-            measured.eval_losses.append((step + 1, _eval_loss(run.network, run.eval_rows, accelerator)))
+            measured.eval_losses.append((step + 1, _eval_loss(run, student)))
             log.info("finetune: step %d eval loss %.4f", step + 1, measured.eval_losses[-1][1])
     progress.close()
     measured.seconds = time.perf_counter() - started
@@ -659,11 +671,18 @@ def _checkpoint_dtype(checkpoint: Any) -> torch.dtype:
 
 
 @torch.no_grad()
-def _eval_loss(network: Any, rows: Any, accelerator: Any) -> float:
+def _eval_loss(run: _Run, student: Any) -> float:
+    """The mean LM loss of the held-out rows (each process its share), a chunk of positions at a time."""
+    from .head_loss import chunk_size, language_model_loss, student_outputs
+
+    network, rows, accelerator = run.network, run.eval_rows, run.accelerator
+    chunk = chunk_size(student.config.get_text_config().vocab_size, rows_per_position=2)
     network.eval()
     total = torch.zeros(2, device=accelerator.device)
     for row in range(accelerator.process_index, rows.shape[0], accelerator.num_processes):
-        loss = network(**rows.batch([row], accelerator.device)).loss.float()
+        with accelerator.autocast():
+            outputs = student_outputs(network, student, rows.batch([row], accelerator.device))
+            loss = language_model_loss(outputs, chunk).float()
         total += torch.stack([loss, torch.ones((), device=total.device)])
     network.train()
     total = accelerator.reduce(total, reduction="sum")
