@@ -245,3 +245,68 @@ def test_a_bf16_finetune_after_a_float32_one_in_the_same_process_runs(tmp_path: 
     from accelerate.state import AcceleratorState
 
     assert AcceleratorState().mixed_precision == "bf16"  # the second finetune's own choice, not the first's
+
+
+def spy_on_training(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """What `_setup` builds: the model as it trains and the loss (with distillation, its teacher)."""
+    from llm_retrofit.training import finetune as module
+
+    seen: dict = {}
+    trainable_model, loss_for = module._trainable_model, module.loss_for
+
+    def model_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        network, restore = trainable_model(*args, **kwargs)
+        # as it trains: the save casts the model to the checkpoint's dtype in place
+        seen["dtypes"] = {name: p.dtype for name, p in network.named_parameters()}
+        seen["trained"] = {name for name, p in network.named_parameters() if p.requires_grad}
+        return network, restore
+
+    def loss_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["loss"] = loss_for(*args, **kwargs)
+        return seen["loss"]
+
+    monkeypatch.setattr(module, "_trainable_model", model_spy)
+    monkeypatch.setattr(module, "loss_for", loss_spy)
+    return seen
+
+
+def test_a_lora_finetune_of_a_bfloat16_checkpoint_holds_its_frozen_weights_in_bfloat16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under bf16 autocast the frozen base stays bf16 (no float32 copy); the adapter and the extra trainables are
+    float32 master weights; the teacher runs in its own dtype; the merged and the adapter outputs load and differ
+    from the base by what was trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = chars_model(tmp_path / "base", tie_word_embeddings=True)
+    bf16 = patch(base, "dtype:to=bfloat16", output=tmp_path / "bf16")
+    seen = spy_on_training(monkeypatch)
+    options = dict(data=[str(corpus(tmp_path))], steps=2, seq_len=32, lr=1e-2, bf16=True)
+    merged = finetune(bf16, tmp_path / "merged", lora={"r": 4, "trainable": ["norm"]},
+                      distill={"teacher": str(bf16), "alpha": 0.5}, **options)
+    dtypes, trained = seen["dtypes"], seen["trained"]
+    assert trained and {dtypes[n] for n in trained} == {torch.float32}
+    assert {dtypes[n] for n in dtypes.keys() - trained} == {torch.bfloat16}, "no float32 copy of a frozen weight"
+    assert {p.dtype for p in seen["loss"].distiller.model.parameters()} == {torch.bfloat16}, "the teacher as stored"
+
+    after, before = state_of(merged.path), state_of(bf16)
+    assert {t.dtype for t in after.values()} == {torch.bfloat16}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any("q_proj" in n for n in changed) and any("norm" in n for n in changed)
+    assert not any("mlp" in n for n in changed), "what LoRA did not touch goes back bit-identical"
+
+    adapter = finetune(bf16, tmp_path / "adapter", lora={"r": 4, "merge": False}, **options)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bf16), adapter.path).merge_and_unload()
+    assert loaded.dtype == torch.bfloat16 and not torch.equal(loaded.model.layers[0].self_attn.q_proj.weight,
+                                                              before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_computing_in_float32_loads_the_model_in_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bf16 autocast the matrix products run in float32 and need float32 weights: a bf16 base is upcast."""
+    base = chars_model(tmp_path / "base")
+    bf16 = patch(base, "dtype:to=bfloat16", output=tmp_path / "bf16")
+    seen = spy_on_training(monkeypatch)
+    finetune(bf16, tmp_path / "out", data=[str(corpus(tmp_path))], steps=1, seq_len=32, bf16=False,
+             lora={"r": 4})
+    assert set(seen["dtypes"].values()) == {torch.float32}

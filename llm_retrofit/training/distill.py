@@ -301,15 +301,19 @@ class Distiller:
     (their tokens are part of the cache key), `output` the finetune's output path (the cache goes beside it)."""
 
     def __init__(self, spec: DistillSpec, student_config: dict[str, Any], history: Sequence[dict[str, Any]],
-                 rows: torch.Tensor, output: Path, device: torch.device, dtype: torch.dtype,
+                 rows: torch.Tensor, output: Path, device: torch.device,
                  base: str | os.PathLike[str] | None = None) -> None:
         from ..io.checkpoint import load_checkpoint
         from ..modeling.remote_code import runs_our_code
+        from .finetune import stored_dtype
 
-        self.spec, self.device, self.dtype = spec, device, dtype
+        self.spec, self.device = spec, device
         path, expected = resolve_teacher(spec.teacher, history, None if base is None else os.fspath(base))
         self.checkpoint = load_checkpoint(path)
         self.checkpoint.require_complete()
+        # The teacher is frozen: it runs in the dtype it is stored in (a bf16 teacher holds no float32 copy), under
+        # the student's autocast where the finetune has one.
+        self.dtype = stored_dtype(self.checkpoint)
         # Code that is not ours is refused here, not at a cache miss hours into training (and again at the load).
         runs_our_code(self.checkpoint.path, self.checkpoint.config)
         self.path = str(self.checkpoint.path)

@@ -431,12 +431,8 @@ def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, check
         # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
         raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
                             "--multi_gpu) or one process.")
-    # A bf16 teacher halves its memory on a GPU. On a CPU a float32 one under the student's bf16 autocast is
-    # faster (modeling/precision.py: 14.0 s against 18.4 s a forward) and computes what the student computes,
-    # so a student equal to its teacher has a KL of exactly 0 there too.
-    teacher_dtype = torch.bfloat16 if precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
     distiller = Distiller(settings.distill, dict(checkpoint.config), checkpoint.history, rows.ids, output,
-                          accelerator.device, teacher_dtype, base)
+                          accelerator.device, base)
     log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
              settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
     return DistillationLoss(distiller, accelerator, chunk_size(vocab_size))
@@ -483,7 +479,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
     accelerator = _accelerator(settings, precision, moe="num_local_experts" in checkpoint.config)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    network, restore_attention = _trainable_model(checkpoint, settings)
+    network, restore_attention = _trainable_model(checkpoint, settings, precision)
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     data = training_rows(tokenizer, settings, checkpoint.path)
     held_out = settings.eval_sequences if settings.eval_every and data.shape[0] > settings.eval_sequences else 0
@@ -501,7 +497,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
              settings.tokens_per_step(accelerator.num_processes), trainable, train_rows.shape[0], settings.seq_len,
              precision)
     return _Run(settings, checkpoint, accelerator, tokenizer, network, restore_attention, optimizer, scheduler, loss,
-                train_rows, eval_rows, total, trainable, _checkpoint_dtype(checkpoint))
+                train_rows, eval_rows, total, trainable, stored_dtype(checkpoint))
 
 
 def _accelerator(settings: FinetuneSettings, precision: str, moe: bool) -> Any:
@@ -519,16 +515,18 @@ def _accelerator(settings: FinetuneSettings, precision: str, moe: bool) -> Any:
                        kwargs_handlers=[unused])
 
 
-def _trainable_model(checkpoint: Any, settings: FinetuneSettings) -> tuple[Any, Callable[[], None]]:
-    """The model in float32 with what trains marked (a freeze spec, or a LoRA adapter attached), and the function
-    that switches S2-Attn training back to full attention before saving."""
+def _trainable_model(checkpoint: Any, settings: FinetuneSettings, precision: str) -> tuple[Any, Callable[[], None]]:
+    """The model with what trains marked (a freeze spec, or a LoRA adapter attached) and in float32, and the function
+    that switches S2-Attn training back to full attention before saving. Frozen weights stay in the checkpoint's
+    dtype (`frozen_dtype`)."""
     from transformers import AutoModelForCausalLM
 
     from ..modeling.remote_code import runs_our_code
 
     # A runtime patch's shipped code (Infini's memory and gates, an attention pattern) trains as it will run.
     trusted = runs_our_code(checkpoint.path, checkpoint.config)
-    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=trusted)
+    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=frozen_dtype(checkpoint, precision),
+                                                   trust_remote_code=trusted)
     network.config.use_cache = False
     full_attention = shifted_sparse_attention.enable(network) if settings.s2_attn else None
     transformers_model = network  # before peft wraps it: where the attention implementation is switched back
@@ -541,12 +539,26 @@ def _trainable_model(checkpoint: Any, settings: FinetuneSettings) -> tuple[Any, 
         network = settings.lora.attach(network)
     else:
         apply_freeze_spec(network, settings.train, checkpoint.history)
+    for parameter in network.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()  # float32 master weights: AdamW's small updates survive
     if settings.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); both take the checkpoint() kwargs first, under other names.
         enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         network.enable_input_require_grads()
     return network, restore_attention
+
+
+def frozen_dtype(checkpoint: Any, precision: str) -> torch.dtype:
+    """The dtype the model is loaded in, which its frozen weights keep (what trains is then made float32).
+
+    Under bf16 autocast a bf16 checkpoint stays bf16: autocast runs every matrix product in bf16 anyway, so a float32
+    copy of a frozen weight would only double its memory (a LoRA base, the untrained layers of a freeze spec).
+    Computing in float32 (no bf16 units, `bf16: false`) needs float32 operands, and float16 is upcast too: an fp16
+    embedding would carry the residual stream in fp16, which overflows where bf16 does not."""
+    stored = stored_dtype(checkpoint)
+    return stored if precision == "bf16" and stored == torch.bfloat16 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------- loop
@@ -661,8 +673,9 @@ def _mixed_precision(bf16: Any) -> str:
     return "bf16" if bf16 else "no"
 
 
-def _checkpoint_dtype(checkpoint: Any) -> torch.dtype:
-    """The dtype most floating-point tensors are stored in: the finetuned model is saved in it again."""
+def stored_dtype(checkpoint: Any) -> torch.dtype:
+    """The dtype most floating-point tensors are stored in: the finetuned model is saved in it again, and frozen
+    weights are held in it."""
     counts: dict[torch.dtype, int] = {}
     for meta in checkpoint.tensors.values():
         if meta.dtype.is_floating_point:
