@@ -94,6 +94,10 @@ class FinetuneSettings:
     """A DistillSpec, a mapping {teacher, temperature, alpha, top_k, cache} or `teacher=base,alpha=0.5` text; None
     for no teacher (training/distill.py: loss = (1 - alpha) * LM + alpha * T^2 * KL(teacher || student))."""
     bf16: Literal["auto", True, False] = "auto"
+    fsdp: bool = False
+    """Under several processes, shard the parameters, gradients and optimizer state across them (FSDP2 through
+    accelerate, each decoder layer a unit) instead of replicating them (DDP); `accelerate launch --use_fsdp
+    --fsdp_version 2` does the same. Nothing changes with one process."""
     eval_every: int = 0
     eval_sequences: int = 4
     seed: int = 0
@@ -116,7 +120,7 @@ class FinetuneSettings:
             raise FinetuneError(f"finetune: bf16={self.bf16!r}; choose auto, true or false.")
         if self.data_format not in ("auto", "text", "chat"):
             raise FinetuneError(f"finetune: data_format={self.data_format!r}; choose auto, text or chat.")
-        for key in ("assistant_only_loss", "packing"):
+        for key in ("assistant_only_loss", "packing", "fsdp"):
             if not isinstance(getattr(self, key), bool):
                 raise FinetuneError(f"finetune: {key}={getattr(self, key)!r}; choose true or false.")
         if isinstance(self.data, str):
@@ -129,6 +133,9 @@ class FinetuneSettings:
             object.__setattr__(self, "lora", parse_lora(self.lora))
             if tuple(self.train) != ("all",):
                 raise FinetuneError("finetune: with lora, what trains is the adapter (and lora's `trainable`); drop `train`.")
+            if self.fsdp:
+                raise FinetuneError("finetune: fsdp shards a full finetune; a LoRA finetune does not run sharded yet "
+                                    "(drop fsdp: its processes run DDP).")
         if self.distill is not None:
             from .distill import parse_distill
 
@@ -423,11 +430,9 @@ def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, check
         from .head_loss import chunk_size as head_chunk
 
         return LanguageModelLoss(accelerator, head_chunk(vocab_size, rows_per_position=4))
-    from accelerate.utils import DistributedType
-
     from .distill import Distiller, chunk_size
 
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if _sharded(accelerator):
         # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
         raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
                             "--multi_gpu) or one process.")
@@ -477,6 +482,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
         resolve_teacher(settings.distill.teacher, checkpoint.history, None if base is None else os.fspath(base))
     precision = _mixed_precision(settings.bf16)
     accelerator = _accelerator(settings, precision, moe="num_local_experts" in checkpoint.config)
+    _check_sharding(settings, accelerator)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
     network, restore_attention = _trainable_model(checkpoint, settings, precision)
@@ -511,8 +517,36 @@ def _accelerator(settings: FinetuneSettings, precision: str, moe: bool) -> Any:
     # the first one's; each finetune chooses its own (a recipe's bf16 finetune after a float32 one in the same
     # process), so the previous finetune's state is dropped. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
-                       kwargs_handlers=[unused])
+    launched = os.environ.get("ACCELERATE_USE_FSDP")
+    try:
+        return Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
+                           kwargs_handlers=[unused], fsdp_plugin=_fsdp_plugin() if settings.fsdp else None)
+    finally:  # accelerate records a plugin in the environment, where the next finetune in this process would read it
+        if launched is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = launched
+
+
+def _check_sharding(settings: FinetuneSettings, accelerator: Any) -> None:
+    """FSDP asked for (`fsdp`, or `accelerate launch --use_fsdp`) but not given: accelerate 1.16 turns FSDP on only
+    for process groups of GPUs and other accelerators (accelerate/state.py, AcceleratorState), and on CPU processes
+    would silently run DDP, each process holding the whole model."""
+    asked = settings.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.num_processes > 1 and not _sharded(accelerator):
+        raise FinetuneError(f"finetune: FSDP was asked for, but accelerate runs these {accelerator.num_processes} "
+                            f"{accelerator.device.type} processes as {accelerator.distributed_type} (it shards only "
+                            "across GPUs); drop fsdp (and --use_fsdp) to run DDP, or launch on GPUs.")
+
+
+def _fsdp_plugin() -> Any:
+    """FSDP2 as `accelerate launch --use_fsdp --fsdp_version 2` sets it up: each decoder layer (the model's
+    `_no_split_modules`) a unit whose parameters are gathered for its forward and backward only, the embeddings,
+    final norm and head a unit of their own (accelerate's FSDP2 layout), and the full state dict gathered to save."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
 
 
 def _trainable_model(checkpoint: Any, settings: FinetuneSettings, precision: str) -> tuple[Any, Callable[[], None]]:
@@ -653,13 +687,21 @@ def finetune(
     run.restore_attention()
     facts = {"steps": run.total_steps, "tokens": tokens, "final_loss": round(measured.losses[-1], 5)}
     facts |= run.loss.facts(measured.parts)
+    # Under FSDP each process holds shards: the full weights are gathered (by every process) for the main one to write.
+    weights = accelerator.get_state_dict(run.network) if _sharded(accelerator) else None
     if accelerator.is_main_process:
         _save(accelerator.unwrap_model(run.network), run.tokenizer, run.checkpoint, target, settings, run.saved_dtype,
-              facts)
+              facts, weights)
     accelerator.wait_for_everyone()
     return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, run.total_steps,
                           tokens, measured.seconds, measured.losses, measured.eval_losses, run.trainable,
                           measured.parts.get("lm", []), measured.parts.get("kl", []), facts.get("distill"))
+
+
+def _sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return bool(accelerator.distributed_type == DistributedType.FSDP)
 
 
 def _mixed_precision(bf16: Any) -> str:
@@ -704,9 +746,10 @@ def _eval_loss(run: _Run, student: Any) -> float:
 
 def _save(
     network: Any, tokenizer: Any, checkpoint: Any, target: Path, settings: FinetuneSettings, dtype: torch.dtype,
-    facts: dict[str, Any],
+    facts: dict[str, Any], weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record."""
+    """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record.
+    `weights`: the full state dict gathered from FSDP's shards (None: the network holds its whole weights)."""
     from ..io.checkpoint import restore_dropped_config
     from ..io.commit import link_or_copy, staged_directory
     from ..io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records
@@ -741,7 +784,10 @@ def _save(
             network.config.use_cache = True
             history = list(checkpoint.history) + record
             setattr(network.config, HISTORY_KEY, history)
-            network.to(dtype).save_pretrained(staging)
+            if weights is None:
+                network.to(dtype).save_pretrained(staging)
+            else:
+                network.save_pretrained(staging, state_dict={name: t.to(dtype) for name, t in weights.items()})
             restore_dropped_config(staging, checkpoint.config)
             for auxiliary in checkpoint.auxiliary_files():
                 if not (staging / auxiliary.name).exists() and auxiliary.name != "README.md":
