@@ -305,7 +305,7 @@ class Distiller:
                  base: str | os.PathLike[str] | None = None) -> None:
         from ..io.checkpoint import load_checkpoint
         from ..modeling.remote_code import runs_our_code
-        from .finetune import stored_dtype
+        from .dtypes import stored_dtype
 
         self.spec, self.device = spec, device
         path, expected = resolve_teacher(spec.teacher, history, None if base is None else os.fspath(base))

@@ -473,6 +473,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
     from transformers import AutoTokenizer, get_scheduler
 
     from ..io.checkpoint import load_checkpoint
+    from .dtypes import stored_dtype
 
     checkpoint = load_checkpoint(model)
     checkpoint.require_complete()  # transformers would train randomly initialised weights in place of missing ones
@@ -556,6 +557,7 @@ def _trainable_model(checkpoint: Any, settings: FinetuneSettings, precision: str
     from transformers import AutoModelForCausalLM
 
     from ..modeling.remote_code import runs_our_code
+    from .dtypes import frozen_dtype
 
     # A runtime patch's shipped code (Infini's memory and gates, an attention pattern) trains as it will run.
     trusted = runs_our_code(checkpoint.path, checkpoint.config)
@@ -582,17 +584,6 @@ def _trainable_model(checkpoint: Any, settings: FinetuneSettings, precision: str
         enable({"use_reentrant": False})
         network.enable_input_require_grads()
     return network, restore_attention
-
-
-def frozen_dtype(checkpoint: Any, precision: str) -> torch.dtype:
-    """The dtype the model is loaded in, which its frozen weights keep (what trains is then made float32).
-
-    Under bf16 autocast a bf16 checkpoint stays bf16: autocast runs every matrix product in bf16 anyway, so a float32
-    copy of a frozen weight would only double its memory (a LoRA base, the untrained layers of a freeze spec).
-    Computing in float32 (no bf16 units, `bf16: false`) needs float32 operands, and float16 is upcast too: an fp16
-    embedding would carry the residual stream in fp16, which overflows where bf16 does not."""
-    stored = stored_dtype(checkpoint)
-    return stored if precision == "bf16" and stored == torch.bfloat16 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------- loop
@@ -713,16 +704,6 @@ def _mixed_precision(bf16: Any) -> str:
     if bf16 == "auto":
         return "bf16" if native_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "no"
     return "bf16" if bf16 else "no"
-
-
-def stored_dtype(checkpoint: Any) -> torch.dtype:
-    """The dtype most floating-point tensors are stored in: the finetuned model is saved in it again, and frozen
-    weights are held in it."""
-    counts: dict[torch.dtype, int] = {}
-    for meta in checkpoint.tensors.values():
-        if meta.dtype.is_floating_point:
-            counts[meta.dtype] = counts.get(meta.dtype, 0) + math.prod(meta.shape)
-    return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 @torch.no_grad()
