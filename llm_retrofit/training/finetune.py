@@ -14,9 +14,14 @@ bit-identical. `lr_groups` gives parameters matching an alias or regex their own
 spec (training/distill.py) adds a teacher: the loss mixes the LM loss with the KL to the teacher's next-token
 distributions (`teacher: base` is the model before the patch), optionally from top-k teacher log-probs cached on disk.
 
-Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP when configured
-with `accelerate config`); only the main process writes the output, atomically (a staging directory renamed at the
-end, see `commit`). The result is recorded in the checkpoint's history like a patch.
+Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP2 with `fsdp` or
+`accelerate launch --use_fsdp`: a full finetune's weights, gradients and optimizer state sharded across the GPUs);
+only the main process writes the output, atomically (a staging directory renamed at the end, see `commit`). The
+result is recorded in the checkpoint's history like a patch.
+
+Memory: the loss runs the LM head a chunk of positions at a time (training/head_loss.py), never over the whole
+batch's full-vocabulary logits; what trains is float32 and what is frozen keeps the checkpoint's dtype under bf16
+autocast (training/dtypes.py).
 """
 
 from __future__ import annotations
@@ -433,7 +438,7 @@ def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, check
     from .distill import Distiller, chunk_size
 
     if _sharded(accelerator):
-        # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
+        # Not checked yet: the teacher's placement beside a sharded student (the chunked head itself runs under FSDP).
         raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
                             "--multi_gpu) or one process.")
     distiller = Distiller(settings.distill, dict(checkpoint.config), checkpoint.history, rows.ids, output,
