@@ -292,6 +292,7 @@ def test_fsdp_holds_half_the_training_state_per_process_and_trains_what_one_proc
 
 
 def test_two_process_lora_writes_one_adapter_that_vanilla_peft_loads(tmp_path: Path) -> None:
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = chars_model(tmp_path / "base", tie_word_embeddings=True)
