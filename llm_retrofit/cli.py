@@ -528,6 +528,9 @@ def search_rope(model: str, target_length: int, data: tuple[str, ...], output: s
 @click.option("--s2-attn", is_flag=True,
               help="Train with LongLoRA's shifted sparse attention (groups of seq-len/4): ~4x less attention work at "
                    "long lengths; the saved model keeps full attention.")
+@click.option("--fsdp", is_flag=True,
+              help="Under accelerate launch: shard parameters, gradients and optimizer state across the processes "
+                   "(FSDP2) instead of copying them to each (DDP).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Held-out loss every N steps (0: never).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -535,10 +538,11 @@ def finetune(model: str, output: str, data: tuple[str, ...], data_format: str, c
              assistant_only_loss: bool, packing: bool, steps: int | None, tokens: int | None, seq_len: int,
              batch_size: int, grad_accum: int, lr: float, lr_schedule: str, warmup_steps: int,
              lr_groups: dict[str, float], bf16: str, train: tuple[str, ...], lora: str | None,
-             gradient_checkpointing: bool, distill: str | None, s2_attn: bool, eval_every: int, seed: int) -> None:
+             gradient_checkpointing: bool, distill: str | None, s2_attn: bool, fsdp: bool, eval_every: int,
+             seed: int) -> None:
     """A short finetune of MODEL (a checkpoint directory) after a patch; writes OUTPUT.
 
-    Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP via `accelerate config`).
+    Runs on one process, or on several, unchanged, under `accelerate launch` (DDP; FSDP2 with --fsdp).
     A recipe's `finetune` step takes the same settings (as keys: lr_schedule, lr_groups, ...).
 
     \b
@@ -559,8 +563,8 @@ def finetune(model: str, output: str, data: tuple[str, ...], data_format: str, c
                                 grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                                 lr_groups=lr_groups, bf16={"true": True, "false": False}.get(bf16, "auto"),
                                 train=train, lora=lora, distill=distill,
-                                gradient_checkpointing=gradient_checkpointing, s2_attn=s2_attn, eval_every=eval_every,
-                                seed=seed)
+                                gradient_checkpointing=gradient_checkpointing, s2_attn=s2_attn, fsdp=fsdp,
+                                eval_every=eval_every, seed=seed)
     result = run_finetune(model, output, settings)
     from accelerate import PartialState
 

@@ -16,13 +16,11 @@ recipe's input model; otherwise the checkpoint the last patch in the history was
 weights fingerprint that record holds, so a source rewritten in place since is refused, not silently used).
 
 **Memory.** A long row's full-vocabulary logits are big (16k positions x 49k tokens x 4 B = 3.2 GB), and a KL
-needs the student's and the teacher's, their log-softmaxes and a gradient. The student's forward here computes no
-logits at all (`logits_to_keep` is empty); its final hidden states go through the LM head a chunk of positions at a
-time (`chunk_size`, the budget of `modeling.nll`), and for each chunk the LM loss, the KL and their gradients with
-respect to the chunk's hidden states and the head's weights are computed at once (`_ChunkedHeadLoss`, the idea of
-fused linear cross-entropy kernels, in plain PyTorch so it works for any head module: tied, LoRA-wrapped, a peft
-`modules_to_save` copy). Full-vocabulary rows therefore exist for one chunk at a time, for both models; what is kept
-for the backward pass is one gradient of the hidden states and one of the head's trainable weights.
+needs the student's and the teacher's, their log-softmaxes and a gradient. The student's forward computes no logits
+at all; its final hidden states go through the LM head a chunk of positions at a time (`chunk_size`, the budget of
+`modeling.nll`), with the LM loss, the KL and their gradients computed per chunk: training/head_loss.py, the
+mechanism the plain finetune's loss uses too (alpha 0 is that loss exactly). Full-vocabulary rows therefore exist for
+one chunk at a time, for both models.
 
 **Top-k teacher, cached.** With `top_k: K` the teacher's distribution is kept as its K most likely tokens (log-probs
 at temperature T, normalised over the whole vocabulary) plus the mass eps of all the others, and the KL is taken
@@ -252,50 +250,6 @@ def _mix(lm: torch.Tensor, kl: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1 - alpha) * lm + alpha * kl
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """Mixed LM + KL loss of hidden states through the LM head, a chunk of positions at a time.
-
-    Forward computes, per chunk, the logits, both losses and their gradients with respect to the chunk's hidden
-    states and the head's trainable weights (an inner `autograd.grad`), then frees the chunk's logits; backward only
-    scales those gradients. Returns (total, lm, kl), the last two for logging (not differentiable)."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, teacher: TeacherChunks,
-                alpha: float, temperature: float, chunk: int, *params: torch.Tensor) -> Any:
-        n = targets.numel()
-        grad_hidden = torch.zeros_like(hidden)
-        grad_params = [torch.zeros_like(p) for p in params]
-        lm_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        kl_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.enable_grad():
-            for start in range(0, n, chunk):
-                end = min(n, start + chunk)
-                states = hidden[start:end].detach().requires_grad_(True)
-                logits = head(states).float()
-                lm = F.cross_entropy(logits, targets[start:end], reduction="sum")
-                with torch.no_grad():
-                    target = teacher(start, end)
-                kl = (kl_top_k(logits, target, temperature) if isinstance(target, TopK)
-                      else kl_full(logits, target, temperature)).sum()
-                grads = torch.autograd.grad(_mix(lm, kl, alpha) / n, [states, *params], allow_unused=True)
-                grad_hidden[start:end] = grads[0]
-                for total, grad in zip(grad_params, grads[1:]):
-                    if grad is not None:
-                        total += grad
-                lm_sum += lm.detach()
-                kl_sum += kl.detach()
-        ctx.save_for_backward(grad_hidden, *grad_params)
-        lm_mean, kl_mean = lm_sum / n, kl_sum / n
-        ctx.mark_non_differentiable(lm_mean, kl_mean)
-        return _mix(lm_mean, kl_mean, alpha).clone(), lm_mean, kl_mean  # a tensor of its own: the one with a gradient
-
-    @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> Any:
-        grad_hidden, *grad_params = ctx.saved_tensors
-        return (grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None,
-                *(g * grad_total.to(g.dtype) for g in grad_params))
-
-
 @dataclass
 class DistillLoss:
     total: torch.Tensor
@@ -310,13 +264,28 @@ class DistillLoss:
 def distill_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, teacher: Any, *,
                  temperature: float, alpha: float, chunk: int) -> DistillLoss:
     """The distillation loss of final hidden states `hidden` (N, H) whose next tokens are `targets` (N,), through the
-    LM head `head`, `chunk` positions at a time. `teacher` is the teacher's side of the same positions: its logits
-    (N, V), a TopK, or a function of (start, end) giving either."""
+    LM head `head`, `chunk` positions at a time (training/head_loss.py, the plain finetune's mechanism too).
+    `teacher` is the teacher's side of the same positions: its logits (N, V), a TopK, or a function of (start, end)
+    giving either."""
+    from .head_loss import IGNORE, chunked_head_loss
+
     source: TeacherChunks = teacher if callable(teacher) and not isinstance(teacher, (torch.Tensor, TopK)) else (
         lambda start, end: teacher[start:end])
-    params = [p for p in head.parameters() if p.requires_grad]
-    total, lm, kl = _ChunkedHeadLoss.apply(hidden, targets, head, source, float(alpha), float(temperature),
-                                           max(1, int(chunk)), *params)
+    counted, positions = (targets != IGNORE).sum().clamp(min=1), targets.numel()
+
+    def sums(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        lm = F.cross_entropy(logits, targets[start:end], ignore_index=IGNORE, reduction="sum")
+        with torch.no_grad():
+            target = source(start, end)
+        kl = (kl_top_k(logits, target, temperature) if isinstance(target, TopK)
+              else kl_full(logits, target, temperature)).sum()
+        return torch.stack([lm, kl])
+
+    def means(totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return totals[0] / counted, totals[1] / positions
+
+    total, totals = chunked_head_loss(head, hidden, sums, lambda totals: _mix(*means(totals), float(alpha)), chunk)
+    lm, kl = means(totals)
     tail = teacher.tail.mean() if isinstance(teacher, TopK) else None
     return DistillLoss(total, lm, kl, tail)
 
@@ -332,15 +301,19 @@ class Distiller:
     (their tokens are part of the cache key), `output` the finetune's output path (the cache goes beside it)."""
 
     def __init__(self, spec: DistillSpec, student_config: dict[str, Any], history: Sequence[dict[str, Any]],
-                 rows: torch.Tensor, output: Path, device: torch.device, dtype: torch.dtype,
+                 rows: torch.Tensor, output: Path, device: torch.device,
                  base: str | os.PathLike[str] | None = None) -> None:
         from ..io.checkpoint import load_checkpoint
         from ..modeling.remote_code import runs_our_code
+        from .dtypes import stored_dtype
 
-        self.spec, self.device, self.dtype = spec, device, dtype
+        self.spec, self.device = spec, device
         path, expected = resolve_teacher(spec.teacher, history, None if base is None else os.fspath(base))
         self.checkpoint = load_checkpoint(path)
         self.checkpoint.require_complete()
+        # The teacher is frozen: it runs in the dtype it is stored in (a bf16 teacher holds no float32 copy), under
+        # the student's autocast where the finetune has one.
+        self.dtype = stored_dtype(self.checkpoint)
         # Code that is not ours is refused here, not at a cache miss hours into training (and again at the load).
         runs_our_code(self.checkpoint.path, self.checkpoint.config)
         self.path = str(self.checkpoint.path)
@@ -430,28 +403,19 @@ class Distiller:
                 self.cache.put(rows[i], found[rows[i]])
         return TopK.cat([found[row] for row in rows]).to(self.device)
 
-    def loss(self, network: Any, student: Any, batch: torch.Tensor, rows: Sequence[int], chunk: int) -> DistillLoss:
+    def loss(self, network: Any, student: Any, batch: dict[str, torch.Tensor], rows: Sequence[int],
+             chunk: int) -> DistillLoss:
         """The distillation loss of one micro-batch. `network` is what is trained (maybe DDP-wrapped, so the forward
         goes through it), `student` the unwrapped model whose decoder output is captured."""
-        from ..modeling.nll import decoder_and_head
+        from .head_loss import student_outputs
 
-        decoder, head = decoder_and_head(student)
-        captured: list[torch.Tensor] = []
-        handle = decoder.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
-        try:
-            # No logits in the forward (an empty index list): the head runs below, a chunk at a time.
-            out = network(input_ids=batch, logits_to_keep=torch.empty(0, dtype=torch.long, device=batch.device))
-        finally:
-            handle.remove()
-        hidden = captured[-1][:, :-1]
-        result = distill_loss(head, hidden.reshape(-1, hidden.shape[-1]), batch[:, 1:].reshape(-1),
-                              self.targets(rows, batch, chunk), temperature=self.spec.temperature,
+        outputs = student_outputs(network, student, batch)
+        result = distill_loss(outputs.head, outputs.hidden, outputs.targets,
+                              self.targets(rows, batch["input_ids"], chunk), temperature=self.spec.temperature,
                               alpha=self.spec.alpha, chunk=chunk)
-        aux = getattr(out, "aux_loss", None)
-        if aux is not None and self.spec.alpha < 1:  # an MoE's router balance loss, as its own `labels=` loss adds it
-            coefficient = getattr(student.config, "router_aux_loss_coef", 0.0)
-            result.total = result.total + (1 - self.spec.alpha) * coefficient * aux
-            result.lm = result.lm + coefficient * aux.detach()
+        if outputs.aux is not None and self.spec.alpha < 1:  # an MoE's router balance loss, on the LM side
+            result.total = result.total + (1 - self.spec.alpha) * outputs.aux
+            result.lm = result.lm + outputs.aux.detach()
         if result.tail is not None:
             self.tail_mass.append(result.tail.item())
         return result
@@ -473,10 +437,10 @@ def _vocab_size(config: dict[str, Any]) -> int | None:
 
 def chunk_size(vocab_size: int) -> int:
     """Positions per chunk: the student's and the teacher's logits, their log-softmaxes and the gradient, about 8
-    full-vocabulary fp32 rows per position, within `modeling.nll`'s logits budget."""
-    from ..modeling.nll import LOGITS_BUDGET_BYTES
+    full-vocabulary fp32 rows per position."""
+    from . import head_loss
 
-    return max(1, LOGITS_BUDGET_BYTES // (8 * 4 * vocab_size))
+    return head_loss.chunk_size(vocab_size, rows_per_position=8)
 
 
 # ---------------------------------------------------------------------------------------------------------- cache

@@ -14,9 +14,14 @@ bit-identical. `lr_groups` gives parameters matching an alias or regex their own
 spec (training/distill.py) adds a teacher: the loss mixes the LM loss with the KL to the teacher's next-token
 distributions (`teacher: base` is the model before the patch), optionally from top-k teacher log-probs cached on disk.
 
-Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP when configured
-with `accelerate config`); only the main process writes the output, atomically (a staging directory renamed at the
-end, see `commit`). The result is recorded in the checkpoint's history like a patch.
+Each process reads its own share of every batch; gradients are averaged by accelerate (DDP, or FSDP2 with `fsdp` or
+`accelerate launch --use_fsdp`: a full finetune's weights, gradients and optimizer state sharded across the GPUs);
+only the main process writes the output, atomically (a staging directory renamed at the end, see `commit`). The
+result is recorded in the checkpoint's history like a patch.
+
+Memory: the loss runs the LM head a chunk of positions at a time (training/head_loss.py), never over the whole
+batch's full-vocabulary logits; what trains is float32 and what is frozen keeps the checkpoint's dtype under bf16
+autocast (training/dtypes.py).
 """
 
 from __future__ import annotations
@@ -94,6 +99,10 @@ class FinetuneSettings:
     """A DistillSpec, a mapping {teacher, temperature, alpha, top_k, cache} or `teacher=base,alpha=0.5` text; None
     for no teacher (training/distill.py: loss = (1 - alpha) * LM + alpha * T^2 * KL(teacher || student))."""
     bf16: Literal["auto", True, False] = "auto"
+    fsdp: bool = False
+    """Under several processes, shard the parameters, gradients and optimizer state across them (FSDP2 through
+    accelerate, each decoder layer a unit) instead of replicating them (DDP); `accelerate launch --use_fsdp
+    --fsdp_version 2` does the same. Nothing changes with one process."""
     eval_every: int = 0
     eval_sequences: int = 4
     seed: int = 0
@@ -116,7 +125,7 @@ class FinetuneSettings:
             raise FinetuneError(f"finetune: bf16={self.bf16!r}; choose auto, true or false.")
         if self.data_format not in ("auto", "text", "chat"):
             raise FinetuneError(f"finetune: data_format={self.data_format!r}; choose auto, text or chat.")
-        for key in ("assistant_only_loss", "packing"):
+        for key in ("assistant_only_loss", "packing", "fsdp"):
             if not isinstance(getattr(self, key), bool):
                 raise FinetuneError(f"finetune: {key}={getattr(self, key)!r}; choose true or false.")
         if isinstance(self.data, str):
@@ -129,6 +138,9 @@ class FinetuneSettings:
             object.__setattr__(self, "lora", parse_lora(self.lora))
             if tuple(self.train) != ("all",):
                 raise FinetuneError("finetune: with lora, what trains is the adapter (and lora's `trainable`); drop `train`.")
+            if self.fsdp:
+                raise FinetuneError("finetune: fsdp shards a full finetune; a LoRA finetune does not run sharded yet "
+                                    "(drop fsdp: its processes run DDP).")
         if self.distill is not None:
             from .distill import parse_distill
 
@@ -369,15 +381,24 @@ def _epoch_order(total_rows: int, seed: int) -> torch.Tensor:
 
 
 class LanguageModelLoss:
-    """The plain finetune's loss: the model's own next-token cross-entropy on the batch's labels."""
+    """The plain finetune's loss: the next-token cross-entropy on the batch's labels, as `model(**batch).loss`
+    computes it, through the LM head a chunk of positions at a time (training/head_loss.py: never the logits of
+    the whole batch)."""
 
     parts: tuple[str, ...] = ()
+
+    def __init__(self, accelerator: Any, chunk: int) -> None:
+        self.accelerator, self.chunk = accelerator, chunk
 
     def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
                  rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to backpropagate, its logged parts: none here) of a micro-batch. `network` is what trains
         (maybe DDP-wrapped), `student` the unwrapped model, `rows` the batch's row indices (a teacher cache's keys)."""
-        return network(**batch).loss, torch.zeros(0, device=batch["input_ids"].device)
+        from .head_loss import language_model_loss, student_outputs
+
+        with self.accelerator.autocast():  # the head runs outside the (autocast) forward
+            loss = language_model_loss(student_outputs(network, student, batch), self.chunk)
+        return loss, torch.zeros(0, device=batch["input_ids"].device)
 
     def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
         return {}
@@ -394,7 +415,7 @@ class DistillationLoss:
     def __call__(self, network: Any, student: Any, batch: dict[str, torch.Tensor],
                  rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         with self.accelerator.autocast():  # the head runs outside the (autocast) forward
-            loss = self.distiller.loss(network, student, batch["input_ids"], rows, self.chunk)
+            loss = self.distiller.loss(network, student, batch, rows, self.chunk)
         return loss.total, torch.stack([loss.lm, loss.kl]).detach().float()
 
     def facts(self, parts: dict[str, list[float]]) -> dict[str, Any]:
@@ -409,25 +430,22 @@ FinetuneLoss = LanguageModelLoss | DistillationLoss
 def loss_for(settings: FinetuneSettings, accelerator: Any, precision: str, checkpoint: Any, network: Any,
              rows: Any, output: Path, base: str | os.PathLike[str] | None) -> FinetuneLoss:
     """The loss the settings ask for; with distill, the teacher is checked and (unless cached) loaded here."""
+    vocab_size = network.config.get_text_config().vocab_size
     if settings.distill is None:
-        return LanguageModelLoss()
-    from accelerate.utils import DistributedType
+        from .head_loss import chunk_size as head_chunk
 
+        return LanguageModelLoss(accelerator, head_chunk(vocab_size, rows_per_position=4))
     from .distill import Distiller, chunk_size
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # The head runs outside the model's forward (a chunk at a time), where FSDP's parameters are sharded.
+    if _sharded(accelerator):
+        # Not checked yet: the teacher's placement beside a sharded student (the chunked head itself runs under FSDP).
         raise FinetuneError("finetune: distill does not run under FSDP yet; launch with DDP (accelerate launch "
                             "--multi_gpu) or one process.")
-    # A bf16 teacher halves its memory on a GPU. On a CPU a float32 one under the student's bf16 autocast is
-    # faster (modeling/precision.py: 14.0 s against 18.4 s a forward) and computes what the student computes,
-    # so a student equal to its teacher has a KL of exactly 0 there too.
-    teacher_dtype = torch.bfloat16 if precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
     distiller = Distiller(settings.distill, dict(checkpoint.config), checkpoint.history, rows.ids, output,
-                          accelerator.device, teacher_dtype, base)
+                          accelerator.device, base)
     log.info("finetune: distilling %s (T=%g, alpha=%g%s)", distiller.path, settings.distill.temperature,
              settings.distill.alpha, f", top {settings.distill.top_k}" if settings.distill.top_k else "")
-    return DistillationLoss(distiller, accelerator, chunk_size(network.config.get_text_config().vocab_size))
+    return DistillationLoss(distiller, accelerator, chunk_size(vocab_size))
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -460,6 +478,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
     from transformers import AutoTokenizer, get_scheduler
 
     from ..io.checkpoint import load_checkpoint
+    from .dtypes import stored_dtype
 
     checkpoint = load_checkpoint(model)
     checkpoint.require_complete()  # transformers would train randomly initialised weights in place of missing ones
@@ -469,9 +488,10 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
         resolve_teacher(settings.distill.teacher, checkpoint.history, None if base is None else os.fspath(base))
     precision = _mixed_precision(settings.bf16)
     accelerator = _accelerator(settings, precision, moe="num_local_experts" in checkpoint.config)
+    _check_sharding(settings, accelerator)
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-    network, restore_attention = _trainable_model(checkpoint, settings)
+    network, restore_attention = _trainable_model(checkpoint, settings, precision)
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     data = training_rows(tokenizer, settings, checkpoint.path)
     held_out = settings.eval_sequences if settings.eval_every and data.shape[0] > settings.eval_sequences else 0
@@ -489,7 +509,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
              settings.tokens_per_step(accelerator.num_processes), trainable, train_rows.shape[0], settings.seq_len,
              precision)
     return _Run(settings, checkpoint, accelerator, tokenizer, network, restore_attention, optimizer, scheduler, loss,
-                train_rows, eval_rows, total, trainable, _checkpoint_dtype(checkpoint))
+                train_rows, eval_rows, total, trainable, stored_dtype(checkpoint))
 
 
 def _accelerator(settings: FinetuneSettings, precision: str, moe: bool) -> Any:
@@ -503,20 +523,51 @@ def _accelerator(settings: FinetuneSettings, precision: str, moe: bool) -> Any:
     # the first one's; each finetune chooses its own (a recipe's bf16 finetune after a float32 one in the same
     # process), so the previous finetune's state is dropped. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
-                       kwargs_handlers=[unused])
+    launched = os.environ.get("ACCELERATE_USE_FSDP")
+    try:
+        return Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=precision,
+                           kwargs_handlers=[unused], fsdp_plugin=_fsdp_plugin() if settings.fsdp else None)
+    finally:  # accelerate records a plugin in the environment, where the next finetune in this process would read it
+        if launched is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = launched
 
 
-def _trainable_model(checkpoint: Any, settings: FinetuneSettings) -> tuple[Any, Callable[[], None]]:
-    """The model in float32 with what trains marked (a freeze spec, or a LoRA adapter attached), and the function
-    that switches S2-Attn training back to full attention before saving."""
+def _check_sharding(settings: FinetuneSettings, accelerator: Any) -> None:
+    """FSDP asked for (`fsdp`, or `accelerate launch --use_fsdp`) but not given: accelerate 1.16 turns FSDP on only
+    for process groups of GPUs and other accelerators (accelerate/state.py, AcceleratorState), and on CPU processes
+    would silently run DDP, each process holding the whole model."""
+    asked = settings.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.num_processes > 1 and not _sharded(accelerator):
+        raise FinetuneError(f"finetune: FSDP was asked for, but accelerate runs these {accelerator.num_processes} "
+                            f"{accelerator.device.type} processes as {accelerator.distributed_type} (it shards only "
+                            "across GPUs); drop fsdp (and --use_fsdp) to run DDP, or launch on GPUs.")
+
+
+def _fsdp_plugin() -> Any:
+    """FSDP2 as `accelerate launch --use_fsdp --fsdp_version 2` sets it up: each decoder layer (the model's
+    `_no_split_modules`) a unit whose parameters are gathered for its forward and backward only, the embeddings,
+    final norm and head a unit of their own (accelerate's FSDP2 layout), and the full state dict gathered to save."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+
+
+def _trainable_model(checkpoint: Any, settings: FinetuneSettings, precision: str) -> tuple[Any, Callable[[], None]]:
+    """The model with what trains marked (a freeze spec, or a LoRA adapter attached) and in float32, and the function
+    that switches S2-Attn training back to full attention before saving. Frozen weights stay in the checkpoint's
+    dtype (`frozen_dtype`)."""
     from transformers import AutoModelForCausalLM
 
     from ..modeling.remote_code import runs_our_code
+    from .dtypes import frozen_dtype
 
     # A runtime patch's shipped code (Infini's memory and gates, an attention pattern) trains as it will run.
     trusted = runs_our_code(checkpoint.path, checkpoint.config)
-    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=trusted)
+    network = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=frozen_dtype(checkpoint, precision),
+                                                   trust_remote_code=trusted)
     network.config.use_cache = False
     full_attention = shifted_sparse_attention.enable(network) if settings.s2_attn else None
     transformers_model = network  # before peft wraps it: where the attention implementation is switched back
@@ -529,6 +580,9 @@ def _trainable_model(checkpoint: Any, settings: FinetuneSettings) -> tuple[Any, 
         network = settings.lora.attach(network)
     else:
         apply_freeze_spec(network, settings.train, checkpoint.history)
+    for parameter in network.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()  # float32 master weights: AdamW's small updates survive
     if settings.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); both take the checkpoint() kwargs first, under other names.
         enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
@@ -572,7 +626,7 @@ def _train(run: _Run) -> _Log:
         progress.set_postfix(**shown, tok_s=f"{measured.tokens * accelerator.num_processes / elapsed:.0f}")
         progress.update()
         if run.eval_rows.shape[0] and ((step + 1) % settings.eval_every == 0 or step + 1 == run.total_steps):
-            measured.eval_losses.append((step + 1, _eval_loss(run.network, run.eval_rows, accelerator)))
+            measured.eval_losses.append((step + 1, _eval_loss(run, student)))
             log.info("finetune: step %d eval loss %.4f", step + 1, measured.eval_losses[-1][1])
     progress.close()
     measured.seconds = time.perf_counter() - started
@@ -629,13 +683,21 @@ def finetune(
     run.restore_attention()
     facts = {"steps": run.total_steps, "tokens": tokens, "final_loss": round(measured.losses[-1], 5)}
     facts |= run.loss.facts(measured.parts)
+    # Under FSDP each process holds shards: the full weights are gathered (by every process) for the main one to write.
+    weights = accelerator.get_state_dict(run.network) if _sharded(accelerator) else None
     if accelerator.is_main_process:
         _save(accelerator.unwrap_model(run.network), run.tokenizer, run.checkpoint, target, settings, run.saved_dtype,
-              facts)
+              facts, weights)
     accelerator.wait_for_everyone()
     return FinetuneResult(target.resolve(), settings.lora is not None and not settings.lora.merge, run.total_steps,
                           tokens, measured.seconds, measured.losses, measured.eval_losses, run.trainable,
                           measured.parts.get("lm", []), measured.parts.get("kl", []), facts.get("distill"))
+
+
+def _sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return bool(accelerator.distributed_type == DistributedType.FSDP)
 
 
 def _mixed_precision(bf16: Any) -> str:
@@ -649,21 +711,19 @@ def _mixed_precision(bf16: Any) -> str:
     return "bf16" if bf16 else "no"
 
 
-def _checkpoint_dtype(checkpoint: Any) -> torch.dtype:
-    """The dtype most floating-point tensors are stored in: the finetuned model is saved in it again."""
-    counts: dict[torch.dtype, int] = {}
-    for meta in checkpoint.tensors.values():
-        if meta.dtype.is_floating_point:
-            counts[meta.dtype] = counts.get(meta.dtype, 0) + math.prod(meta.shape)
-    return max(counts, key=counts.__getitem__) if counts else torch.float32
-
-
 @torch.no_grad()
-def _eval_loss(network: Any, rows: Any, accelerator: Any) -> float:
+def _eval_loss(run: _Run, student: Any) -> float:
+    """The mean LM loss of the held-out rows (each process its share), a chunk of positions at a time."""
+    from .head_loss import chunk_size, language_model_loss, student_outputs
+
+    network, rows, accelerator = run.network, run.eval_rows, run.accelerator
+    chunk = chunk_size(student.config.get_text_config().vocab_size, rows_per_position=2)
     network.eval()
     total = torch.zeros(2, device=accelerator.device)
     for row in range(accelerator.process_index, rows.shape[0], accelerator.num_processes):
-        loss = network(**rows.batch([row], accelerator.device)).loss.float()
+        with accelerator.autocast():
+            outputs = student_outputs(network, student, rows.batch([row], accelerator.device))
+            loss = language_model_loss(outputs, chunk).float()
         total += torch.stack([loss, torch.ones((), device=total.device)])
     network.train()
     total = accelerator.reduce(total, reduction="sum")
@@ -672,9 +732,10 @@ def _eval_loss(network: Any, rows: Any, accelerator: Any) -> float:
 
 def _save(
     network: Any, tokenizer: Any, checkpoint: Any, target: Path, settings: FinetuneSettings, dtype: torch.dtype,
-    facts: dict[str, Any],
+    facts: dict[str, Any], weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record."""
+    """Write the merged/full checkpoint or the adapter directory to `target`, atomically, with its history record.
+    `weights`: the full state dict gathered from FSDP's shards (None: the network holds its whole weights)."""
     from ..io.checkpoint import restore_dropped_config
     from ..io.commit import link_or_copy, staged_directory
     from ..io.provenance import HISTORY_KEY, Fingerprinter, WeightFiles, make_records
@@ -709,7 +770,10 @@ def _save(
             network.config.use_cache = True
             history = list(checkpoint.history) + record
             setattr(network.config, HISTORY_KEY, history)
-            network.to(dtype).save_pretrained(staging)
+            if weights is None:
+                network.to(dtype).save_pretrained(staging)
+            else:
+                network.save_pretrained(staging, state_dict={name: t.to(dtype) for name, t in weights.items()})
             restore_dropped_config(staging, checkpoint.config)
             for auxiliary in checkpoint.auxiliary_files():
                 if not (staging / auxiliary.name).exists() and auxiliary.name != "README.md":
