@@ -30,5 +30,9 @@ def frozen_dtype(checkpoint: Any, precision: str) -> torch.dtype:
     copy of a frozen weight would only double its memory (a LoRA base, the untrained layers of a freeze spec).
     Computing in float32 (no bf16 units, `bf16: false`) needs float32 operands, and float16 is upcast too: an fp16
     embedding would carry the residual stream in fp16, which overflows where bf16 does not."""
-    stored = stored_dtype(checkpoint)
+    return held_dtype(stored_dtype(checkpoint), precision)
+
+
+def held_dtype(stored: torch.dtype, precision: str) -> torch.dtype:
+    """`frozen_dtype` of a checkpoint stored in `stored` (what the memory plan prices a finetune's weights in)."""
     return stored if precision == "bf16" and stored == torch.bfloat16 else torch.float32

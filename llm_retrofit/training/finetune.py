@@ -486,7 +486,7 @@ def _setup(model: str | os.PathLike[str], output: Path, settings: FinetuneSettin
         from .distill import resolve_teacher
 
         resolve_teacher(settings.distill.teacher, checkpoint.history, None if base is None else os.fspath(base))
-    precision = _mixed_precision(settings.bf16)
+    precision = mixed_precision(settings.bf16)
     accelerator = _accelerator(settings, precision, moe="num_local_experts" in checkpoint.config)
     _check_sharding(settings, accelerator)
     torch.manual_seed(settings.seed)
@@ -700,7 +700,7 @@ def _sharded(accelerator: Any) -> bool:
     return bool(accelerator.distributed_type == DistributedType.FSDP)
 
 
-def _mixed_precision(bf16: Any) -> str:
+def mixed_precision(bf16: Any) -> str:
     """bf16 autocast when asked, or with `auto` where the device multiplies bf16 natively (`native_bf16`: a CUDA GPU
     that has it, a CPU with AMX or AVX512-BF16; elsewhere bf16 is emulated and slower). On this machine's CPU (AMX),
     a LoRA + S2-Attn step of SmolLM2-135M at 4096 tokens took 62.9 s in float32 and 17.9 s under bf16 autocast."""

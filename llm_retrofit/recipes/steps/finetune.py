@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,7 +66,7 @@ class FinetuneStep(StepKind):
         group = group_size(settings.seq_len) if settings.s2_attn else None
         sequences = settings.total_steps() * settings.grad_accum * settings.batch_size
         adapter = settings.lora.trained_parameters(shape.config) if settings.lora is not None else None
-        one = Pass(settings.seq_len, shape.config, training=True, rows=settings.batch_size,
+        one = Pass(settings.seq_len, _as_held(shape.config, settings), training=True, rows=settings.batch_size,
                    checkpointing=settings.gradient_checkpointing, attention_group=group, adapter_params=adapter)
         teacher = [Pass(settings.seq_len, shape.config)] if settings.distill is not None else []
         return [one, *teacher] * sequences
@@ -81,6 +82,19 @@ class FinetuneStep(StepKind):
 
         result = finetune(state.model, directory, finetune_settings(params), base=state.base)  # distill's `teacher: base`
         return StepOutcome(result.to_json() | {"output": str(result.path)}, model=str(result.path))
+
+
+def _as_held(config: Mapping[str, Any], settings: FinetuneSettings) -> dict[str, Any]:
+    """`config` with the dtype the finetune holds its frozen weights in (training/dtypes.py): the stored one under
+    bf16 autocast, float32 where it computes in float32 (an AVX2 CPU, `bf16: false`)."""
+    import torch
+
+    from ...training.dtypes import held_dtype
+    from ...training.finetune import mixed_precision
+
+    stored = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch."))
+    held = held_dtype(stored, mixed_precision(settings.bf16))
+    return dict(config) | {"dtype": str(held).removeprefix("torch.")}
 
 
 def _finetune_stand_ins(params: dict[str, Any]) -> dict[str, Any]:
