@@ -104,8 +104,8 @@ def baseline_tree(ref: str, scratch: Path) -> Path:
     return tree
 
 
-def model_for(size: str, scratch: Path) -> Path:
-    small = checkpoint_or_bundled(None, scratch)
+def model_for(size: str, scratch: Path, converted: Path | None) -> Path:
+    small = checkpoint_or_bundled(converted, scratch)
     if size == "135m":
         return small
     path = scratch / "smollm2-1.7b-shape"
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="135m,1.7b")
     parser.add_argument("--steps", default=None, help="comma-separated step names (default: all)")
     parser.add_argument("--scratch", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None, help="SmolLM2-135M converted already (default: convert)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="scale-", dir=args.scratch))
     new = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d"), "results": {}}
     try:
         for size in args.sizes.split(","):
-            model = model_for(size, scratch)
+            model = model_for(size, scratch, args.model)
             chosen = commands(model, size, scratch)
             for step in (args.steps.split(",") if args.steps else chosen):
                 sides = {side: run(code, chosen[step], model, scratch / "out") for side, code in

@@ -29,7 +29,6 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .errors import PatchSpecError, RetrofitError
-from .modeling.cost import Pass
 from .plan import ModelView, TensorPlan
 
 PATCHERS: dict[str, type[Patcher]] = {}
@@ -92,9 +91,10 @@ class Patcher(ABC):
         without running the model, so that a recipe can price the steps after this one; None if unknown."""
         return None if self.loads_model() else self.plan(model)
 
-    def passes(self, config: Mapping[str, Any]) -> list[Pass]:
-        """The passes of the model planning this patch runs on a model with this config.json (a search's candidates,
-        a calibration), for the time and memory a dry run expects; none for a patch that only rewrites."""
+    def passes(self, config: Mapping[str, Any]) -> list[Any]:
+        """The passes of the model (`modeling.cost.Pass`, a room above this one) planning this patch runs on a model
+        with this config.json (a search's candidates, a calibration), for the time and memory a dry run expects;
+        none for a patch that only rewrites."""
         return []
 
     @classmethod
