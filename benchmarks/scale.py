@@ -81,14 +81,15 @@ def commands(model: Path, size: str, scratch: Path) -> dict[str, list[str]]:
     }
 
 
-def run(code: Path, argv: list[str], model: Path, output: Path) -> dict[str, float]:
-    """One `retrofit` command with the package at `code`, in a fresh interpreter; its wall time and peak RSS."""
+def run(code: Path, argv: list[str], model: Path, scratch: Path) -> dict[str, float]:
+    """One `retrofit` command with the package at `code`, in a fresh interpreter; its wall time and peak RSS. Its
+    output (a directory, or a file and its state file) goes to a fresh folder, removed after."""
     evict_from_page_cache(model)
-    shutil.rmtree(output, ignore_errors=True)
-    argv = [str(output) if a == "OUT" else a for a in argv]
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    argv = [str(folder / "out") if a == "OUT" else a for a in argv]
     env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, env=env, cwd=code)
-    shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     if result.returncode:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -134,7 +135,7 @@ def main() -> None:
             model = model_for(size, scratch, args.model)
             chosen = commands(model, size, scratch)
             for step in (args.steps.split(",") if args.steps else chosen):
-                sides = {side: run(code, chosen[step], model, scratch / "out") for side, code in
+                sides = {side: run(code, chosen[step], model, scratch) for side, code in
                          (("old", old), ("new", new))}
                 if all("error" not in found for found in sides.values()):
                     sides["ratio"] = {key: round(sides["new"][key] / sides["old"][key], 3)

@@ -302,8 +302,7 @@ def load_model(
     Placement (`modeling.placement`): whole on `device` when it fits there, else spread by accelerate over that
     device, CPU memory and disk; `device_map` (auto, balanced, sequential, or one device) and `max_memory`
     ("cuda:0=20GiB,cpu=64GiB") choose otherwise, `offload_folder` is where converted offloaded weights go. `dtype`
-    defaults to the checkpoint's own (`placement.default_dtype`: float32 for bf16 weights on a CPU without native
-    bf16 when it fits); "auto" always keeps the checkpoint's.
+    defaults to the checkpoint's own ("auto").
 
     The options are checked first, then the checkpoint as `retrofit patch` checks it (`load_checkpoint`: a supported
     architecture, sizes that are positive integers, safetensors headers that describe their files; and every tensor
@@ -315,14 +314,14 @@ def load_model(
 
     from ..io.checkpoint import load_checkpoint
     from ..io.progress import quiet_libraries
-    from ..modeling.placement import check_placement, default_dtype, load_placed, placement_options
+    from ..modeling.placement import check_placement, load_placed, placement_options
     from ..modeling.remote_code import runs_our_code
 
     check_placement(device, device_map, max_memory)  # before anything is read
     checkpoint = load_checkpoint(source, revision)
     checkpoint.require_complete()
     path = checkpoint.path
-    dtype = dtype or default_dtype(checkpoint, device)
+    dtype = dtype or "auto"
     sized = dtype if isinstance(dtype, torch.dtype) else None
     options = placement_options(checkpoint, sized or _stored_dtype(checkpoint), device=device, device_map=device_map,
                                 max_memory=max_memory, offload_folder=offload_folder)
