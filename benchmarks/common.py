@@ -52,6 +52,16 @@ def measure(setup: str, work: str, source: Path, output: Path) -> dict[str, floa
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, which every benchmark reports beside its figures."""
+    import platform
+
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory (VmHWM), in GB."""
     status = Path("/proc/self/status").read_text()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import checkpoint_or_bundled, make_synthetic
+from common import checkpoint_or_bundled, cpu_name, make_synthetic
 
 REFERENCE = """
 import sys
@@ -111,7 +111,7 @@ def main() -> None:
             runs["retrofit_export"].append(timed(OURS.format(model=model, output=str(ours), outtype=args.outtype)))
         best = {name: {key: min(r[key] for r in results) for key in results[0]} for name, results in runs.items()}
         report = {
-            "cpu": platform.processor() or _cpu_name(), "model": model, "outtype": args.outtype, "runs": runs,
+            "cpu": platform.processor() or cpu_name(), "model": model, "outtype": args.outtype, "runs": runs,
             "best": best,
             "time_ratio": best["retrofit_export"]["wall_s"] / best["convert_hf_to_gguf"]["wall_s"],
             "peak_rss_ratio": best["retrofit_export"]["peak_rss_gb"] / best["convert_hf_to_gguf"]["peak_rss_gb"],
@@ -130,13 +130,6 @@ def _synthetic(scratch: Path, tokenizer_from: Path, size_gb: float) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / name, path / name)
     return path
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import checkpoint_or_bundled, evict_from_page_cache, write_random_checkpoint  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    checkpoint_or_bundled, cpu_name, evict_from_page_cache, write_random_checkpoint)
 
 BASELINE = "66f863d"
 """The last commit before the model-running steps were made to scale (issue 27)."""
@@ -128,7 +128,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="scale-", dir=args.scratch))
     new = Path(__file__).resolve().parent.parent
     old = baseline_tree(args.baseline, scratch)
-    report: dict = {"cpu": _cpu_name(), "cores": os.cpu_count(), "baseline": args.baseline,
+    report: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "baseline": args.baseline,
                     "date": time.strftime("%Y-%m-%d"), "results": {}}
     try:
         for size in args.sizes.split(","):
@@ -145,13 +145,6 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(report, indent=2))
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -140,16 +140,14 @@ def measure(config: Mapping[str, Any], autocast: torch.dtype | None = None, devi
 
 
 def _shape(config: Mapping[str, Any]) -> dict[str, int]:
-    text = dict(config.get("text_config") or config)
-    hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
-    heads = int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    intermediate = int(text.get("intermediate_size") or 4 * hidden)
-    experts = int(text.get("num_experts_per_tok") or 1)  # a token runs through its chosen experts only
-    layer_params = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate * experts
-    return {"hidden": hidden, "layers": layers, "heads": heads, "head_dim": head_dim, "vocab": int(text["vocab_size"]),
-            "layer_params": layer_params}
+    """What the probe needs of a model's shape (`memory.Shape`, which reads config.json for both pricings)."""
+    from .memory import Shape
+
+    shape = Shape.of(config)
+    attention = shape.hidden * shape.attention_width + shape.heads * shape.head_dim * shape.hidden
+    computed = attention + 3 * shape.hidden * shape.intermediate * shape.active_experts
+    return {"hidden": shape.hidden, "layers": shape.layers, "heads": shape.heads, "head_dim": shape.head_dim,
+            "vocab": shape.vocab, "layer_params": computed}
 
 
 def _seconds(run: Callable[[], Any], device: str, repeats: int = 3) -> float:

@@ -58,6 +58,10 @@ class Shape:
     other_params: int
     """The embedding, an untied LM head and the final norm."""
     dtype_bytes: int
+    heads: int
+    head_dim: int
+    active_experts: int
+    """Experts a token runs through (1 for a dense model): what a pass computes, where memory holds them all."""
 
     @property
     def params(self) -> int:
@@ -78,7 +82,7 @@ class Shape:
         other = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2) + hidden
         dtype = str(text.get("dtype") or text.get("torch_dtype") or "float32").removeprefix("torch.")
         return cls(hidden, intermediate, layers, (heads + 2 * kv_heads) * head_dim, vocab, layer, other,
-                   _DTYPE_BYTES.get(dtype, 4))
+                   _DTYPE_BYTES.get(dtype, 4), heads, head_dim, int(text.get("num_experts_per_tok") or 1))
 
 
 @dataclass(frozen=True)
