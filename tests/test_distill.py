@@ -148,6 +148,24 @@ def test_a_student_that_is_its_teacher_has_zero_kl(tmp_path: Path) -> None:
     assert result.distill is not None and result.distill["teacher_path"] == str(base.resolve())
 
 
+def test_a_teacher_larger_than_memory_is_placed_and_teaches_the_same(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_retrofit.modeling import placement
+
+    real_load = placement.load_placed
+    student = student_model(tmp_path / "student", seed=1)
+    teacher = student_model(tmp_path / "teacher", seed=0, sharpness=8.0)
+    settings = common(tmp_path, steps=2, distill={"teacher": str(teacher), "alpha": 1.0})
+    whole = finetune(student, tmp_path / "whole", **settings)
+    # A machine with 1 kB free: the teacher no longer fits whole, so accelerate keeps every weight on disk.
+    monkeypatch.setattr(placement, "free_memory", lambda device: 1024)
+    loaded = []
+    monkeypatch.setattr(placement, "load_placed", lambda *args: loaded.append(real_load(*args)) or loaded[-1])
+    placed = finetune(student, tmp_path / "placed", **settings)
+    assert set(loaded[0].hf_device_map.values()) == {"disk"}
+    assert placed.kl_losses == pytest.approx(whole.kl_losses, rel=1e-6)
+
+
 @pytest.mark.parametrize("options", [
     pytest.param({}, id="full"),
     # The two random models' LM heads differ most: the adapter trains a copy of the head too (a peft

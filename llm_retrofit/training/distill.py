@@ -352,19 +352,20 @@ class Distiller:
     def model(self) -> Any:
         """The teacher, loaded the first time it is needed (never, when every row is cached)."""
         if self._model is None:
-            from transformers import AutoModelForCausalLM
-
             from ..io.progress import quiet_libraries
+            from ..modeling.placement import load_placed, placement_options
             from ..modeling.remote_code import runs_our_code
 
             # A teacher with an attention pattern or Infini memory runs it, through the file the patch shipped (ours
             # only): as the plain architecture it would teach something it is not.
             trusted = runs_our_code(self.checkpoint.path, self.checkpoint.config)
+            # Placed as eval places a model: whole on the student's device when it fits, else spread by accelerate
+            # over that device, CPU memory and disk.
+            options = placement_options(self.checkpoint, self.dtype, device=self.device)
             with quiet_libraries():
-                model = AutoModelForCausalLM.from_pretrained(self.checkpoint.path, dtype=self.dtype,
-                                                             trust_remote_code=trusted)
+                model = load_placed(self.checkpoint.path, self.dtype, options, trusted)
             model.config.use_cache = False
-            self._model = model.to(self.device).eval().requires_grad_(False)
+            self._model = model.requires_grad_(False)
             log.info("distill: teacher %s loaded (%s)", self.path, self.dtype)
         return self._model
 
@@ -372,9 +373,12 @@ class Distiller:
         """The teacher's final hidden states at the positions that predict a token, (B * (T - 1), H), and its head."""
         from ..modeling.nll import decoder_and_head
 
+        from ..modeling.devices import input_device
+
         decoder, head = decoder_and_head(self.model)
         with torch.inference_mode():
-            hidden = decoder(input_ids=batch.to(self.device), use_cache=False).last_hidden_state[:, :-1]
+            hidden = decoder(input_ids=batch.to(input_device(self.model)), use_cache=False).last_hidden_state[:, :-1]
+            hidden = hidden.to(self.device)  # a placed teacher's last layer may compute elsewhere
         # An ordinary tensor: inference tensors may not enter the student's autograd graph.
         return hidden.reshape(-1, hidden.shape[-1]).clone(), head
 
@@ -384,13 +388,13 @@ class Distiller:
         with torch.no_grad():
             for start in range(0, hidden.shape[0], chunk):
                 parts.append(top_k_of(head(hidden[start:start + chunk]), self.spec.top_k or 0, self.spec.temperature))
-        return TopK.cat(parts)
+        return TopK.cat(parts).to(self.device)
 
     def targets(self, rows: Sequence[int], batch: torch.Tensor, chunk: int) -> Any:
         """The teacher's side of a batch (its rows' indices and tokens): live logits chunk by chunk, or a TopK."""
         if self.spec.top_k is None:
             hidden, head = self._hidden(batch)
-            return lambda start, end: head(hidden[start:end]).float()
+            return lambda start, end: head(hidden[start:end]).float().to(self.device)
         if self.cache is None:
             return self._top_k(batch, chunk)
         per_row, k = batch.shape[1] - 1, min(self.spec.top_k, self.vocab_size)
