@@ -92,6 +92,15 @@ def test_a_recipe_step_that_will_not_fit_is_refused_before_anything_runs(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_an_eval_larger_than_memory_is_placed_not_refused(tmp_path: Path, small_machine: None) -> None:
+    """Weights that do not fit go to disk (accelerate's placement); only what runs beside them must fit."""
+    model = save_tiny(tmp_path / "tiny", hidden_size=1024, intermediate_size=4096, vocab_size=32000)  # 0.4 GB
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("name: e\ndescription: an eval\nsteps:\n  - eval: {lengths: [64], data: [bundled:python-docs]}\n")
+    plan = dry_run(model, recipe)  # 1.07 GB free: less than the whole 1.19 GB, more than all but the weights
+    assert "1.19 GB (weights 0.45 GB placed over CPU memory and disk where short" in plan
+
+
 def test_the_dry_run_prints_each_steps_peak_and_the_largest(tmp_path: Path) -> None:
     model = save_tiny(tmp_path / "tiny")
     recipe = tmp_path / "r.yaml"

@@ -93,15 +93,20 @@ class Footprint:
     training_state: int
     activations: int
     runtime: int = RUNTIME_BYTES
+    placed: bool = False
+    """The weights may be spread over CPU memory and disk by accelerate (a model run, not trained: eval, a search, a
+    teacher), so only the rest must fit."""
 
     @property
     def total(self) -> int:
         return self.weights + self.training_state + self.activations + self.runtime
 
     def describe(self) -> str:
-        parts = [("weights", self.weights), ("training state", self.training_state),
-                 ("activations", self.activations), ("runtime", self.runtime)]
-        return f"{gigabytes(self.total)} ({', '.join(f'{name} {gigabytes(n)}' for name, n in parts if n)})"
+        placed = " placed over CPU memory and disk where short" if self.placed else ""
+        parts = [("weights", self.weights, placed), ("training state", self.training_state, ""),
+                 ("activations", self.activations, ""), ("runtime", self.runtime, "")]
+        shown = [f"{name} {gigabytes(n)}{note}" for name, n, note in parts if n]
+        return f"{gigabytes(self.total)} ({', '.join(shown)})"
 
 
 def gigabytes(nbytes: int) -> str:
@@ -120,7 +125,7 @@ def footprint(one: Pass) -> Footprint:
         activation_bytes = 4 if shape.dtype_bytes == 4 else shape.dtype_bytes
         through = 2 * length * shape.hidden * activation_bytes  # the residual stream and the final hidden states
         peak = max(_layer_forward(shape, length, activation_bytes), LOGITS_BUDGET_BYTES)
-        return Footprint(shape.params * shape.dtype_bytes, 0, through + peak)
+        return Footprint(shape.params * shape.dtype_bytes, 0, through + peak, placed=True)
     return _training_footprint(one, shape)
 
 
@@ -166,8 +171,9 @@ def step_footprint(passes: Iterable[Pass]) -> Footprint | None:
 
 def shortfall(found: Footprint, device: str | torch.device | None = None) -> str | None:
     """Why `found` will not fit on `device` (default: where our commands run a model), or None if it fits or the
-    free memory cannot be read. What counts is the whole footprint on the CPU; on GPUs, the free memory of them all,
-    since accelerate places a model across them (the step's advice says how, for a step that does not)."""
+    free memory cannot be read. What counts is the whole footprint on the CPU, but for weights accelerate places
+    (they go to disk when memory is short); on GPUs, the free memory of them all, since accelerate places a model
+    across them."""
     from .precision import default_device
 
     where = torch.device(device or default_device())
@@ -176,7 +182,8 @@ def shortfall(found: Footprint, device: str | torch.device | None = None) -> str
     if any(n is None for n in free):
         return None
     total = sum(n for n in free if n is not None)
-    if found.total <= total:
+    needed = found.total - found.weights if found.placed else found.total
+    if needed <= total:
         return None
     return f"needs about {found.describe()}, {'the GPUs have' if where.type == 'cuda' else 'this machine has'} " \
            f"{gigabytes(total)} free"
