@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -207,7 +208,7 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
 
 def _meminfo_available() -> int | None:
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -219,7 +220,7 @@ def _cgroup_limit() -> int | None:
     """What this process's cgroup (v2 memory.max, v1 memory.limit_in_bytes) lets it add: the limit less the
     anonymous memory already in it (its page cache is given back under pressure, as MemAvailable counts it)."""
     try:
-        groups = open("/proc/self/cgroup", encoding="ascii").read().splitlines()
+        groups = Path("/proc/self/cgroup").read_text(encoding="ascii").splitlines()
     except OSError:
         return None
     for entry in groups:
@@ -231,8 +232,8 @@ def _cgroup_limit() -> int | None:
         else:
             continue
         try:
-            limit = open(f"{root}/{limit_file}", encoding="ascii").read().strip()
-            stat = dict(line.split() for line in open(f"{root}/memory.stat", encoding="ascii"))
+            limit = Path(root, limit_file).read_text(encoding="ascii").strip()
+            stat = dict(line.split() for line in Path(root, "memory.stat").read_text(encoding="ascii").splitlines())
         except (OSError, ValueError):
             continue
         if limit != "max" and int(limit) < 1 << 60:
