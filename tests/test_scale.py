@@ -61,6 +61,7 @@ def test_a_gqa_fit_runs_under_half_the_float32_size(big_model: Path, tmp_path: P
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 8
 
 
+@pytest.mark.slow  # the same layer runner as the GQA fit, which runs by default; this one writes 5.8 GB
 def test_a_hidden_moe_router_runs_under_half_the_float32_size(big_model: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["def parse(text): return text.split()", "The river rose after the rain."]))
@@ -77,6 +78,7 @@ def test_an_eval_runs_under_half_the_float32_size(big_model: Path, tmp_path: Pat
     assert json.loads(report.read_text())
 
 
+@pytest.mark.slow  # the same placed loading as the eval, which runs by default; bf16 on a CPU without bf16 is slow
 def test_a_search_runs_under_half_the_float32_size(big_model: Path, tmp_path: Path) -> None:
     factors = tmp_path / "factors.json"
     retrofit_limited(big_model, "search-rope", str(big_model), "--target-length", "128", "--data",
