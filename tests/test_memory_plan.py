@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from llm_retrofit.cli import main
 from llm_retrofit.modeling import memory
 from llm_retrofit.modeling.cost import Pass
-from llm_retrofit.modeling.memory import Shape, footprint
+from llm_retrofit.modeling.cost import Shape
+from llm_retrofit.modeling.memory import footprint
 from llm_retrofit.recipes import RecipeError, dry_run
 
 from conftest import save_tiny, tiny_model

@@ -91,6 +91,51 @@ class Pass:
         return cost.forward(self.tokens)
 
 
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model's parameter counts and widths, from its config.json (text part)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    attention_width: int
+    """(query heads + 2 x KV heads) x head_dim: the features q_proj, k_proj and v_proj make per token."""
+    vocab: int
+    layer_params: int
+    """One decoder layer's parameters (every expert of an MoE layer: all are held)."""
+    other_params: int
+    """The embedding, an untied LM head and the final norm."""
+    dtype_bytes: int
+    heads: int
+    head_dim: int
+    active_experts: int
+    """Experts a token runs through (1 for a dense model): what a pass computes, where memory holds them all."""
+
+    @property
+    def params(self) -> int:
+        return self.layer_params * self.layers + self.other_params
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> Shape:
+        text = dict(config.get("text_config") or config)
+        hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or hidden // heads)
+        intermediate = int(text.get("intermediate_size") or 4 * hidden)
+        experts = int(text.get("num_local_experts") or 1)
+        vocab = int(text["vocab_size"])
+        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+        layer = attention + 3 * hidden * intermediate * experts + (hidden * experts if experts > 1 else 0) + 2 * hidden
+        other = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2) + hidden
+        dtype = str(text.get("dtype") or text.get("torch_dtype") or "float32").removeprefix("torch.")
+        return cls(hidden, intermediate, layers, (heads + 2 * kv_heads) * head_dim, vocab, layer, other,
+                   _DTYPE_BYTES.get(dtype, 4), heads, head_dim, int(text.get("num_experts_per_tok") or 1))
+
+
 class Pricer:
     """Prices passes on this machine, in the arithmetic its runs use there (bf16 autocast where the hardware has
     bf16 units, float32 elsewhere), probing each model shape once (`measure`)."""
@@ -140,9 +185,7 @@ def measure(config: Mapping[str, Any], autocast: torch.dtype | None = None, devi
 
 
 def _shape(config: Mapping[str, Any]) -> dict[str, int]:
-    """What the probe needs of a model's shape (`memory.Shape`, which reads config.json for both pricings)."""
-    from .memory import Shape
-
+    """What the probe needs of a model's shape (`Shape`, which reads config.json for both pricings)."""
     shape = Shape.of(config)
     attention = shape.hidden * shape.attention_width + shape.heads * shape.head_dim * shape.hidden
     computed = attention + 3 * shape.hidden * shape.intermediate * shape.active_experts

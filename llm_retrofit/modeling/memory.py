@@ -22,14 +22,13 @@ benchmarks/scale.py); tests/test_memory_plan.py holds each step's estimate to 25
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .cost import Pass
+from .cost import Pass, Shape
 
 RUNTIME_BYTES = 450 << 20
 """torch and transformers imported, a model's first forward run (thread pools, allocator arenas, kernels): measured
@@ -40,50 +39,6 @@ LOGITS_BUDGET_BYTES = 256 << 20
 
 ADAPTER_CHECKPOINT_VECTORS = 11
 """Hidden-size float32 vectors a LoRA step keeps per token and layer under gradient checkpointing (measured)."""
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A model's parameter counts and widths, from its config.json (text part)."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    attention_width: int
-    """(query heads + 2 x KV heads) x head_dim: the features q_proj, k_proj and v_proj make per token."""
-    vocab: int
-    layer_params: int
-    """One decoder layer's parameters (every expert of an MoE layer: all are held)."""
-    other_params: int
-    """The embedding, an untied LM head and the final norm."""
-    dtype_bytes: int
-    heads: int
-    head_dim: int
-    active_experts: int
-    """Experts a token runs through (1 for a dense model): what a pass computes, where memory holds them all."""
-
-    @property
-    def params(self) -> int:
-        return self.layer_params * self.layers + self.other_params
-
-    @classmethod
-    def of(cls, config: Mapping[str, Any]) -> Shape:
-        text = dict(config.get("text_config") or config)
-        hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
-        heads = int(text["num_attention_heads"])
-        kv_heads = int(text.get("num_key_value_heads") or heads)
-        head_dim = int(text.get("head_dim") or hidden // heads)
-        intermediate = int(text.get("intermediate_size") or 4 * hidden)
-        experts = int(text.get("num_local_experts") or 1)
-        vocab = int(text["vocab_size"])
-        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-        layer = attention + 3 * hidden * intermediate * experts + (hidden * experts if experts > 1 else 0) + 2 * hidden
-        other = vocab * hidden * (1 if text.get("tie_word_embeddings") else 2) + hidden
-        dtype = str(text.get("dtype") or text.get("torch_dtype") or "float32").removeprefix("torch.")
-        return cls(hidden, intermediate, layers, (heads + 2 * kv_heads) * head_dim, vocab, layer, other,
-                   _DTYPE_BYTES.get(dtype, 4), heads, head_dim, int(text.get("num_experts_per_tok") or 1))
 
 
 @dataclass(frozen=True)
