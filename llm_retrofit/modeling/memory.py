@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 
 from .cost import Pass, Shape
+from .nll import LOGITS_BUDGET_BYTES  # one chunk of LM-head logits and its log-softmax, in eval and training
 
 RUNTIME_BYTES = 450 << 20
 """torch and transformers imported, a model's first forward run (thread pools, allocator arenas, kernels): measured
 as the peak RSS of evaluating a tiny model, on an AVX2 EPYC, torch 2.13 CPU."""
 
-LOGITS_BUDGET_BYTES = 256 << 20
-"""One chunk of LM-head logits and its log-softmax (modeling.nll's budget, which training uses too)."""
 
 ADAPTER_CHECKPOINT_VECTORS = 11
 """Hidden-size float32 vectors a LoRA step keeps per token and layer under gradient checkpointing (measured)."""
@@ -121,7 +120,9 @@ def _layer_saved(shape: Shape, length: int) -> int:
 
 def step_footprint(passes: Iterable[Pass]) -> Footprint | None:
     """The largest footprint among a step's passes (they run one after another), None for a step that runs none."""
-    found = [footprint(one) for one in dict.fromkeys(passes)]
+    # A step repeats the same Pass objects (a finetune's micro-steps): each is priced once. Passes are told apart by
+    # identity, since their equality leaves out the config (two models of one length differ only there).
+    found = [footprint(one) for one in {id(one): one for one in passes}.values()]
     return max(found, key=lambda f: f.total) if found else None
 
 
